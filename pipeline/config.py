@@ -48,6 +48,9 @@ class SourceConfig(Section):
     url: str | None = Field(None, description="url only: an http(s) address, downloaded once into data/cache/")
     dataset: str | None = Field(None, description="hf only: dataset name on the hub or a local dataset script/folder")
     config: str | None = Field(None, description="hf only: dataset configuration name")
+    data_files: str | None = Field(
+        None, description="hf only: files for a packaged builder, e.g. dataset: json with data_files: data/raw/*.jsonl (works offline)"
+    )
     split: str = Field("train", min_length=1, description="hf only: the split to read")
     format: Literal["auto", "text", "jsonl", "json", "csv", "parquet"] = Field(
         "auto", description="file format; auto picks it from the extension (.txt/.md = text)"
@@ -120,6 +123,144 @@ class TokenizeConfig(Section):
         return self
 
 
+# ----------------------------------------------------------------------------------------------- model
+
+# GPT-2 shapes by parameter count (n_layer, n_head, n_embd); all use block_size 1024.
+GPT2_PRESETS = {
+    "gpt2-124m": (12, 12, 768),
+    "gpt2-350m": (24, 16, 1024),
+    "gpt2-774m": (36, 20, 1280),
+    "gpt2-1558m": (48, 25, 1600),
+}
+
+
+class ModelConfig(Section):
+    """model: a Hugging Face causal LM built from scratch or loaded from a checkpoint."""
+
+    init: str = Field(
+        "scratch", min_length=1, description="scratch, or a checkpoint to fine-tune: a local folder or hub id (gpt2, google/gemma-3-270m)"
+    )
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="scratch only: GPT-2 (learned positions, GELU) or Llama (RoPE, SwiGLU, RMSNorm)")
+    preset: Literal["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"] | None = Field(
+        None, description="scratch only: a GPT-2 shape (sets n_layer, n_head, n_embd and block_size 1024)"
+    )
+    n_layer: int = Field(4, ge=1, description="scratch only: transformer blocks")
+    n_head: int = Field(4, ge=1, description="scratch only: attention heads")
+    n_kv_head: int | None = Field(None, ge=1, description="llama only: key/value heads (grouped-query attention); null = n_head")
+    n_embd: int = Field(128, ge=8, description="scratch only: embedding width")
+    intermediate_size: int | None = Field(None, ge=1, description="llama only: MLP width; null = 4 * n_embd * 2/3 rounded up to 64")
+    block_size: int = Field(128, ge=8, description="context length in tokens (training windows; pretrained: at most the model's)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residuals")
+    rope_theta: float = Field(10000.0, gt=0, description="llama only: RoPE base")
+    tie_embeddings: bool = Field(True, description="scratch only: share the input embedding and the output head")
+    trust_remote_code: bool = Field(False, description="pretrained only: run modelling code shipped with the checkpoint")
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.init == "scratch"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(n_layer, n_head, n_embd, block_size) after the preset is applied."""
+        if self.preset:
+            return (*GPT2_PRESETS[self.preset], 1024)
+        return self.n_layer, self.n_head, self.n_embd, self.block_size
+
+    @model_validator(mode="after")
+    def _shape(self):
+        problems = []
+        if self.preset:
+            clash = sorted({"n_layer", "n_head", "n_embd", "block_size"} & self.model_fields_set)
+            if clash:
+                problems.append((clash[0], f"set together with model.preset={self.preset}: remove one of them"))
+            if self.arch != "gpt2":
+                problems.append(("preset", "GPT-2 presets need model.arch=gpt2"))
+        n_layer, n_head, n_embd, _ = self.shape
+        if n_embd % n_head:
+            problems.append(("n_embd", f"{n_embd} is not divisible by n_head={n_head}"))
+        if self.n_kv_head and n_head % self.n_kv_head:
+            problems.append(("n_kv_head", f"n_head={n_head} is not divisible by n_kv_head={self.n_kv_head}"))
+        check(problems)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    """train: the DeepSpeed run. Batch sizes are in sequences of model.block_size tokens."""
+
+    max_steps: int = Field(300, ge=1, description="optimizer steps in total (a resumed run continues up to this)")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per process per forward/backward")
+    grad_accum: int | None = Field(None, ge=1, description="micro steps per optimizer step; null = from global_batch_tokens (or 1)")
+    global_batch_tokens: int | None = Field(
+        None, ge=1, description="tokens per optimizer step over all processes; grad_accum is derived from it"
+    )
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(30, ge=0, description="steps of linear warmup from 0 to lr")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only (not biases, norms)")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 keeps fp32 master weights)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters")
+    offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer state in CPU memory (compiles DeepSpeed's CPU Adam)")
+    offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    seed: int = Field(1337, ge=0, description="seed of initialisation, data order and dropout")
+    log_interval: int = Field(10, ge=1, description="log train metrics every N steps")
+    eval_interval: int = Field(50, ge=1, description="evaluate val loss every N steps (and at the end)")
+    eval_batches: int = Field(4, ge=1, description="micro batches per process in each val evaluation (a fixed set of windows)")
+    save_interval: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept, plus the best by val loss")
+    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)")
+    launcher: Literal["python", "deepspeed"] = Field(
+        "python", description="python: one process; deepspeed: re-launch through the deepspeed launcher (GPUs, hostfile)"
+    )
+    hostfile: str | None = Field(None, description="deepspeed launcher: hostfile for multi-node runs (see hostfile.example)")
+    num_gpus: int | None = Field(None, ge=1, description="deepspeed launcher: processes per node; null = all devices")
+    num_nodes: int | None = Field(None, ge=1, description="deepspeed launcher: nodes to use from the hostfile; null = all")
+    master_port: int = Field(29500, ge=1024, le=65535, description="deepspeed launcher: rendezvous port on the first node")
+    launcher_args: list[str] = Field(default_factory=list, description="extra deepspeed launcher arguments, e.g. [--no_ssh_check]")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged on top of the generated config")
+    out_dir: str = Field("checkpoints", min_length=1, description="checkpoints (a DVC out with persist: true)")
+    export_dir: str = Field("models/final", min_length=1, description="the trained model as a Hugging Face folder")
+    metrics_dir: str = Field("reports/train", min_length=1, description="DVCLive metrics and plots of training")
+
+    def accumulation(self, world_size: int, block_size: int) -> int:
+        """Gradient accumulation steps for this world size; UserError when the batch keys disagree."""
+        per_micro = self.micro_batch_size * world_size * block_size
+        if self.global_batch_tokens is None:
+            return self.grad_accum or 1
+        accum, rest = divmod(self.global_batch_tokens, per_micro)
+        if rest or accum == 0 or (self.grad_accum and self.grad_accum != accum):
+            raise UserError(
+                f"train.global_batch_tokens={self.global_batch_tokens} must equal train.micro_batch_size ({self.micro_batch_size})"
+                f" x train.grad_accum x world size ({world_size}) x model.block_size ({block_size}) = a multiple of {per_micro}"
+                + (f" with grad_accum={self.grad_accum}" if self.grad_accum else "")
+                + ": change one of them, or set only one of global_batch_tokens and grad_accum"
+            )
+        return accum
+
+    @model_validator(mode="after")
+    def _checks(self):
+        problems = []
+        if self.min_lr > self.lr:
+            problems.append(("min_lr", f"{self.min_lr} is above train.lr={self.lr}"))
+        if self.warmup_steps > self.max_steps:
+            problems.append(("warmup_steps", f"{self.warmup_steps} is more than train.max_steps={self.max_steps}"))
+        if self.offload_params and self.zero_stage != 3:
+            problems.append(("offload_params", "needs train.zero_stage=3"))
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append(("offload_optimizer", "needs train.zero_stage 1, 2 or 3"))
+        if self.precision == "fp16" and self.zero_stage == 0 and self.offload_optimizer:
+            problems.append(("precision", "fp16 with offload needs ZeRO"))
+        check(problems)
+        return self
+
+
 # ------------------------------------------------------------------------------------------------ all
 
 
@@ -128,6 +269,22 @@ class Params(Section):
 
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _tokenizer_matches_model(self):
+        if not self.model.is_scratch and self.tokenize.kind != "hf":
+            check(
+                [
+                    (
+                        "tokenize.kind",
+                        f"is '{self.tokenize.kind}' but model.init={self.model.init!r} is a pretrained checkpoint: its own"
+                        f" tokenizer is needed (tokenize.kind=hf, tokenize.pretrained={self.model.init!r})",
+                    )
+                ]
+            )
+        return self
 
 
 SECTIONS = tuple(Params.model_fields)
