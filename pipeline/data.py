@@ -1,0 +1,323 @@
+"""Token files (a checked header, then the ids) and tokenizing a prepared corpus into them."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from pipeline.config import TokenizeConfig
+from pipeline.errors import UserError
+from pipeline.files import building_dir, write_json_atomic
+
+# ------------------------------------------------------------------------------------------ token files
+
+MAGIC = b"GPTPTOK1"
+VERSION = 1
+HEADER_BYTES = 64
+# magic, version, dtype code, vocab_size, token count, crc32 of the payload, eot_id; zero-padded to 64 bytes.
+HEADER = struct.Struct("<8sIIQQII")
+DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+VERIFY_BLOCK = 1 << 24  # tokens per step when verifying: bounded memory whatever the file size
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (GPT-2's 50257 does), else uint32."""
+    return DTYPES[1] if vocab_size <= 1 << 16 else DTYPES[2]
+
+
+class TokenWriter:
+    """Stream ids into a token file: written to <path>.tmp, moved into place only when closed without error.
+
+    with TokenWriter(path, vocab_size, eot_id) as w:
+        w.write(ids)
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int, eot_id: int):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.vocab_size, self.eot_id = vocab_size, eot_id
+        self.dtype = token_dtype(vocab_size)
+        self.count, self.crc = 0, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.tmp, "wb")
+        self.file.write(bytes(HEADER_BYTES))  # the real header goes in on close, once count and crc are known
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"{self.path}: id {int(ids.max())} out of range for vocab_size {self.vocab_size}")
+        payload = np.ascontiguousarray(ids, dtype=self.dtype)
+        self.file.write(payload.data)
+        self.crc = zlib.crc32(payload.data, self.crc)
+        self.count += payload.size
+
+    def close(self) -> None:
+        code = next(c for c, d in DTYPES.items() if d == self.dtype)
+        self.file.seek(0)
+        self.file.write(HEADER.pack(MAGIC, VERSION, code, self.vocab_size, self.count, self.crc, self.eot_id))
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_tokens(path: str | Path, ids: np.ndarray, vocab_size: int, eot_id: int) -> None:
+    """Write a whole token file at once (tests, small files)."""
+    with TokenWriter(path, vocab_size, eot_id) as w:
+        w.write(ids)
+
+
+@dataclass
+class TokenFile:
+    """A token file's header and its ids as a read-only memory map."""
+
+    path: Path
+    version: int
+    dtype: np.dtype
+    vocab_size: int
+    eot_id: int
+    count: int
+    crc32: int
+    tokens: np.ndarray
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def open_tokens(path: str | Path, verify: bool = False) -> TokenFile:
+    """Open a token file, checking its header and size; verify=True also checks the crc and every id."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: token file not found; run the tokenize stage")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES:
+        raise UserError(f"{path}: {size} bytes, too small to be a token file (the header alone is {HEADER_BYTES})")
+    magic, version, code, vocab_size, count, crc, eot_id = HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise UserError(f"{path}: not a gptpipe token file (starts with {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise UserError(f"{path}: token file format version {version}; this gptpipe reads version {VERSION}, rerun tokenize")
+    if code not in DTYPES:
+        raise UserError(f"{path}: unknown dtype code {code} in the header (known: {sorted(DTYPES)})")
+    dtype = DTYPES[code]
+    if vocab_size > 1 << (8 * dtype.itemsize) or not 0 <= eot_id < vocab_size:
+        raise UserError(f"{path}: inconsistent header (vocab_size {vocab_size}, eot_id {eot_id}, dtype {dtype.name})")
+    payload = size - HEADER_BYTES
+    if payload < count * dtype.itemsize:
+        raise UserError(f"{path}: truncated: the header declares {count:,} tokens ({count * dtype.itemsize:,} bytes) "
+                        f"but the file holds {payload:,} bytes after the header; rerun the tokenize stage")
+    if payload > count * dtype.itemsize:
+        raise UserError(f"{path}: {payload - count * dtype.itemsize:,} unexpected bytes after the {count:,} tokens "
+                        "the header declares; rerun the tokenize stage")
+    if count:
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+    else:  # mmap cannot map zero bytes
+        tokens = np.empty(0, dtype=dtype)
+        tokens.flags.writeable = False
+    file = TokenFile(path, version, dtype, vocab_size, eot_id, count, crc, tokens)
+    if verify:
+        verify_tokens(file)
+    return file
+
+
+def verify_tokens(file: TokenFile) -> None:
+    """Check the payload's crc32 and that every id is below vocab_size, block by block."""
+    crc, top = 0, -1
+    for start in range(0, file.count, VERIFY_BLOCK):
+        block = np.ascontiguousarray(file.tokens[start : start + VERIFY_BLOCK])
+        crc = zlib.crc32(block.data, crc)
+        top = max(top, int(block.max()))
+    if crc != file.crc32:
+        raise UserError(f"{file.path}: corrupt: crc32 of the tokens is {crc:08x}, the header says {file.crc32:08x}")
+    if top >= file.vocab_size:
+        raise UserError(f"{file.path}: holds token id {top}, not below the header's vocab_size {file.vocab_size}")
+
+
+# ------------------------------------------------------------------------------------------ tokenizing
+
+SPLITS = ("train", "val")
+
+
+def text_bytes(text: str) -> int:
+    """UTF-8 size; isascii() is O(1) on CPython, so ASCII text is not encoded just to be measured."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def chunk_documents(docs: Iterable[str], chunk_bytes: int) -> Iterator[tuple[list[str], int]]:
+    """Group documents into (documents, UTF-8 bytes) of about chunk_bytes (a longer document is one chunk)."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += text_bytes(doc)
+        if size >= chunk_bytes:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def encode_chunks(encode: Callable[[list[str]], np.ndarray], chunks: Iterable[tuple[list[str], int]],
+                  workers: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """encode(documents) for each chunk on `workers` threads; yields (ids, documents, bytes) in order.
+
+    At most 2 x workers chunks are queued or in flight, so memory is bounded whatever the corpus size.
+    """
+    pending: deque[tuple[Future, int, int]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+    try:
+        for docs, size in chunks:
+            pending.append((pool.submit(encode, docs), len(docs), size))
+            if len(pending) >= 2 * workers:
+                future, n, size = pending.popleft()
+                yield future.result(), n, size
+        while pending:
+            future, n, size = pending.popleft()
+            yield future.result(), n, size
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def encode_workers(tok, cfg: TokenizeConfig) -> int:
+    """Threads encoding chunks: tokenize.workers (0 = a core each), or 1 where the tokenizer is parallel inside."""
+    return 1 if tok.parallel_inside else cfg.workers or os.cpu_count() or 1
+
+
+def tokenize_split(tok, docs: Iterable[str], path: Path, cfg: TokenizeConfig, where: str,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Encode documents (each followed by EOT) into the token file at path; returns counts and rates."""
+    start = time.perf_counter()
+    documents = tokens = size_total = 0
+    workers = encode_workers(tok, cfg)
+
+    def encode(chunk: list[str]) -> np.ndarray:
+        try:
+            return tok.encode_documents(chunk)
+        except UserError as e:  # e.g. an unknown character: say which split it is in
+            raise UserError(f"{where}: {e}") from None
+
+    with TokenWriter(path, tok.vocab_size, tok.eot_id) as writer:
+        for ids, n, size in encode_chunks(encode, chunk_documents(docs, cfg.chunk_bytes), workers):
+            writer.write(ids)
+            documents, tokens, size_total = documents + n, tokens + ids.size, size_total + size
+            if progress:
+                progress(size)
+    seconds = time.perf_counter() - start
+    return {"documents": documents, "tokens": tokens, "text_bytes": size_total, "seconds": round(seconds, 3),
+            **rates(tokens, size_total, seconds)}
+
+
+def rates(tokens: int, size: int, seconds: float) -> dict:
+    seconds = max(seconds, 1e-9)
+    return {"tokens_per_s": round(tokens / seconds), "mb_per_s": round(size / 1e6 / seconds, 2)}
+
+
+def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path, progress: Callable[[int], None] | None = None) -> dict:
+    """Build the tokenizer on the train split, then write train.bin, val.bin, tokenizer/ and meta.json to out_dir.
+
+    progress(n) is called with the UTF-8 bytes of text encoded since the last call (once per chunk).
+    out_dir is built in a temporary folder beside it and swapped in at the end: never half-written.
+    """
+    from pipeline.sources import iter_prepared
+    from pipeline.tokenizers import build_tokenizer
+
+    start = time.perf_counter()
+    tok = build_tokenizer(cfg, lambda: iter_prepared(prepared_dir, "train"))
+    build_seconds = time.perf_counter() - start
+    with building_dir(cfg.out_dir) as tmp:
+        splits = {
+            split: tokenize_split(tok, iter_prepared(prepared_dir, split), tmp / f"{split}.bin", cfg,
+                                  str(Path(prepared_dir) / f"{split}.jsonl"), progress)
+            for split in SPLITS
+        }
+        tok.save(tmp / "tokenizer")
+        tokens = sum(s["tokens"] for s in splits.values())
+        size = sum(s["text_bytes"] for s in splits.values())
+        encode_seconds = sum(s["seconds"] for s in splits.values())
+        meta = {
+            "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": token_dtype(tok.vocab_size).name,
+            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
+            "splits": splits,
+            "tokens": tokens,
+            "text_bytes": size,
+            "tokenizer_seconds": round(build_seconds, 3),
+            "seconds": round(time.perf_counter() - start, 3),
+            **rates(tokens, size, encode_seconds),
+            "workers": encode_workers(tok, cfg),
+            "params": cfg.model_dump(mode="json"),
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+    return meta
+
+
+def read_meta(tokens_dir: str | Path) -> dict:
+    """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
+    path = Path(tokens_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+class WindowSampler:
+    """Batches of (block_size + 1)-token windows from a token file; each rank reads its slice of a global batch.
+
+    Sample i of a run is window perm_e[i % n] of epoch e = i // n, where perm_e is a seeded permutation of the
+    file's n non-overlapping windows. A batch depends only on (seed, step), so resuming needs no sampler state,
+    and the global batch is the same whatever the world size: only who reads which part of it changes.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        self.global_batch, self.micro_batch_size = global_batch, micro_batch
+        self.rank_offset = rank * (global_batch // world_size)
+        self.n_windows = (len(tokens) - 1) // block_size
+        if self.n_windows < 1:
+            raise UserError(f"{len(tokens)} tokens are fewer than model.block_size + 1 = {block_size + 1}: use more data or a shorter block_size")
+        self._epoch, self._perm = -1, None
+
+    def starts(self, first: int, count: int) -> np.ndarray:
+        """Token offsets of samples first .. first + count - 1."""
+        out = np.empty(count, dtype=np.int64)
+        for j, i in enumerate(range(first, first + count)):
+            epoch, k = divmod(i, self.n_windows)
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            out[j] = self._perm[k] * self.block_size
+        return out
+
+    def micro_batch(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (B, T) for this rank's micro batch `micro` of global batch `step`."""
+        import torch  # here, so the tokenize stage doesn't pay for importing it
+        first = step * self.global_batch + self.rank_offset + micro * self.micro_batch_size
+        T = self.block_size
+        windows = np.stack([self.tokens[s : s + T + 1] for s in self.starts(first, self.micro_batch_size)]).astype(np.int64)
+        w = torch.from_numpy(windows)  # (B, T + 1)
+        return w[:, :-1].to(device), w[:, 1:].to(device)

@@ -1,0 +1,230 @@
+"""Everything DeepSpeed: process group, generated config, engine, checkpoint I/O, launcher, consolidation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+# Dense peak TFLOP/s per device for MFU. CPU figures were measured on this project's 2-core machines
+# (a bf16 and an fp32 matmul at their best); GPU figures are the vendors' dense tensor-core numbers.
+CPU_PEAK_TFLOPS = {"bf16": 0.35, "fp16": 0.16, "fp32": 0.16}
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+# Keys that the data path derives from train.* itself: a user JSON may not change them.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join (or, as one plain process, create) the process group DeepSpeed needs."""
+    import deepspeed
+
+    # The deepspeed launcher sets these; a plain `python stages/train.py` gets a world of one.
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    cuda = torch.cuda.is_available()
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, block_size: int) -> dict:
+    """The DeepSpeed JSON for train.*, one key at a time; the lr schedule is set by the loop each step."""
+    accum = train.accumulation(world_size, block_size)
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage > 0:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": train.micro_batch_size * accum * world_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [train.beta1, train.beta2],
+                "eps": train.eps,
+                "weight_decay": train.weight_decay,
+                # torch's AdamW needs no compiled op; DeepSpeed's CPU Adam is used when offloading.
+                "torch_adam": not train.offload_optimizer,
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def merge_user_config(generated: dict, path: str | None) -> tuple[dict, list[str]]:
+    """Put a user's DeepSpeed JSON on top of the generated one; return it and the keys it changed."""
+    if not path:
+        return generated, []
+    try:
+        user = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"train.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"train.deepspeed_config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
+    fixed = [k for k in BATCH_KEYS if k in user and user[k] != generated[k]]
+    if fixed:
+        raise UserError(
+            f"train.deepspeed_config: {path} sets {', '.join(fixed)}, which gptpipe derives from train.micro_batch_size,"
+            " train.grad_accum / train.global_batch_tokens and the world size: set those params instead"
+        )
+    changed: list[str] = []
+    return _merge(generated, user, "", changed), changed
+
+
+def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{prefix}{key}.", changed)
+        else:
+            if key in base and base[key] != value:
+                changed.append(f"{prefix}{key}: {base[key]!r} -> {value!r}")
+            out[key] = value
+    return out
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict):
+    """Wrap model in a DeepSpeed engine whose AdamW decays matrices only (not biases or norm gains)."""
+    import deepspeed
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def step(engine, boundary: bool) -> float | None:
+    """engine.step() after a micro step; at an accumulation boundary, return the global gradient norm.
+
+    ZeRO stages keep the norm they clip with; plain data parallelism (stage 0) doesn't, but there every
+    rank holds the full averaged gradients before the step, so the norm is read off the module.
+    """
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    engine.step()
+    if not boundary:
+        return None
+    tracked = engine.get_global_grad_norm()
+    return float(tracked) if tracked is not None else norm
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    torch_dist.barrier()
+
+
+def save_engine(engine, folder: Path, tag: str) -> None:
+    """DeepSpeed's save (on every rank); gptpipe writes its own `latest` pointer once all ranks are done."""
+    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+
+def load_engine(engine, folder: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"checkpoint {folder / tag} could not be loaded by DeepSpeed (incomplete or from another setup)")
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole model's weights on rank 0 (None elsewhere); call on every rank (ZeRO-3 gathers)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if torch_dist.get_rank() == 0 else None
+    if torch_dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def peak_tflops(train: TrainConfig, device: torch.device) -> float:
+    if train.peak_tflops:
+        return train.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value if train.precision != "fp32" else value / 2
+        return 100.0
+    return CPU_PEAK_TFLOPS[train.precision]
+
+
+def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[str]:
+    """The `deepspeed` launcher command line that runs script on every node and process of train.*."""
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [exe]
+    if train.hostfile:
+        if not Path(train.hostfile).is_file():
+            raise UserError(f"train.hostfile: {train.hostfile} not found")
+        cmd += ["--hostfile", train.hostfile]
+    if train.num_nodes:
+        cmd += ["--num_nodes", str(train.num_nodes)]
+    if train.num_gpus:
+        cmd += ["--num_gpus", str(train.num_gpus)]
+    cmd += ["--master_port", str(train.master_port), *train.launcher_args, script, *args]
+    return cmd
+
+
+def is_launched() -> bool:
+    """True inside a process the deepspeed launcher started."""
+    return "LOCAL_RANK" in os.environ

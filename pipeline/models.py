@@ -1,0 +1,118 @@
+"""Causal language models from Hugging Face transformers, built from scratch or loaded to fine-tune.
+
+Nothing here knows about DeepSpeed: the engine wraps whatever this returns.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+
+# A vocabulary padded to a multiple of 64 makes the embedding and output matmuls faster on GPUs;
+# the extra ids never occur in the data, so training learns to give them no probability.
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
+    """The transformers config of a model trained from scratch on a tokenizer of vocab_size ids."""
+    n_layer, n_head, n_embd, block_size = cfg.shape
+    common = dict(vocab_size=padded_vocab(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.arch == "gpt2":
+        return GPT2Config(
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            n_positions=block_size,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **common,
+        )
+    # Llama's MLP has three matrices, so 2/3 of GPT-2's 4x width keeps the parameter count comparable.
+    intermediate = cfg.intermediate_size or 64 * math.ceil(4 * n_embd * 2 / 3 / 64)
+    return LlamaConfig(
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=cfg.n_kv_head or n_head,
+        hidden_size=n_embd,
+        intermediate_size=intermediate,
+        max_position_embeddings=block_size,
+        attention_dropout=cfg.dropout,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **common,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, in dtype."""
+    if cfg.is_scratch:
+        config = scratch_config(cfg, vocab_size, eot_id)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+
+    model = load_pretrained(cfg.init, dtype, cfg.trust_remote_code)
+    max_positions = context_length(model.config)
+    if max_positions and cfg.block_size > max_positions:
+        raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
+    n_embeddings = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > n_embeddings:
+        # The tokenizer has tokens the checkpoint has no rows for (added specials): give them rows.
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+    return model
+
+
+def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had."""
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)  # architectures without SDPA support
+    except OSError as e:
+        where = "folder" if Path(name).exists() else "hub id"
+        raise UserError(
+            f"model.init={name!r}: cannot load this {where} ({str(e).splitlines()[0]}). Offline? Use a local folder"
+            " saved with save_pretrained, or download it once with network access (HF_HOME caches it)."
+        ) from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model.init={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
+        raise
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def read_config(name: str):
+    """The transformers config of a checkpoint, without loading weights."""
+    return AutoConfig.from_pretrained(name)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(model: PreTrainedModel, n_params: int, block_size: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls with weights plus attention's 12 * L * C * T (PaLM, appendix B)."""
+    c = model.config
+    n_layer = getattr(c, "num_hidden_layers", None) or c.n_layer
+    n_embd = getattr(c, "hidden_size", None) or c.n_embd
+    return 6 * n_params + 12 * n_layer * n_embd * block_size

@@ -1,0 +1,115 @@
+"""pipeline.doctor: real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import TrainConfig
+from pipeline.doctor import parse_hostfile, run_checks
+from pipeline.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def by_name(results):
+    return {name: (ok, detail) for name, ok, detail in results}
+
+
+def test_run_checks_without_hostfile_checks_this_machine():
+    results = run_checks(TrainConfig())
+    for name, ok, detail in results:
+        assert isinstance(name, str) and isinstance(ok, bool) and detail, (name, ok, detail)
+    checks = by_name(results)
+    assert {"python", "torch", "deepspeed", "deepspeed ops", "backend", "master port"} <= set(checks)
+    assert checks["torch"][0] and checks["python"][0]
+    assert not any(name.startswith(("hostfile", "ssh")) for name in checks)
+
+
+def test_run_checks_on_cpu_says_gloo():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    checks = by_name(run_checks(TrainConfig()))
+    assert checks["backend"] == (True, "gloo (CPU)")
+    assert "CPU" in checks["devices"][1] and "gloo" in checks["devices"][1]
+
+
+def test_master_port_in_use_is_a_problem_with_a_fix():
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        ok, detail = by_name(run_checks(TrainConfig(master_port=port)))["master port"]
+    assert not ok
+    assert str(port) in detail and "train.master_port" in detail
+
+
+def test_parse_hostfile_reads_deepspeed_syntax(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("# two nodes\n\nworker-1 slots=8\n  worker-2   slots=4  # the small one\n")
+    assert parse_hostfile(path) == [("worker-1", 8), ("worker-2", 4)]
+
+
+def test_shipped_hostfile_example_parses():
+    hosts = parse_hostfile(ROOT / "hostfile.example")
+    assert hosts == [("worker-1", 8), ("worker-2", 8)]
+
+
+def test_parse_hostfile_reports_every_bad_line(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("worker-1 slots=8\n# ok\nworker-2 slots=eight\nworker-3\nworker-1 slots=2\nworker-4 slots=0\n")
+    with pytest.raises(UserError) as e:
+        parse_hostfile(path)
+    message = str(e.value)
+    assert f"{path}:3: " in message and f"{path}:4: " in message
+    assert "slots=N" in message
+    assert f"{path}:5: " in message and "line 1" in message  # a duplicate names the first line
+    assert f"{path}:6: " in message
+    assert f"{path}:1:" not in message
+
+
+def test_parse_hostfile_missing_or_empty(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        parse_hostfile(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(UserError, match="no hosts"):
+        parse_hostfile(empty)
+
+
+def test_unreachable_host_is_a_problem_with_a_fix(tmp_path):
+    # No sshd runs here, so ssh to this machine is refused: exactly what an unprepared node looks like.
+    path = tmp_path / "hostfile"
+    path.write_text("127.0.0.1 slots=1\n")
+    checks = by_name(run_checks(TrainConfig(launcher="deepspeed"), str(path)))
+    assert checks["hostfile"][0]
+    assert "pdsh" not in checks  # one host: the launcher runs locally, no pdsh needed
+    ok, detail = next(value for name, value in checks.items() if name.startswith("ssh"))
+    assert not ok
+    assert "ssh" in detail and "--no_ssh_check" in detail
+    assert "code on 127.0.0.1" not in checks  # the revision is only compared on reachable hosts
+
+
+def test_several_hosts_need_a_multi_node_runner(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    checks = by_name(run_checks(TrainConfig(launcher="deepspeed"), str(path)))
+    ok, detail = checks["pdsh"]
+    assert ok or "apt-get install pdsh" in detail
+    assert {"ssh 127.0.0.1", "ssh 127.0.0.2"} <= set(checks)
+
+
+def test_cli_doctor_with_bad_hostfile_exits_1(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {}\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=8\nworker-2 eight\n")
+    # A wide terminal keeps rich from wrapping the detail column.
+    result = CliRunner(env={"COLUMNS": "1000"}).invoke(app, ["doctor", "--params", str(params), "--hostfile", str(hostfile)])
+    assert result.exit_code == 1, result.output
+    assert "problem" in result.output
+    assert f"{hostfile}:2: 'worker-2 eight': expected `HOSTNAME slots=N`" in result.output

@@ -1,0 +1,217 @@
+"""Training through real DeepSpeed on CPU: ZeRO stages, precision, data parallel equivalence, resume, export."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from pipeline import config
+from pipeline.data import tokenize_corpus
+from pipeline.sources import prepare_corpus
+from pipeline.training import lr_at, train
+
+TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
+TINY_TRAIN = {
+    "max_steps": 16, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "log_interval": 4,
+    "eval_interval": 8, "save_interval": 8, "eval_batches": 2, "keep_last": 5,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokens_dir(tmp_path_factory, shared_data) -> Path:
+    """Char-level tokens of the first ~100 KB of tiny Shakespeare, split at blank lines."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
+    (root / "corpus.txt").write_text(text)
+    prepared = config.PrepareConfig.model_validate(
+        {"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"}, "out_dir": str(root / "prepared")}
+    )
+    prepare_corpus(prepared)
+    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(root / "tokens")), root / "prepared")
+    return root / "tokens"
+
+
+def tiny_params(tokens_dir: Path, run_dir: Path, model: dict | None = None, tokenize: dict | None = None, **train) -> dict:
+    return {
+        "tokenize": tokenize or {"kind": "char", "out_dir": str(tokens_dir)},
+        "model": {**TINY_MODEL, **(model or {})},
+        "train": {
+            **TINY_TRAIN,
+            "out_dir": str(run_dir / "checkpoints"),
+            "export_dir": str(run_dir / "final"),
+            "metrics_dir": str(run_dir / "metrics"),
+            **train,
+        },
+    }
+
+
+def run_training(raw: dict) -> dict:
+    return train(config.validate_params(raw))
+
+
+def logged(run_dir: Path, name: str) -> list[float]:
+    with open(run_dir / "metrics" / "plots" / "metrics" / f"{name}.tsv") as f:
+        return [float(row[name.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32"), (0, "bf16")])
+def test_each_zero_stage_trains_and_the_loss_falls(tokens_dir, tmp_path, zero_stage, precision):
+    summary = run_training(tiny_params(tokens_dir, tmp_path, zero_stage=zero_stage, precision=precision))
+    losses = logged(tmp_path, "train/loss")
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert summary["steps"] == 16 and summary["val loss"] < 4.0
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    ds_config = json.loads(next((tmp_path / "checkpoints").glob("run-*/ds_config.json")).read_text())
+    assert ds_config["zero_optimization"]["stage"] == zero_stage
+    assert ds_config["bf16"]["enabled"] == (precision == "bf16")
+
+
+def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tokens_dir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_training(tiny_params(tokens_dir, full, save_interval=4, model={"dropout": 0.1}))
+    # The state a run killed after step 8 leaves on disk: checkpoints up to step 8, `latest` at step 8.
+    shutil.copytree(full / "checkpoints", cut / "checkpoints")
+    (run,) = (cut / "checkpoints").glob("run-*")
+    for late in ("step-000012", "step-000016"):
+        shutil.rmtree(run / late)
+    (run / "latest").write_text("step-000008")
+    summary = run_training(tiny_params(tokens_dir, cut, save_interval=4, model={"dropout": 0.1}))
+    assert summary["steps"] == 16
+    a, b = exported_weights(full), exported_weights(cut)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_changing_max_steps_resumes_but_changing_lr_starts_fresh(tokens_dir, tmp_path, capfd):
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=8))
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12))
+    assert "resuming" in capfd.readouterr().out
+    runs = list((tmp_path / "checkpoints").glob("run-*"))
+    assert len(runs) == 1 and (runs[0] / "step-000012" / "state.json").is_file()
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, lr=1e-3))
+    out = capfd.readouterr().out
+    assert "starting fresh" in out and "train.lr 0.003 -> 0.001" in out
+    assert len(list((tmp_path / "checkpoints").glob("run-*"))) == 2  # the earlier run is kept
+
+
+def test_keeps_the_last_k_checkpoints_plus_the_best(tokens_dir, tmp_path):
+    run_training(tiny_params(tokens_dir, tmp_path, save_interval=2, keep_last=2))
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    tags = sorted(d.name for d in run.glob("step-*"))
+    best = (run / "best").read_text().strip()
+    assert set(tags) == {"step-000014", "step-000016", best}
+    assert (run / "latest").read_text().strip() == "step-000016"
+    state = json.loads((run / "step-000016" / "state.json").read_text())
+    assert state["step"] == 16 and state["params"]["train"]["max_steps"] == 16 and state["best_tag"] == best
+
+
+def test_exported_folder_reloads_in_plain_transformers_with_identical_logits(tokens_dir, tmp_path):
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, model={"arch": "llama"}))
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    # The checkpoint's own weights, loaded without the export path.
+    module = torch.load(run / "step-000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "final"))
+    reference.load_state_dict(module)
+    ids = torch.randint(0, 60, (2, 16))
+    expected = reference(input_ids=ids).logits
+    # A fresh interpreter that imports only transformers.
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.load(sys.argv[2]);"
+        "torch.save(m(input_ids=ids).logits, sys.argv[3]); print(sorted(k for k in sys.modules if k.startswith('pipeline')))"
+    )
+    torch.save(ids, tmp_path / "ids.pt")
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "final"), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.stdout.strip() == "[]"
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    t = config.TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    lrs = [lr_at(s, t) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1e-3
+    assert lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, t) == pytest.approx(1e-4)
+
+
+# ------------------------------------------------------------------------------------- the launcher
+
+
+def launch(args: list[str], params: dict, cwd: Path, **kw) -> subprocess.Popen:
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(deepspeed), *args, str(ROOT / "stages" / "train.py"), "--params", str(cwd / "params.yaml")]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_twice_the_accumulation(tokens_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_training(tiny_params(tokens_dir, one, max_steps=8, grad_accum=2))
+    finish(launch(["--num_gpus", "2", "--master_port", "29631"], tiny_params(tokens_dir, two, max_steps=8, grad_accum=1), two))
+    a, b = exported_weights(one), exported_weights(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logged(one, "train/loss"), logged(two, "train/loss"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_on_localhost_match_one_process(tokens_dir, tmp_path):
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    one.mkdir(), nodes.mkdir()
+    run_training(tiny_params(tokens_dir, one, max_steps=8, grad_accum=2))
+    (nodes / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    params = tiny_params(tokens_dir, nodes, max_steps=8, grad_accum=1)
+    common = ["--hostfile", str(nodes / "hostfile"), "--no_ssh", "--num_nodes", "2", "--master_addr", "127.0.0.1", "--master_port", "29641"]
+    procs = [launch([*common, "--node_rank", str(r)], params, nodes) for r in (0, 1)]
+    for proc in procs:
+        finish(proc)
+    a, b = exported_weights(one), exported_weights(nodes)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_inconsistent_batch_keys_are_one_clear_error(tokens_dir, tmp_path):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.global_batch_tokens=1000 must equal train.micro_batch_size \(4\)"):
+        run_training(tiny_params(tokens_dir, tmp_path, global_batch_tokens=1000))
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tokens_dir, tmp_path):
+    from pipeline.errors import UserError
+
+    # An absurd learning rate without clipping: the first step is fine, the weights it leaves are not.
+    with pytest.raises(UserError, match=r"the loss is (nan|inf) at step 2; stopped without saving.*step-000001"):
+        run_training(tiny_params(tokens_dir, tmp_path, max_steps=8, warmup_steps=0, lr=1e30, min_lr=0, grad_clip=0, save_interval=1))
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    assert (run / "latest").read_text().strip() == "step-000001"
+    assert not (run / "step-000002").exists()
