@@ -141,7 +141,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 132))
     docs = read_documents(args.text)
     console.print(f"{args.text.name}: {len(docs):,} documents; {os.cpu_count()} cores; load average "
                   f"{os.getloadavg()[0]:.2f} (other processes share the cores)")

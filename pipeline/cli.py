@@ -117,7 +117,7 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  
     )
 
 
-@stage_command("prepare", "tokenize")
+@stage_command("tokenize")
 def tokenize(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  # noqa: B006
     """Train or load the tokenizer and write memory-mappable token files."""
     from pipeline.data import tokenize_corpus

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import building_dir, write_json_atomic
+from pipeline.tokenizers import Tokenizer, build_tokenizer
 
 # ------------------------------------------------------------------------------------------ token files
 
@@ -200,12 +201,12 @@ def encode_chunks(encode: Callable[[list[str]], np.ndarray], chunks: Iterable[tu
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def encode_workers(tok, cfg: TokenizeConfig) -> int:
+def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
     """Threads encoding chunks: tokenize.workers (0 = a core each), or 1 where the tokenizer is parallel inside."""
     return 1 if tok.parallel_inside else cfg.workers or os.cpu_count() or 1
 
 
-def tokenize_split(tok, docs: Iterable[str], path: Path, cfg: TokenizeConfig, where: str,
+def tokenize_split(tok: Tokenizer, docs: Iterable[str], path: Path, cfg: TokenizeConfig, where: str,
                    progress: Callable[[int], None] | None = None) -> dict:
     """Encode documents (each followed by EOT) into the token file at path; returns counts and rates."""
     start = time.perf_counter()
@@ -226,10 +227,10 @@ def tokenize_split(tok, docs: Iterable[str], path: Path, cfg: TokenizeConfig, wh
                 progress(size)
     seconds = time.perf_counter() - start
     return {"documents": documents, "tokens": tokens, "text_bytes": size_total, "seconds": round(seconds, 3),
-            **rates(tokens, size_total, seconds)}
+            **measure_rates(tokens, size_total, seconds)}
 
 
-def rates(tokens: int, size: int, seconds: float) -> dict:
+def measure_rates(tokens: int, size: int, seconds: float) -> dict:
     seconds = max(seconds, 1e-9)
     return {"tokens_per_s": round(tokens / seconds), "mb_per_s": round(size / 1e6 / seconds, 2)}
 
@@ -241,7 +242,6 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path, progress: Cal
     out_dir is built in a temporary folder beside it and swapped in at the end: never half-written.
     """
     from pipeline.sources import iter_prepared
-    from pipeline.tokenizers import build_tokenizer
 
     start = time.perf_counter()
     tok = build_tokenizer(cfg, lambda: iter_prepared(prepared_dir, "train"))
@@ -267,7 +267,7 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path, progress: Cal
             "text_bytes": size,
             "tokenizer_seconds": round(build_seconds, 3),
             "seconds": round(time.perf_counter() - start, 3),
-            **rates(tokens, size, encode_seconds),
+            **measure_rates(tokens, size, encode_seconds),
             "workers": encode_workers(tok, cfg),
             "params": cfg.model_dump(mode="json"),
         }

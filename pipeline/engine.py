@@ -39,6 +39,8 @@ class Dist:
 
 def init_distributed() -> Dist:
     """Join (or, as one plain process, create) the process group DeepSpeed needs."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn it guessed
     import deepspeed
 
     # The deepspeed launcher sets these; a plain `python stages/train.py` gets a world of one.

@@ -73,6 +73,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, dtype: torch.dty
 def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had."""
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise UserError(f"model.init={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
     try:
         try:
             return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)

@@ -44,19 +44,29 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """What defines the tokenizer besides its files; saved in tokenizer_meta.json for _load."""
+        return {}
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        """For meta.json."""
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.settings()}
 
     def save(self, folder: str | Path) -> None:
         """Write a folder that load_tokenizer() reads back with no corpus."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {**Tokenizer.describe(self), **self._save(folder)}
+        self._save(folder)
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.settings()}
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    def _save(self, folder: Path) -> dict:
-        """Write the kind's own files; return what _load needs besides them (for tokenizer_meta.json)."""
-        raise NotImplementedError
+    def _save(self, folder: Path) -> None:
+        """Write the kind's own files (none for tiktoken: the encoding name is enough)."""
+
+
+def as_list(ids: Iterable[int]) -> list[int]:
+    """Python ints, which every backend accepts (a token file's memmap holds numpy uint16/uint32)."""
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
 
 
 # -------------------------------------------------------------------------------------------- tiktoken
@@ -75,10 +85,12 @@ class TiktokenTokenizer(Tokenizer):
             self.enc = tiktoken.get_encoding(encoding)
         # What fetching raises: requests errors (OSError), a hash mismatch (ValueError), blobfile missing.
         except (OSError, ValueError, ImportError) as e:
+            reason = (str(e).splitlines() or [""])[0]
+            reason = reason if len(reason) <= 100 else reason[:100] + "..."
             raise UserError(
-                f"tokenize.encoding: tiktoken encoding {encoding!r} could not be loaded ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
-                "cache files (e.g. ../shared/data/tiktoken_cache) or go online once so tiktoken can download them"
+                f"tokenize.encoding: tiktoken encoding {encoding!r} could not be loaded ({type(e).__name__}: {reason}); "
+                "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files (e.g. ../shared/data/tiktoken_cache) "
+                "or go online once so tiktoken can download them"
             ) from e
         self.encoding = encoding
         self.vocab_size = self.enc.n_vocab
@@ -113,18 +125,15 @@ class TiktokenTokenizer(Tokenizer):
         if joined.count(EOT) == len(texts):
             return enc.encode_to_numpy(joined, allowed_special={EOT}, disallowed_special=()).astype(np.uint32)
         # Some document holds the literal string: it must stay text, so encode document by document.
-        parts = []
+        parts = [np.empty(0, dtype=np.uint32)]
         for text in texts:
             parts += [enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()), [self.eot_id]]
         return np.concatenate(parts).astype(np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode(list(ids))
+        return self.enc.decode(as_list(ids))
 
-    def describe(self) -> dict:
-        return {**super().describe(), "encoding": self.encoding}
-
-    def _save(self, folder: Path) -> dict:
+    def settings(self) -> dict:
         return {"encoding": self.encoding}
 
     @classmethod
@@ -189,22 +198,23 @@ class CharTokenizer(Tokenizer):
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         # The whole chunk in a few numpy calls (per-document calls would be Python overhead under the GIL).
         ids, kept = self._ids("".join(texts))
-        ends = np.cumsum([len(t) for t in texts])  # len() counts code points, as the table does
+        ends = np.cumsum([len(t) for t in texts], dtype=np.int64)  # len() counts code points, as the table does
         if kept is not None:
             ends = np.concatenate([[0], np.cumsum(kept)])[ends]
         return np.insert(ids, ends, self.eot_id)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.tokens[i] for i in ids)
+        return "".join(self.tokens[i] for i in as_list(ids))
+
+    def settings(self) -> dict:
+        return {"unknown_chars": self.unknown_chars, "unk_id": self.unk_id}
 
     def describe(self) -> dict:
         counted = {"skip": "unknown_chars_skipped", "unk": "unknown_chars_as_unk"}.get(self.unknown_chars)
-        return {**super().describe(), "unknown_chars": self.unknown_chars, "unk_id": self.unk_id,
-                **({counted: self._unknown} if counted else {})}
+        return {**super().describe(), **({counted: self._unknown} if counted else {})}
 
-    def _save(self, folder: Path) -> dict:
+    def _save(self, folder: Path) -> None:
         (folder / "vocab.json").write_text(json.dumps(self.tokens, ensure_ascii=False) + "\n", encoding="utf-8")
-        return {"unknown_chars": self.unknown_chars}
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> CharTokenizer:
@@ -254,18 +264,17 @@ class BpeTokenizer(Tokenizer):
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+        return self.tok.decode(as_list(ids), skip_special_tokens=False)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "requested_vocab_size": self.requested_vocab_size}
+    def settings(self) -> dict:
+        return {"requested_vocab_size": self.requested_vocab_size}
 
-    def _save(self, folder: Path) -> dict:
+    def _save(self, folder: Path) -> None:
         self.tok.save(str(folder / "tokenizer.json"))
         # Lets transformers' AutoTokenizer (and so tokenize.kind=hf) load this folder with EOS set.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
                   "clean_up_tokenization_spaces": False}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        return {"requested_vocab_size": self.requested_vocab_size}
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> BpeTokenizer:
@@ -311,14 +320,13 @@ class HfTokenizer(Tokenizer):
         return out["input_ids"]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tok.decode(as_list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "pretrained": self.pretrained, "eot_token": self.tok.eos_token}
+    def settings(self) -> dict:
+        return {"pretrained": self.pretrained, "eot_token": self.tok.eos_token}
 
-    def _save(self, folder: Path) -> dict:
+    def _save(self, folder: Path) -> None:
         self.tok.save_pretrained(str(folder))
-        return {"pretrained": self.pretrained}
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> HfTokenizer:

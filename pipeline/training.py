@@ -246,14 +246,14 @@ class MetricsLog:
             return
         self._metrics(s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s, "train/mfu": mfu})
         norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
-        self.bar.console.print(f"step {s.step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%", highlight=False)
+        self.bar.console.print(f"step {s.step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%", highlight=False, soft_wrap=True)
         self.bar.update(self.task, description=f"loss {loss:.3f}")
 
     def val(self, s: State) -> None:
         if not self.enabled:
             return
         self._metrics(s, {"val/loss": s.val_loss, "val/perplexity": math.exp(min(s.val_loss, 50))})
-        self.bar.console.print(f"step {s.step:>6} | val loss {s.val_loss:.4f} (best {s.best_val_loss:.4f})", highlight=False)
+        self.bar.console.print(f"step {s.step:>6} | val loss {s.val_loss:.4f} (best {s.best_val_loss:.4f})", highlight=False, soft_wrap=True)
 
     def advance(self, s: State) -> None:
         if self.enabled:

@@ -205,7 +205,7 @@ def test_tokenize_corpus_end_to_end(tmp_path, docs, kind):
         assert info["tokens"] == f.count == (f.path.stat().st_size - HEADER_BYTES) // f.dtype.itemsize
         assert info["text_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
         assert int((f.tokens == tok.eot_id).sum()) == len(texts)  # one EOT after every document
-        assert tok.decode(f.tokens.tolist()) == EOT.join(texts) + EOT
+        assert tok.decode(f.tokens) == EOT.join(texts) + EOT
         assert f.dtype.name == meta["dtype"] == "uint16"
     assert sum(seen) == meta["text_bytes"] == sum(s["text_bytes"] for s in meta["splits"].values())
     assert meta["tokens_per_s"] > 0 and meta["mb_per_s"] > 0
@@ -221,3 +221,10 @@ def test_tokenize_corpus_failure_keeps_old_output(tmp_path, docs):
         tokenize_corpus(cfg, prepared)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_tokenize_corpus_without_prepared_data(tmp_path):
+    cfg = TokenizeConfig(kind="tiktoken", out_dir=str(tmp_path / "tokens"))
+    with pytest.raises(UserError, match=r"train\.jsonl not found"):
+        tokenize_corpus(cfg, tmp_path / "missing")
+    assert list(tmp_path.iterdir()) == []

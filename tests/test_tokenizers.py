@@ -79,9 +79,11 @@ def test_tiktoken_documents_equal_encode_ordinary(shakespeare):
     docs = shakespeare.split("\n\n")
     want = expected_documents(enc.encode_ordinary, docs, enc.eot_token)
     assert tok.encode_documents(docs).tolist() == want
+    assert tok.encode_documents([shakespeare]).tolist() == enc.encode_ordinary(shakespeare) + [enc.eot_token]
     # A document holding the literal special string keeps it as text (the per-document fallback).
     docs = ["before", f"x {EOT} y", "", "after"]
     assert tok.encode_documents(docs).tolist() == expected_documents(enc.encode_ordinary, docs, enc.eot_token)
+    assert tok.encode_documents([]).size == 0
 
 
 def test_tiktoken_unknown_encoding():
@@ -136,6 +138,7 @@ def test_char_unknown_skip_counts():
     docs = ["ab", "", "xcx", "zz", "a c"]
     assert tok.decode(tok.encode_documents(docs).tolist()) == f"ab{EOT}{EOT}c{EOT}{EOT}a c{EOT}"
     assert tok.describe()["unknown_chars_skipped"] == 2 + 4
+    assert tok.encode_documents([]).size == 0 and tok.encode_documents(["x", "y"]).tolist() == [4, 4]
     assert tok.encode_documents(docs).tolist() == expected_documents(tok.encode, docs, tok.eot_id)
 
 

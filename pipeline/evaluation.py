@@ -1,0 +1,376 @@
+"""The trained model's val loss, perplexity, bits per byte and token accuracy, and its HellaSwag score."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.tokenizers import Tokenizer
+
+IGNORE = -100  # target of padded positions
+
+# progress(description, total) -> a context yielding advance(n); e.g. the CLI's progress bar.
+ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model_and_tokenizer(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                             key: str = "evaluate.model_dir") -> tuple[torch.nn.Module, Tokenizer]:
+    """An exported model folder (or any Hugging Face causal-LM folder) in eval mode, and its tokenizer.
+
+    The tokenizer is gptpipe's own from model_dir/gptpipe_tokenizer when present (every kind), else the
+    folder's transformers tokenizer behind the same interface.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tokenizers import HfTokenizer, load_tokenizer
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        what = "not found" if not folder.is_dir() else "is not a model folder (no config.json)"
+        raise UserError(f"{key}: {folder} {what}; run the train stage first (dvc repro train), or point {key} at a "
+                        "Hugging Face model folder")
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)  # architectures without SDPA
+    except (OSError, ValueError) as e:  # missing weights, an unknown architecture
+        raise UserError(f"{key}: cannot load the model in {folder} ({str(e).splitlines()[0]}); rerun the train stage") from None
+    own = folder / "gptpipe_tokenizer"
+    tokenizer = load_tokenizer(own) if own.is_dir() else HfTokenizer(str(folder), key=key)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.vocab_size > rows:
+        raise UserError(f"{key}: the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only {rows} "
+                        "embedding rows: the folder mixes two models")
+    return model.to(device).eval(), tokenizer
+
+
+def model_context(model) -> int | None:
+    from pipeline.models import context_length
+
+    return context_length(model.config)
+
+
+# ------------------------------------------------------------------------------------------ val metrics
+
+
+@dataclass
+class ValSums:
+    """What val metrics are made of, summed over windows: adds up across ranks."""
+
+    loss: float = 0.0  # nats over every predicted token
+    correct: int = 0  # argmax predictions equal to the target
+    tokens: int = 0  # predicted tokens
+
+    def __add__(self, other: ValSums) -> ValSums:
+        return ValSums(self.loss + other.loss, self.correct + other.correct, self.tokens + other.tokens)
+
+
+def count_windows(n_tokens: int, block_size: int) -> int:
+    """Windows of block_size predictions that predict every token after the first once (the last may be short)."""
+    return math.ceil((n_tokens - 1) / block_size) if n_tokens > 1 else 0
+
+
+@torch.no_grad()
+def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_windows: int | None = None,
+             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> ValSums:
+    """This rank's sums over windows rank, rank + world_size, ... of the first max_windows.
+
+    Window i is tokens[i*T : i*T + T + 1]: inputs are its first T tokens, targets the last T.
+    """
+    T = block_size
+    n = min(count_windows(len(tokens), T), max_windows or math.inf)
+    mine = range(rank, n, world_size)
+    device = next(model.parameters()).device
+    sums = ValSums()
+    for first in range(0, len(mine), batch_size):
+        windows = [np.asarray(tokens[i * T : i * T + T + 1], dtype=np.int64) for i in mine[first : first + batch_size]]
+        # Only the final window can be short: pad it on the right, which a causal model never sees.
+        x = torch.zeros(len(windows), T, dtype=torch.long)
+        y = torch.full((len(windows), T), IGNORE, dtype=torch.long)
+        for row, w in enumerate(windows):
+            x[row, : len(w) - 1] = torch.from_numpy(w[:-1])
+            y[row, : len(w) - 1] = torch.from_numpy(w[1:])
+        x, y = x.to(device), y.to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
+        scored = y != IGNORE
+        sums += ValSums(loss.item(), int(((logits.argmax(-1) == y) & scored).sum()), int(scored.sum()))
+        if progress:
+            progress(len(windows))
+    return sums
+
+
+def metrics_from_sums(sums: ValSums, text_bytes: int | None) -> dict:
+    loss = sums.loss / max(sums.tokens, 1)
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": sums.loss / math.log(2) / text_bytes if text_bytes else None,
+        "token_accuracy": sums.correct / max(sums.tokens, 1),
+        "tokens_scored": sums.tokens,
+    }
+
+
+def val_metrics(model, tokens: np.ndarray, block_size: int, batch_size: int, text_bytes: int | None,
+                max_windows: int | None = None, rank: int = 0, world_size: int = 1,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """Loss over the val tokens in non-overlapping windows (deterministic), summed over ranks.
+
+    bits_per_byte divides the loss in bits by text_bytes, the UTF-8 size of the text the scored windows
+    cover (see covered_text_bytes); None leaves it out.
+    """
+    sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress)
+    if world_size > 1:
+        from pipeline import engine
+
+        loss, correct, count = engine.all_reduce_sum([sums.loss, sums.correct, sums.tokens], next(model.parameters()).device)
+        sums = ValSums(loss, round(correct), round(count))
+    return metrics_from_sums(sums, text_bytes)
+
+
+def covered_text_bytes(tokenizer: Tokenizer, tokens: np.ndarray) -> int:
+    """UTF-8 bytes of the text that tokens encode, end-of-text tokens excluded (they stand for no text).
+
+    Decoded document by document: a document boundary is always a clean place to cut the ids.
+    """
+    tokens = np.asarray(tokens)
+    cuts = np.flatnonzero(tokens == tokenizer.eot_id)
+    total, start = 0, 0
+    for end in [*cuts.tolist(), len(tokens)]:
+        if end > start:
+            total += len(tokenizer.decode(tokens[start:end]).encode("utf-8"))
+        start = end + 1
+    return total
+
+
+# -------------------------------------------------------------------------------------------- HellaSwag
+
+
+@dataclass
+class Item:
+    query: str
+    endings: list[str]
+    label: int
+
+
+def preprocess(text: str) -> str:
+    """lm-evaluation-harness's HellaSwag cleanup: WikiHow's [title] becomes a full stop, other [tags] go."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def parse_hellaswag(source: str | Path | Iterable[str]) -> list[Item]:
+    """Items from a JSONL file (a str or Path) or from its lines; original or preprocessed format, line by line."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise UserError(f"evaluate.hellaswag: {path} not found")
+        with open(path, encoding="utf-8") as f:
+            return _parse_lines(f, str(path))
+    return _parse_lines(source, "<hellaswag lines>")
+
+
+def _parse_lines(lines: Iterable[str], where: str) -> list[Item]:
+    items = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            items.append(_parse_item(line, f"{where}:{number}"))
+    return items
+
+
+def _parse_item(line: str, where: str) -> Item:
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+    endings = doc.get("endings")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{where}: 'endings' must be a list of at least two strings")
+    label = doc.get("label")
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)  # the original data stores it as a string
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise UserError(f"{where}: 'label' must be an index into endings (0..{len(endings) - 1}), got {doc.get('label')!r}")
+    if "ctx_a" in doc:  # the original format: build the query exactly as lm-evaluation-harness does
+        fields = ("activity_label", "ctx_a", "ctx_b")
+        if not all(isinstance(doc.get(k), str) for k in fields):
+            raise UserError(f"{where}: the original format needs string fields {', '.join(fields)}")
+        query = preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
+        return Item(query, [preprocess(e) for e in endings], label)
+    if not isinstance(doc.get("ctx"), str):
+        raise UserError(f"{where}: needs 'ctx' (preprocessed format) or activity_label, ctx_a, ctx_b (original format)")
+    return Item(doc["ctx"], endings, label)
+
+
+def fetch_hellaswag(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The HellaSwag JSONL at url, downloaded once into cache_dir (default data/cache/downloads)."""
+    from pipeline.sources import download
+
+    try:
+        return download(url, Path(cache_dir) if cache_dir else None)
+    except UserError as e:
+        reason = str(e).partition(". Offline?")[0]
+        raise UserError(f"evaluate.hellaswag_url: {reason}. Offline? Download the file once and set evaluate.hellaswag "
+                        "to its path (and evaluate.hellaswag_url to null)") from None
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness makes them.
+
+    Trailing spaces of the context move to the continuation; the continuation's ids are those of
+    context + continuation after the context's own, so a merge across the boundary is kept as it would occur.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    whole = tokenizer.encode(context + continuation)
+    context_ids = tokenizer.encode(context)
+    return context_ids, whole[len(context_ids) :]
+
+
+@torch.no_grad()
+def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: int,
+                   progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Summed log-likelihood of each item's endings (as the continuation " " + ending of its query)."""
+    max_len = model_context(model) or 1 << 30
+    requests = []  # (item, ending, input ids, continuation length)
+    for i, item in enumerate(items):
+        for j, ending in enumerate(item.endings):
+            context_ids, cont_ids = encode_pair(tokenizer, item.query, " " + ending)
+            ids = (context_ids + cont_ids)[-(max_len + 1) :][:-1]  # truncated from the left, like lm-eval
+            requests.append((i, j, ids, cont_ids[-len(ids) :]))
+    device = next(model.parameters()).device
+    out = [[0.0] * len(item.endings) for item in items]
+    requests.sort(key=lambda r: -len(r[2]))  # similar lengths together: less padding
+    for first in range(0, len(requests), batch_size):
+        batch = requests[first : first + batch_size]
+        x = torch.zeros(len(batch), len(batch[0][2]), dtype=torch.long)
+        for row, (_, _, ids, _) in enumerate(batch):
+            x[row, : len(ids)] = torch.tensor(ids)
+        logprobs = F.log_softmax(model(input_ids=x.to(device), use_cache=False).logits.float(), dim=-1)  # (B, T, V)
+        for row, (i, j, ids, cont) in enumerate(batch):
+            # The logits at position t predict token t + 1, so the last len(cont) positions predict the continuation.
+            at = torch.arange(len(ids) - len(cont), len(ids), device=device)
+            target = torch.tensor(cont, device=device)
+            out[i][j] = logprobs[row, at, target].sum().item()
+        if progress:
+            progress(len(batch))
+    return out
+
+
+def accuracy_counts(items: list[Item], logliks: list[list[float]]) -> dict:
+    """acc: the highest summed log-likelihood is the label; acc_norm: the highest per character of the ending.
+
+    Like lm-evaluation-harness, the length is that of the ending itself, without the space before it.
+    """
+    correct = correct_norm = 0
+    for item, lls in zip(items, logliks):
+        lls = np.array(lls)
+        lengths = np.array([max(len(e), 1) for e in item.endings], dtype=np.float64)
+        correct += int(np.argmax(lls) == item.label)
+        correct_norm += int(np.argmax(lls / lengths) == item.label)
+    return {"correct": correct, "correct_norm": correct_norm, "n": len(items)}
+
+
+def hellaswag_scores(model, tokenizer: Tokenizer, items: list[Item], batch_size: int,
+                     progress: Callable[[int], None] | None = None) -> dict:
+    """{"acc", "acc_norm", "n"} of the model on items, zero-shot as lm-evaluation-harness scores HellaSwag."""
+    counts = accuracy_counts(items, choice_logliks(model, tokenizer, items, batch_size, progress))
+    return scores_from_counts(counts)
+
+
+def scores_from_counts(counts: dict) -> dict:
+    n = max(counts["n"], 1)
+    return {"acc": counts["correct"] / n, "acc_norm": counts["correct_norm"] / n, "n": counts["n"]}
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+
+def evaluate(p: Params, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
+             progress: ProgressFactory | None = None) -> dict:
+    """The evaluate stage: metrics of the exported model, written to evaluate.metrics_file by rank 0."""
+    from pipeline import engine
+    from pipeline.data import open_tokens, read_meta
+    from pipeline.files import write_json_atomic
+    from pipeline.models import count_params
+
+    cfg = p.evaluate
+    bar = progress or (lambda description, total: nullcontext(None))
+    model_dir = cfg.model_dir or p.train.export_dir
+    key = "evaluate.model_dir" if cfg.model_dir else "train.export_dir"
+    model, tokenizer = load_model_and_tokenizer(model_dir, device or default_device(), key=key)
+    notes = []
+
+    val = open_tokens(Path(p.tokenize.out_dir) / "val.bin")
+    if (val.vocab_size, val.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
+        raise UserError(f"{val.path} was tokenized with vocab_size={val.vocab_size}, eot_id={val.eot_id} but the model in "
+                        f"{model_dir} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "
+                        "trained on these tokens, or rerun the tokenize stage")
+    block_size = cfg.block_size or p.model.block_size
+    context = model_context(model)
+    if context and block_size > context:
+        notes.append(f"block_size {block_size} capped at the model's context of {context} tokens")
+        block_size = context
+    n_windows = count_windows(len(val), block_size)
+    if n_windows == 0:
+        raise UserError(f"{val.path} holds {len(val)} token(s): at least 2 are needed to score a prediction")
+    if cfg.max_windows and cfg.max_windows < n_windows:
+        n_windows = cfg.max_windows
+        text_bytes = covered_text_bytes(tokenizer, val.tokens[: n_windows * block_size + 1])
+        notes.append(f"val: the first {n_windows} windows of {block_size} tokens (evaluate.max_windows)")
+    else:
+        split = read_meta(p.tokenize.out_dir).get("splits", {}).get("val", {})
+        if split.get("tokens") != len(val):
+            raise UserError(f"{Path(p.tokenize.out_dir) / 'meta.json'} does not describe {val.path} ({split.get('tokens')} "
+                            f"tokens vs {len(val)}): rerun the tokenize stage")
+        text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
+    with bar("val windows", len(range(rank, n_windows, world_size))) as advance:
+        v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance)
+    metrics = {
+        "val": {"loss": v["val_loss"], "perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"],
+                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"]},
+    }
+
+    if cfg.hellaswag or cfg.hellaswag_url:
+        path = cfg.hellaswag or fetch_hellaswag(cfg.hellaswag_url)
+        items = parse_hellaswag(path)[: cfg.hellaswag_limit]
+        mine = items[rank::world_size]
+        with bar("HellaSwag endings", sum(len(i.endings) for i in mine)) as advance:
+            counts = accuracy_counts(mine, choice_logliks(model, tokenizer, mine, cfg.batch_size, advance))
+        if world_size > 1:
+            summed = engine.all_reduce_sum([counts["correct"], counts["correct_norm"], counts["n"]], next(model.parameters()).device)
+            counts = dict(zip(("correct", "correct_norm", "n"), (round(s) for s in summed)))
+        metrics["hellaswag"] = scores_from_counts(counts)
+    else:
+        notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
+
+    metrics["model"] = {"parameters": count_params(model), "dir": str(model_dir)}
+    metrics["notes"] = notes
+    if rank == 0:
+        write_json_atomic(cfg.metrics_file, metrics)
+    return metrics

@@ -1,0 +1,154 @@
+"""Text from the trained model: a KV-cached sampling loop (temperature, top-k, top-p) and a readable report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.evaluation import default_device, load_model_and_tokenizer, model_context
+from pipeline.files import write_text_atomic
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """logits (..., V) with every token outside the top k, then outside the top-p nucleus, set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p (at least one token).
+    """
+    logits = logits.clone()
+    if top_k is not None and top_k < logits.size(-1):
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))  # exactly k, ties or not
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop = before >= top_p  # the set already reached top_p without this token; never the first
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator, vocab_size: int) -> int:
+    """One id from the last position's logits (V,); ids >= vocab_size (vocabulary padding) are never chosen."""
+    logits = logits.float().cpu()  # sampled on the CPU, where the seeded generator lives
+    logits[vocab_size:] = float("-inf")
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, generator: torch.Generator, eot_id: int, stop_at_eot: bool,
+                  vocab_size: int) -> list[int]:
+    """The ids generated after prompt_ids (an empty prompt starts from end-of-text).
+
+    With stop_at_eot, generation ends at end-of-text, which is not returned. The context is cropped to the
+    model's last max-positions tokens once it grows past them: then each step re-reads that window.
+    """
+    device = next(model.parameters()).device
+    max_len = model_context(model)
+    context = list(prompt_ids) or [eot_id]
+
+    def prefill():
+        window = context[-max_len:] if max_len else context
+        return model(input_ids=torch.tensor([window], device=device), use_cache=True), len(window)
+
+    out, cached = prefill()
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        token = next_token(out.logits[0, -1], temperature, top_k, top_p, generator, vocab_size)
+        if stop_at_eot and token == eot_id:
+            break
+        new.append(token)
+        context.append(token)
+        if len(new) == max_new_tokens:
+            break
+        if max_len and cached >= max_len:
+            out, cached = prefill()  # learned positions can't slide: recompute the cropped window
+        else:
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            cached += 1
+    return new
+
+
+def read_prompts(p: Params) -> list[str]:
+    """sample.prompts_file's non-empty lines when set, else sample.prompts."""
+    cfg = p.sample
+    if not cfg.prompts_file:
+        return list(cfg.prompts)
+    path = Path(cfg.prompts_file)
+    if not path.is_file():
+        raise UserError(f"sample.prompts_file: {path} not found")
+    try:
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"sample.prompts_file: {path} is not UTF-8 text (byte {e.start})") from None
+    if not prompts:
+        raise UserError(f"sample.prompts_file: {path} holds no prompt (one per line)")
+    return prompts
+
+
+def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str | None = None,
+                     device: torch.device | str | None = None) -> list[dict]:
+    """sample.num_samples texts per prompt; one seeded generator for the run, so the same settings give the same text."""
+    cfg = p.sample
+    model_dir = model_dir or cfg.model_dir or p.train.export_dir
+    key = "sample.model_dir" if cfg.model_dir else "train.export_dir"
+    model, tokenizer = load_model_and_tokenizer(model_dir, device or default_device(), key=key)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    samples = []
+    for prompt in prompts if prompts is not None else read_prompts(p):
+        ids = tokenizer.encode(prompt)
+        for index in range(cfg.num_samples):
+            start = time.perf_counter()
+            new = sample_tokens(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                                tokenizer.eot_id, cfg.stop_at_eot, tokenizer.vocab_size)
+            samples.append({
+                "prompt": prompt,
+                "sample": index,
+                "text": tokenizer.decode(new),
+                "tokens": len(new),
+                "seconds": round(time.perf_counter() - start, 3),
+                # Stopping consumes a step without returning a token, so a stopped sample is always short.
+                "stopped_at_eot": cfg.stop_at_eot and len(new) < cfg.max_new_tokens,
+            })
+    return samples
+
+
+def sample_summary(p: Params, model_dir: str | None = None) -> dict:
+    """The settings shown at the top of samples.md."""
+    cfg = p.sample
+    keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot")
+    return {"model_dir": model_dir or cfg.model_dir or p.train.export_dir, **{k: getattr(cfg, k) for k in keys}}
+
+
+def fence(text: str) -> str:
+    """A code fence longer than any run of backticks in text."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
+
+
+def write_samples(samples: list[dict], out_dir: str | Path, config_summary: dict) -> None:
+    """samples.jsonl (one record a line) and samples.md (settings, then each prompt and its samples)."""
+    out_dir = Path(out_dir)
+    write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    lines = ["# Samples", ""] + [f"- **{k}**: `{v}`" for k, v in config_summary.items()] + [""]
+    prompts = list(dict.fromkeys(s["prompt"] for s in samples))
+    for number, prompt in enumerate(prompts, 1):
+        lines += [f"## Prompt {number}: {json.dumps(prompt, ensure_ascii=False)}", ""]
+        for s in (s for s in samples if s["prompt"] == prompt):
+            end = ", stopped at end-of-text" if s["stopped_at_eot"] else ""
+            text = prompt + s["text"]
+            lines += [f"Sample {s['sample'] + 1} ({s['tokens']} tokens, {s['seconds']} s{end}):", "",
+                      fence(text), text, fence(text), ""]
+    write_text_atomic(out_dir / "samples.md", "\n".join(lines))

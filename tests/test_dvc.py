@@ -1,0 +1,92 @@
+"""The real pipeline through real DVC in a temporary git repo: repro, no-op, partial rerun, experiments."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "COLUMNS": "200"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture
+def repo(tmp_path, shared_data) -> Path:
+    """A copy of the project's pipeline in a fresh git + DVC repo, with small params."""
+    repo = tmp_path / "repo"
+    for name in ("dvc.yaml", "stages", "pipeline", "data/raw"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    (repo / "data" / "raw" / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:60_000])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"]["source"] = {"kind": "files", "path": "data/raw/corpus.txt", "separator": "\n\n"}
+    params["tokenize"] = {**params["tokenize"], "kind": "char"}
+    params["model"].update(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    params["train"].update(max_steps=6, micro_batch_size=4, warmup_steps=1, log_interval=2, eval_interval=3, save_interval=3)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=repo)
+    sh("git", "config", "user.email", "ci@example.com", cwd=repo)
+    sh("git", "config", "user.name", "CI", cwd=repo)
+    sh(DVC, "init", "-q", cwd=repo)
+    sh(DVC, "config", "core.analytics", "false", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "pipeline", cwd=repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
+    out = sh(DVC, "repro", cwd=repo)
+    for stage in ("prepare", "tokenize", "train"):
+        assert f"Running stage '{stage}'" in out
+    assert (repo / "data" / "tokens" / "train.bin").is_file()
+    assert (repo / "models" / "final" / "model.safetensors").is_file()
+    assert (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+
+    out = sh(DVC, "repro", cwd=repo)
+    assert "Running stage" not in out
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tokenize"]["unknown_chars"] = "skip"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(DVC, "repro", cwd=repo)
+    assert "Running stage 'prepare'" not in out
+    assert "Running stage 'tokenize'" in out and "Running stage 'train'" in out
+
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "baseline", cwd=repo)
+    sh(DVC, "exp", "run", "-S", "train.lr=3e-5", cwd=repo)
+    shown = json.loads(sh(DVC, "exp", "show", "--json", cwd=repo).split("\n", 1)[-1] if False else _json(sh(DVC, "exp", "show", "--json", cwd=repo)))
+    runs = _runs(shown)
+    lrs = {run["lr"] for run in runs}
+    assert 3e-5 in lrs and 1e-3 in lrs, runs
+    assert all(run["loss"] is not None for run in runs), runs
+
+
+def _json(text: str):
+    return json.loads(text[text.index("[") :])
+
+
+def _runs(shown: list) -> list[dict]:
+    """(train.lr, final train loss) of the baseline and each experiment in `dvc exp show --json`."""
+    runs = []
+    for commit in shown:
+        for entry in [commit, *[e for exp in commit.get("experiments") or [] for e in exp.get("revs", [])]]:
+            data = (entry.get("data") or {})
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("reports/train/metrics.json", {}).get("data", {})
+            if params:
+                runs.append({"lr": float(params["train"]["lr"]), "loss": metrics.get("train", {}).get("loss")})
+    return runs
