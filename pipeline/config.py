@@ -197,7 +197,7 @@ class TrainConfig(Section):
         None, ge=1, description="tokens per optimizer step over all processes; grad_accum is derived from it"
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
+    min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the cosine decay; null = lr / 10")
     warmup_steps: int = Field(30, ge=0, description="steps of linear warmup from 0 to lr")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only (not biases, norms)")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
@@ -229,6 +229,10 @@ class TrainConfig(Section):
     export_dir: str = Field("models/final", min_length=1, description="the trained model as a Hugging Face folder")
     metrics_dir: str = Field("reports/train", min_length=1, description="DVCLive metrics and plots of training")
 
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
     def accumulation(self, world_size: int, block_size: int) -> int:
         """Gradient accumulation steps for this world size; UserError when the batch keys disagree."""
         per_micro = self.micro_batch_size * world_size * block_size
@@ -247,7 +251,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _checks(self):
         problems = []
-        if self.min_lr > self.lr:
+        if self.min_lr is not None and self.min_lr > self.lr:
             problems.append(("min_lr", f"{self.min_lr} is above train.lr={self.lr}"))
         if self.warmup_steps > self.max_steps:
             problems.append(("warmup_steps", f"{self.warmup_steps} is more than train.max_steps={self.max_steps}"))

@@ -182,11 +182,11 @@ def should_save(step: int, t: TrainConfig) -> bool:
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at max_steps."""
+    """Linear warmup to train.lr, then cosine decay to train.min_lr (default lr / 10) at max_steps."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / (t.warmup_steps + 1)
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.min_lr)
+    return t.final_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.final_lr)
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ def sh(*cmd: str, cwd: Path) -> str:
 def repo(tmp_path, shared_data) -> Path:
     """A copy of the project's pipeline in a fresh git + DVC repo, with small params."""
     repo = tmp_path / "repo"
+    repo.mkdir()
     for name in ("dvc.yaml", "stages", "pipeline", "data/raw"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
@@ -68,8 +69,7 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "baseline", cwd=repo)
     sh(DVC, "exp", "run", "-S", "train.lr=3e-5", cwd=repo)
-    shown = json.loads(sh(DVC, "exp", "show", "--json", cwd=repo).split("\n", 1)[-1] if False else _json(sh(DVC, "exp", "show", "--json", cwd=repo)))
-    runs = _runs(shown)
+    runs = _runs(_json(sh(DVC, "exp", "show", "--json", cwd=repo)))
     lrs = {run["lr"] for run in runs}
     assert 3e-5 in lrs and 1e-3 in lrs, runs
     assert all(run["loss"] is not None for run in runs), runs
