@@ -34,10 +34,11 @@ def char_tokenizer(text: str = SENTENCE + "dogé"):
     return build_tokenizer(config.TokenizeConfig(kind="char"), lambda: [text])
 
 
-def tiny_gpt2(vocab_size: int, n_positions: int = 64, n_layer: int = 1, seed: int = 0, **kwargs) -> GPT2LMHeadModel:
-    """A random GPT-2 with the vocabulary padded to 64, as the train stage builds it."""
+def tiny_gpt2(tok, n_positions: int = 64, n_layer: int = 1, seed: int = 0, **kwargs) -> GPT2LMHeadModel:
+    """A random GPT-2 for tokenizer tok with the vocabulary padded to 64, as the train stage builds it."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=padded_vocab(vocab_size), **kwargs)
+    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=padded_vocab(tok.vocab_size),
+                     bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, **kwargs)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -74,7 +75,7 @@ def val_file(tmp_path_factory):
 
 def test_val_metrics_equal_plain_transformers_over_the_same_windows(val_file):
     tok, tokens = val_file
-    model = tiny_gpt2(tok.vocab_size)
+    model = tiny_gpt2(tok)
     got = val_metrics(model, tokens, block_size=16, batch_size=3, text_bytes=250)
     loss, correct, count = reference_sums(model, tokens, 16)
     assert got["tokens_scored"] == count == 100
@@ -88,7 +89,7 @@ def test_val_metrics_equal_plain_transformers_over_the_same_windows(val_file):
 
 def test_two_ranks_sum_to_one_rank_and_max_windows_truncates(val_file):
     tok, tokens = val_file
-    model = tiny_gpt2(tok.vocab_size)
+    model = tiny_gpt2(tok)
     for max_windows in (None, 5):
         whole = val_sums(model, tokens, 16, 2, max_windows)
         halves = val_sums(model, tokens, 16, 2, max_windows, rank=0, world_size=2) + val_sums(model, tokens, 16, 2, max_windows, rank=1, world_size=2)
@@ -117,7 +118,7 @@ def write_tokens_dir(folder: Path, tok, docs: list[str]) -> Path:
 
 def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
     tok = char_tokenizer()
-    model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok.vocab_size, n_positions=32), tok)
+    model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok, n_positions=32), tok)
     tokens_dir = write_tokens_dir(tmp_path, tok, [SENTENCE] * 10)  # 25 ids per document
     hellaswag = tmp_path / "hs.jsonl"
     hellaswag.write_text("".join(json.dumps({"ctx": "the cat", "endings": ["sat", "dog", "mat"], "label": i % 3}) + "\n" for i in range(5)))
@@ -153,7 +154,7 @@ def test_a_missing_model_folder_says_to_run_train(tmp_path):
 
 def test_a_plain_hugging_face_folder_loads_with_its_own_tokenizer(tmp_path):
     bpe = BpeTokenizer.train([SENTENCE * 20], vocab_size=300, min_frequency=1)
-    tiny_gpt2(bpe.vocab_size).save_pretrained(tmp_path)
+    tiny_gpt2(bpe).save_pretrained(tmp_path)
     bpe._save(tmp_path)  # tokenizer.json and tokenizer_config.json only, as any Hugging Face folder
     model, tok = load_model_and_tokenizer(tmp_path)
     assert tok.kind == "hf" and tok.eot_id == bpe.eot_id and tok.encode(SENTENCE) == bpe.encode(SENTENCE)
@@ -216,7 +217,7 @@ def test_acc_norm_divides_by_the_length_of_the_ending():
 
 def trained_on_sentence(tok, steps: int = 150) -> GPT2LMHeadModel:
     """A 2-layer model trained until it continues the repeated sentence."""
-    model = tiny_gpt2(tok.vocab_size, n_layer=2).train()
+    model = tiny_gpt2(tok, n_layer=2).train()
     ids = torch.tensor(tok.encode(SENTENCE * 12))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -241,5 +242,5 @@ def test_a_model_trained_on_the_sentence_picks_its_ending():
     ]
     assert hellaswag_scores(model, tok, items, batch_size=3) == {"acc": 1.0, "acc_norm": 1.0, "n": 4}
     # Left truncation: a model with a 16-token context scores queries longer than it.
-    short = tiny_gpt2(tok.vocab_size, n_positions=16)
+    short = tiny_gpt2(tok, n_positions=16)
     assert hellaswag_scores(short, tok, [Item(SENTENCE * 2 + "the", ["mat.", "cat."], 0)], 2)["n"] == 1

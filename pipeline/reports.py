@@ -1,0 +1,217 @@
+"""Training curves as DVC plot tables and PNGs, and one report (Markdown and self-contained HTML)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+import platform
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Params
+from pipeline.files import write_text_atomic
+
+# (metric logged by training, file stem, y label); train/loss and val/loss share one figure.
+CURVES = [
+    ("train/lr", "lr", "learning rate"),
+    ("train/tokens_per_s", "throughput", "tokens/s"),
+    ("train/mfu", "mfu", "model FLOPs utilisation"),
+    ("train/grad_norm", "grad_norm", "gradient norm (before clipping)"),
+]
+
+
+def read_history(metrics_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric DVCLive logged during training: name -> [(step, value)]."""
+    root = Path(metrics_dir) / "plots" / "metrics"
+    history = {}
+    for tsv in sorted(root.glob("**/*.tsv")):
+        name = tsv.relative_to(root).with_suffix("").as_posix()
+        with open(tsv, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        column = name.split("/")[-1]
+        history[name] = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+    return history
+
+
+def write_plot_tables(history: dict, out_dir: Path) -> None:
+    """CSV tables that dvc.yaml declares as plots: loss against step and tokens, and each other curve."""
+    tokens = {s: int(v) for s, v in history.get("tokens", [])}
+    for split in ("train", "val"):
+        rows = [{"step": s, "tokens": tokens.get(s, ""), "loss": v} for s, v in history.get(f"{split}/loss", [])]
+        _write_csv(out_dir / f"{split}_loss.csv", ["step", "tokens", "loss"], rows)
+    for metric, stem, _ in CURVES:
+        rows = [{"step": s, "tokens": tokens.get(s, ""), stem: v} for s, v in history.get(metric, [])]
+        _write_csv(out_dir / f"{stem}.csv", ["step", "tokens", stem], rows)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def draw_pngs(history: dict, out_dir: Path) -> list[Path]:
+    """The same curves as PNG files (for the report, and for anyone without `dvc plots`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = dict(history.get("tokens", []))
+    drawn = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        drawn.append(path)
+
+    for x_name in ("step", "tokens"):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for split, style in (("train", "-"), ("val", "o-")):
+            points = history.get(f"{split}/loss", [])
+            xs = [s if x_name == "step" else tokens.get(s) for s, _ in points]
+            ax.plot(xs, [v for _, v in points], style, label=f"{split} loss", markersize=4)
+        ax.set_xlabel("step" if x_name == "step" else "tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "loss" if x_name == "step" else "loss_vs_tokens")
+    for metric, stem, label in CURVES:
+        points = history.get(metric, [])
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.0))
+        ax.plot([s for s, _ in points], [v for _, v in points])
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        save(fig, stem)
+    return drawn
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(), "cpu cores": os.cpu_count()}
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
+    rows = []
+    for group in ("val", "hellaswag"):
+        for key, value in (metrics.get(group) or {}).items():
+            rows.append((f"{group} {key}", _fmt(value)))
+    for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
+        value = _dig(train_summary, key.split("/"))
+        if value is not None:
+            rows.append((key.replace("/", " "), _fmt(value)))
+    if "step" in train_summary:
+        rows.append(("train steps", _fmt(train_summary["step"])))
+    return rows
+
+
+def _dig(d: dict, keys: list[str]):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def build_report(p: Params, out_dir: str | Path) -> Path:
+    """Plots, tables and report.md / report.html in out_dir from what the earlier stages left."""
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    history = read_history(p.train.metrics_dir)
+    write_plot_tables(history, plots)
+    pngs = draw_pngs(history, plots)
+    metrics = _read_json(Path(p.evaluate.metrics_file))
+    train_summary = _read_json(Path(p.train.metrics_dir) / "metrics.json")
+    samples = _read_jsonl(out_dir / "samples.jsonl")
+    rows = metric_rows(metrics, train_summary)
+    config_yaml = yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False)
+    hw = hardware()
+
+    md = ["# gptpipe report", "", "## Metrics", "", "| metric | value |", "|---|---|"]
+    md += [f"| {k} | {v} |" for k, v in rows]
+    md += [f"\n_{note}_" for note in metrics.get("notes", [])]
+    md += ["", "## Training curves", ""] + [f"![{png.stem}](plots/{png.name})" for png in pngs]
+    md += ["", "## Samples", ""]
+    for s in samples:
+        md += [f"**prompt** `{s['prompt']!r}` (sample {s.get('index', 0) + 1})", "", "```", s["text"], "```", ""]
+    md += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", "", "## Hardware", ""]
+    md += [f"- {k}: {v}" for k, v in hw.items()]
+    write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
+
+    write_text_atomic(out_dir / "report.html", _html(rows, metrics.get("notes", []), pngs, samples, config_yaml, hw))
+    return out_dir / "report.html"
+
+
+def _html(rows, notes, pngs, samples, config_yaml, hw) -> str:
+    """One self-contained page: images inlined, no scripts or fonts to fetch, so it reads offline."""
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>gptpipe report</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}",
+        "td.v{text-align:right;font-variant-numeric:tabular-nums}.grid{display:flex;flex-wrap:wrap;gap:8px}",
+        ".grid img{width:520px;border:1px solid #eee}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}",
+        "</style></head><body><h1>gptpipe report</h1><h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>",
+    ]
+    parts += [f"<tr><td>{e(k)}</td><td class='v'>{e(v)}</td></tr>" for k, v in rows]
+    parts += ["</table>"] + [f"<p><em>{e(n)}</em></p>" for n in notes]
+    parts += ["<h2>Training curves</h2><div class='grid'>"]
+    for png in pngs:
+        data = base64.b64encode(png.read_bytes()).decode()
+        parts.append(f"<img alt='{e(png.stem)}' src='data:image/png;base64,{data}'>")
+    parts += ["</div><h2>Samples</h2>"]
+    for s in samples:
+        parts.append(f"<p><b>prompt</b> <code>{e(repr(s['prompt']))}</code> (sample {s.get('index', 0) + 1})</p><pre>{e(s['text'])}</pre>")
+    parts += [f"<h2>Configuration</h2><pre>{e(config_yaml)}</pre><h2>Hardware</h2><ul>"]
+    parts += [f"<li>{e(k)}: {e(str(v))}</li>" for k, v in hw.items()]
+    parts += ["</ul></body></html>"]
+    return "\n".join(parts)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,55 @@
+"""Reports: plot tables and PNGs from DVCLive's files, and a self-contained report."""
+
+import json
+
+from dvclive import Live
+
+from pipeline import config
+from pipeline.reports import build_report, read_history
+
+
+def fake_training_log(metrics_dir, steps=20):
+    """What the training loop logs, written through DVCLive itself."""
+    live = Live(dir=str(metrics_dir), report=None, save_dvc_exp=False, dvcyaml=False)
+    for step in range(1, steps + 1):
+        live.step = step
+        live.log_metric("train/loss", 5.0 - step * 0.1)
+        live.log_metric("train/lr", 1e-3)
+        live.log_metric("train/tokens_per_s", 1000.0 + step)
+        live.log_metric("train/mfu", 0.1)
+        live.log_metric("train/grad_norm", 1.0)
+        live.log_metric("tokens", step * 512)
+        if step % 5 == 0:
+            live.log_metric("val/loss", 5.2 - step * 0.1)
+    live.make_summary()
+    live.end()
+
+
+def test_report_has_metrics_plots_samples_config_and_hardware(tmp_path):
+    p = config.validate_params(
+        {
+            "train": {"metrics_dir": str(tmp_path / "train")},
+            "evaluate": {"metrics_file": str(tmp_path / "metrics.json")},
+        }
+    )
+    fake_training_log(tmp_path / "train")
+    (tmp_path / "metrics.json").write_text(json.dumps({"val": {"loss": 3.25, "perplexity": 25.8}, "notes": ["HellaSwag skipped"]}))
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"prompt": "Once", "index": 0, "text": "Once upon a <time>"}) + "\n")
+
+    assert [s for s, _ in read_history(tmp_path / "train")["val/loss"]] == [5, 10, 15, 20]
+    build_report(p, tmp_path)
+
+    plots = tmp_path / "plots"
+    for name in ("loss", "loss_vs_tokens", "lr", "throughput", "mfu", "grad_norm"):
+        png = plots / f"{name}.png"
+        assert png.stat().st_size > 5000, name  # an axis with a drawn line, not an empty canvas
+    val = (plots / "val_loss.csv").read_text().splitlines()
+    assert val[0] == "step,tokens,loss" and val[1] == "5,2560,4.7" and len(val) == 5
+    assert len((plots / "train_loss.csv").read_text().splitlines()) == 21
+
+    md = (tmp_path / "report.md").read_text()
+    assert "| val loss | 3.25 |" in md and "![loss](plots/loss.png)" in md and "Once upon a <time>" in md
+    assert "HellaSwag skipped" in md and "## Hardware" in md and "zero_stage: 0" in md
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6  # readable offline: nothing to fetch
+    assert "Once upon a &lt;time&gt;" in page and "<script" not in page
