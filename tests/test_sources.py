@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
+from pipeline import formats, sources
 from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
 from pipeline.sources import (SourceStats, is_val, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size,
@@ -71,7 +71,7 @@ def test_text_separator_across_chunks(tmp_path, monkeypatch):
     text = "".join(f"doc {i} ünïcödé €\r\n--\r\n" for i in range(20))
     path.write_bytes(text.encode())
     expected = files(path, separator="\n--\n")
-    monkeypatch.setattr(sources, "CHUNK", 3)  # cuts characters, "\r\n" and the separator
+    monkeypatch.setattr(formats, "CHUNK", 3)  # cuts characters, "\r\n" and the separator
     assert files(path, separator="\n--\n") == expected
     assert expected[:2] == ["doc 0 ünïcödé €", "doc 1 ünïcödé €"] and len(expected) == 21
 
@@ -148,7 +148,7 @@ def test_json_csv_parquet_missing_column(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1 << 20, 4])
 def test_invalid_utf8_strict_names_file_and_offset(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(sources, "CHUNK", chunk)
+    monkeypatch.setattr(formats, "CHUNK", chunk)
     cases = {
         "a.txt": "ok é\nbad ".encode() + b"\xff",  # offset 10
         "b.jsonl": b'{"text": "ok"}\n{"text": "b\xc3(d"}\n',  # offset 15 + 11
