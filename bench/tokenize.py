@@ -47,12 +47,12 @@ def bench_throughput(docs: list[str], repeats: int, chunk_bytes: int) -> list[tu
     import tiktoken
 
     from pipeline.config import TokenizeConfig
-    from pipeline.data import chunk_documents, encode_chunks
+    from pipeline.data import chunk_documents, encode_chunks, usable_cores
     from pipeline.tokenizers import build_tokenizer
 
     enc = tiktoken.get_encoding("gpt2")
     tok = build_tokenizer(TokenizeConfig(kind="tiktoken", encoding="gpt2"), lambda: iter(()))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     size = sum(len(d.encode("utf-8")) for d in docs)
 
     def baseline() -> int:
@@ -90,6 +90,15 @@ def write_prepared(folder: Path, docs: list[str], copies: int) -> int:
     return size
 
 
+def peak_rss_kb() -> tuple[int, int | None]:
+    """(ru_maxrss, VmHWM) in KiB. Linux carries ru_maxrss across exec, so a child's starts at the parent's RSS
+    when it was forked; VmHWM is the peak of this program alone (Linux only)."""
+    hwm = None
+    if Path("/proc/self/status").is_file():
+        hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, hwm
+
+
 def child(prepared: str, out: str, kind: str) -> None:
     """Run tokenize_corpus in this (child) process and print its peak memory as JSON."""
     from pipeline.config import TokenizeConfig
@@ -100,11 +109,11 @@ def child(prepared: str, out: str, kind: str) -> None:
         from pipeline.tokenizers import build_tokenizer
 
         build_tokenizer(cfg, lambda: iter(()))  # loaded before the baseline: memory the corpus size cannot change
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, _ = peak_rss_kb()
     meta = tokenize_corpus(cfg, prepared)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_kb": before, "peak_kb": peak, "tokens": meta["tokens"], "seconds": meta["seconds"],
-                      "tokens_per_s": meta["tokens_per_s"], "mb_per_s": meta["mb_per_s"]}))
+    peak, hwm = peak_rss_kb()
+    print(json.dumps({"before_kb": before, "peak_kb": peak, "hwm_kb": hwm, "tokens": meta["tokens"],
+                      "mb_per_s": meta["mb_per_s"]}))
 
 
 def bench_memory(docs: list[str], scales: list[int], kinds: list[str]) -> list[tuple]:
@@ -121,7 +130,7 @@ def bench_memory(docs: list[str], scales: list[int], kinds: list[str]) -> list[t
                     sys.exit(f"child failed:\n{done.stderr}")
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append((kind, f"x{scale}", size / 1e6, r["tokens"], r["before_kb"] / 1024, r["peak_kb"] / 1024,
-                             (r["peak_kb"] - r["before_kb"]) / 1024, r["mb_per_s"]))
+                             (r["peak_kb"] - r["before_kb"]) / 1024, (r["hwm_kb"] or 0) / 1024, r["mb_per_s"]))
     return rows
 
 
@@ -131,7 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each variant (best and median reported)")
     parser.add_argument("--copies", type=int, default=16, help="throughput: the documents repeated this many times per run")
     parser.add_argument("--chunk-bytes", type=int, default=1 << 20, help="text per unit of parallel work (tokenize.chunk_bytes)")
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 5, 20], help="memory: corpus sizes, in copies of the text")
+    parser.add_argument("--scales", type=int, nargs="*", default=[1, 5, 20], help="memory: corpus sizes, in copies of the text (none: skip)")
     parser.add_argument("--kinds", nargs="+", default=["tiktoken"], choices=["tiktoken", "char", "bpe"], help="memory: tokenizers")
     parser.add_argument("--child", nargs=3, metavar=("PREPARED", "OUT", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,24 +150,30 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline.data import usable_cores
+
     console = Console(width=max(Console().width, 132))
     docs = read_documents(args.text)
-    console.print(f"{args.text.name}: {len(docs):,} documents; {os.cpu_count()} cores; load average "
+    console.print(f"{args.text.name}: {len(docs):,} documents; {usable_cores()} cores; load average "
                   f"{os.getloadavg()[0]:.2f} (other processes share the cores)")
 
-    table = Table(title=f"(a) tiktoken gpt2 throughput: {args.copies} x the documents per run, best of {args.repeats}")
+    # Memory first, while this parent is small: a child's ru_maxrss starts at the parent's RSS (see peak_rss_kb).
+    table = Table(title="(b) peak memory of a child process running tokenize_corpus, by corpus size")
+    for col in ["tokenizer", "corpus", "text MB", "tokens", "ru_maxrss before MB", "ru_maxrss after MB", "growth MB",
+                "VmHWM MB", "MB/s (whole stage)"]:
+        table.add_column(col, justify="left" if col in ("tokenizer", "corpus") else "right")
+    for kind, scale, mb, tokens, before, peak, growth, hwm, mbs in bench_memory(docs, args.scales, args.kinds):
+        table.add_row(kind, scale, f"{mb:.1f}", f"{tokens:,}", f"{before:.0f}", f"{peak:.0f}", f"{growth:.0f}", f"{hwm:.0f}", f"{mbs:.1f}")
+    if args.scales:
+        console.print(table)
+
+    table = Table(title=f"(a) tiktoken gpt2 throughput: {args.copies} x the documents per run, {args.repeats} runs each")
     for col in ["variant", "tokens/s (best)", "MB/s (best)", "tokens/s (median)", "cores busy", "x loop (best)", "x loop (median)"]:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for name, tps, mbs, tps_med, cores, ratio, ratio_med in bench_throughput(docs * args.copies, args.repeats, args.chunk_bytes):
         table.add_row(name, f"{tps:,.0f}", f"{mbs:.1f}", f"{tps_med:,.0f}", f"{cores:.2f}", f"{ratio:.2f}", f"{ratio_med:.2f}")
     console.print(table)
-
-    table = Table(title="(b) peak memory of a child running tokenize_corpus (ru_maxrss)")
-    for col in ["tokenizer", "corpus", "text MB", "tokens", "RSS before MB", "peak RSS MB", "growth MB", "MB/s"]:
-        table.add_column(col, justify="left" if col in ("tokenizer", "corpus") else "right")
-    for kind, scale, mb, tokens, before, peak, growth, mbs in bench_memory(docs, args.scales, args.kinds):
-        table.add_row(kind, scale, f"{mb:.1f}", f"{tokens:,}", f"{before:.0f}", f"{peak:.0f}", f"{growth:.0f}", f"{mbs:.1f}")
-    console.print(table)
+    console.print(f"load average now {os.getloadavg()[0]:.2f}; 'cores busy' below the core count means other processes held them")
 
 
 if __name__ == "__main__":

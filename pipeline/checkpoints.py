@@ -122,3 +122,25 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_for_inference(folder: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a checkpoint folder (run-*/step-*) or a run folder (its latest checkpoint)."""
+    from pipeline.data import read_meta
+    from pipeline.errors import UserError
+    from pipeline.models import build_model
+    from pipeline.tokenizers import load_tokenizer
+
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        tag = latest_tag(folder)
+        if tag is None:
+            raise UserError(f"{folder}: not a complete checkpoint (no state.json) nor a run folder with one")
+        folder = folder / tag
+    state = json.loads((folder / "state.json").read_text())
+    p = Params.model_validate(state["params"])
+    tokens_dir = Path(p.tokenize.out_dir)
+    meta = read_meta(tokens_dir)  # the checkpoint names its tokenizer by the tokenize stage's output folder
+    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], dtype=dtype)
+    model.load_state_dict(ds.checkpoint_weights(folder.parent, folder.name))
+    return model.eval(), load_tokenizer(tokens_dir / "tokenizer")

@@ -10,7 +10,16 @@ from typing import Annotated, Callable, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from pipeline import config
@@ -70,6 +79,20 @@ def stage_command(*sections: str) -> Callable:
 def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """A rich progress bar advanced by a callable taking a byte count."""
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+    with _bar(columns, description, total) as advance:
+        yield advance
+
+
+@contextmanager
+def count_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar advanced by a callable taking a count of items."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with _bar(columns, description, total) as advance:
+        yield advance
+
+
+@contextmanager
+def _bar(columns: list, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -168,6 +191,57 @@ def train(
     summary = run_training(p)
     if summary:
         print_summary(f"train -> {p.train.export_dir}", summary)
+
+
+@stage_command("evaluate")
+def evaluate(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    local_rank: Annotated[int, typer.Option("--local_rank", "--local-rank", hidden=True, help="set by a launcher")] = -1,
+):
+    """Val loss, perplexity, bits per byte, accuracy and HellaSwag of the trained model."""
+    import os
+
+    from pipeline.evaluation import evaluate as run_evaluation
+
+    p = config.load_params(params, set_)
+    rank, world_size, device = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by a launcher: split the work across ranks
+        from pipeline import engine
+
+        dist = engine.init_distributed()
+        rank, world_size, device = dist.rank, dist.world_size, dist.device
+    metrics = run_evaluation(p, rank, world_size, device, progress=count_progress)
+    if rank == 0:
+        rows = {f"{group} {k}": v for group in ("val", "hellaswag") for k, v in (metrics.get(group) or {}).items()}
+        print_summary(f"evaluate -> {p.evaluate.metrics_file}", rows)
+        for note in metrics.get("notes", []):
+            console.print(f"note: {note}", highlight=False)
+
+
+@stage_command("sample")
+def sample(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    prompt: Annotated[list[str], typer.Option("--prompt", help="ad hoc: sample these prompts and print, writing no files")] = [],  # noqa: B006
+    model: Annotated[str | None, typer.Option("--model", help="a model folder, a training checkpoint or run folder, any HF folder")] = None,
+):
+    """Generate samples and write reports/samples.md, samples.jsonl and the report (or, with --prompt, just print)."""
+    from pipeline.reports import build_report
+    from pipeline.sampling import generate_samples, sample_summary, write_samples
+
+    p = config.load_params(params, set_)
+    samples = generate_samples(p, prompts=prompt or None, model_dir=model)
+    if prompt:
+        for s in samples:
+            Console().print(f"[bold]{s['prompt']}[/bold]{s['text']}\n", highlight=False)
+        return
+    write_samples(samples, p.sample.out_dir, sample_summary(p, model))
+    report = build_report(p, p.sample.out_dir)
+    print_summary(
+        f"sample -> {p.sample.out_dir}",
+        {"samples": len(samples), "tokens": sum(s["tokens"] for s in samples), "report": str(report)},
+    )
 
 
 @app.command()

@@ -201,9 +201,16 @@ def encode_chunks(encode: Callable[[list[str]], np.ndarray], chunks: Iterable[tu
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's share, not the whole machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
     """Threads encoding chunks: tokenize.workers (0 = a core each), or 1 where the tokenizer is parallel inside."""
-    return 1 if tok.parallel_inside else cfg.workers or os.cpu_count() or 1
+    return 1 if tok.parallel_inside else cfg.workers or usable_cores()
 
 
 def tokenize_split(tok: Tokenizer, docs: Iterable[str], path: Path, cfg: TokenizeConfig, where: str,

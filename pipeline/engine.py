@@ -230,3 +230,13 @@ def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[s
 def is_launched() -> bool:
     """True inside a process the deepspeed launcher started."""
     return "LOCAL_RANK" in os.environ
+
+
+def checkpoint_weights(run_dir: Path, tag: str) -> dict:
+    """A saved checkpoint's full model weights, read from disk without an engine (ZeRO-3: consolidated)."""
+    stage = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
+    if stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
+    return torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -31,16 +31,24 @@ def default_device() -> torch.device:
 
 def load_model_and_tokenizer(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                              key: str = "evaluate.model_dir") -> tuple[torch.nn.Module, Tokenizer]:
-    """An exported model folder (or any Hugging Face causal-LM folder) in eval mode, and its tokenizer.
+    """An exported model folder (or any Hugging Face causal-LM folder, or a training checkpoint) in eval mode, and its tokenizer.
 
     The tokenizer is gptpipe's own from model_dir/gptpipe_tokenizer when present (every kind), else the
     folder's transformers tokenizer behind the same interface.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from pipeline.tokenizers import HfTokenizer, load_tokenizer
 
+    hf_logging.disable_progress_bar()  # the stage shows its own progress
+
     folder = Path(model_dir)
+    if (folder / "state.json").is_file() or (folder / "latest").is_file():
+        from pipeline.checkpoints import load_for_inference
+
+        model, tokenizer = load_for_inference(folder, dtype)  # a training checkpoint rather than an export
+        return model.to(device), tokenizer
     if not (folder / "config.json").is_file():
         what = "not found" if not folder.is_dir() else "is not a model folder (no config.json)"
         raise UserError(f"{key}: {folder} {what}; run the train stage first (dvc repro train), or point {key} at a "
@@ -135,8 +143,9 @@ def val_metrics(model, tokens: np.ndarray, block_size: int, batch_size: int, tex
                 progress: Callable[[int], None] | None = None) -> dict:
     """Loss over the val tokens in non-overlapping windows (deterministic), summed over ranks.
 
-    bits_per_byte divides the loss in bits by text_bytes, the UTF-8 size of the text the scored windows
-    cover (see covered_text_bytes); None leaves it out.
+    bits_per_byte divides the loss in bits by text_bytes, the UTF-8 size of the text the scored windows cover
+    (the first token's text included, though it is not predicted): meta.json's text_bytes for the whole split,
+    covered_text_bytes of the windows' tokens for a part. None leaves it out.
     """
     sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress)
     if world_size > 1:
@@ -181,21 +190,16 @@ def preprocess(text: str) -> str:
 
 def parse_hellaswag(source: str | Path | Iterable[str]) -> list[Item]:
     """Items from a JSONL file (a str or Path) or from its lines; original or preprocessed format, line by line."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise UserError(f"evaluate.hellaswag: {path} not found")
+    if not isinstance(source, (str, Path)):
+        return [_parse_item(line, f"<hellaswag lines>:{n}") for n, line in enumerate(source, 1) if line.strip()]
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"evaluate.hellaswag: {path} not found")
+    try:
         with open(path, encoding="utf-8") as f:
-            return _parse_lines(f, str(path))
-    return _parse_lines(source, "<hellaswag lines>")
-
-
-def _parse_lines(lines: Iterable[str], where: str) -> list[Item]:
-    items = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            items.append(_parse_item(line, f"{where}:{number}"))
-    return items
+            return [_parse_item(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} of a line)") from None
 
 
 def _parse_item(line: str, where: str) -> Item:
@@ -257,7 +261,7 @@ def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: i
                    progress: Callable[[int], None] | None = None) -> list[list[float]]:
     """Summed log-likelihood of each item's endings (as the continuation " " + ending of its query)."""
     max_len = model_context(model) or 1 << 30
-    requests = []  # (item, ending, input ids, continuation length)
+    requests = []  # (item, ending, input ids, continuation ids)
     for i, item in enumerate(items):
         for j, ending in enumerate(item.endings):
             context_ids, cont_ids = encode_pair(tokenizer, item.query, " " + ending)
@@ -363,8 +367,9 @@ def evaluate(p: Params, rank: int = 0, world_size: int = 1, device: torch.device
         with bar("HellaSwag endings", sum(len(i.endings) for i in mine)) as advance:
             counts = accuracy_counts(mine, choice_logliks(model, tokenizer, mine, cfg.batch_size, advance))
         if world_size > 1:
-            summed = engine.all_reduce_sum([counts["correct"], counts["correct_norm"], counts["n"]], next(model.parameters()).device)
-            counts = dict(zip(("correct", "correct_norm", "n"), (round(s) for s in summed)))
+            keys = ("correct", "correct_norm", "n")
+            summed = engine.all_reduce_sum([counts[k] for k in keys], next(model.parameters()).device)
+            counts = {k: round(s) for k, s in zip(keys, summed)}
         metrics["hellaswag"] = scores_from_counts(counts)
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")

@@ -8,6 +8,7 @@ import html
 import json
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -101,10 +102,8 @@ def hardware() -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(), "cpu cores": os.cpu_count()}
     try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
+        info["deepspeed"] = version("deepspeed")  # not imported: it would probe accelerators just to say its version
+    except PackageNotFoundError:
         pass
     if torch.cuda.is_available():
         info["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

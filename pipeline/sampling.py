@@ -112,7 +112,7 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
                                 tokenizer.eot_id, cfg.stop_at_eot, tokenizer.vocab_size)
             samples.append({
                 "prompt": prompt,
-                "sample": index,
+                "index": index,
                 "text": tokenizer.decode(new),
                 "tokens": len(new),
                 "seconds": round(time.perf_counter() - start, 3),
@@ -149,6 +149,6 @@ def write_samples(samples: list[dict], out_dir: str | Path, config_summary: dict
         for s in (s for s in samples if s["prompt"] == prompt):
             end = ", stopped at end-of-text" if s["stopped_at_eot"] else ""
             text = prompt + s["text"]
-            lines += [f"Sample {s['sample'] + 1} ({s['tokens']} tokens, {s['seconds']} s{end}):", "",
+            lines += [f"Sample {s['index'] + 1} ({s['tokens']} tokens, {s['seconds']} s{end}):", "",
                       fence(text), text, fence(text), ""]
     write_text_atomic(out_dir / "samples.md", "\n".join(lines))

@@ -36,6 +36,8 @@ def repo(tmp_path, shared_data) -> Path:
     params["tokenize"] = {**params["tokenize"], "kind": "char"}
     params["model"].update(n_layer=1, n_head=2, n_embd=32, block_size=32)
     params["train"].update(max_steps=6, micro_batch_size=4, warmup_steps=1, log_interval=2, eval_interval=3, save_interval=3)
+    params["evaluate"].update(hellaswag=str(shared_data / "hellaswag_val_sample.jsonl"), hellaswag_limit=8)
+    params["sample"].update(num_samples=1, max_new_tokens=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=repo)
     sh("git", "config", "user.email", "ci@example.com", cwd=repo)
@@ -50,11 +52,17 @@ def repo(tmp_path, shared_data) -> Path:
 @pytest.mark.slow
 def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     out = sh(DVC, "repro", cwd=repo)
-    for stage in ("prepare", "tokenize", "train"):
+    for stage in ("prepare", "tokenize", "train", "evaluate", "sample"):
         assert f"Running stage '{stage}'" in out
     assert (repo / "data" / "tokens" / "train.bin").is_file()
     assert (repo / "models" / "final" / "model.safetensors").is_file()
     assert (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["val"]["loss"] > 0 and metrics["hellaswag"]["n"] == 8
+    for name in ("samples.md", "samples.jsonl", "report.md", "report.html", "plots/loss.png"):
+        assert (repo / "reports" / name).is_file(), name
+    plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=repo))
+    assert {"loss vs step", "loss vs tokens seen", "learning rate", "gradient norm"} <= set(plots["data"])
 
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
@@ -72,7 +80,9 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     runs = _runs(_json(sh(DVC, "exp", "show", "--json", cwd=repo)))
     lrs = {run["lr"] for run in runs}
     assert 3e-5 in lrs and 1e-3 in lrs, runs
-    assert all(run["loss"] is not None for run in runs), runs
+    assert all(run["loss"] is not None and run["val_loss"] is not None for run in runs), runs
+    table = sh(DVC, "exp", "show", "--csv", cwd=repo)
+    assert "val.loss" in table.splitlines()[0] and "3e-05" in table
 
 
 def _json(text: str):
@@ -86,7 +96,10 @@ def _runs(shown: list) -> list[dict]:
         for entry in [commit, *[e for exp in commit.get("experiments") or [] for e in exp.get("revs", [])]]:
             data = (entry.get("data") or {})
             params = data.get("params", {}).get("params.yaml", {}).get("data", {})
-            metrics = data.get("metrics", {}).get("reports/train/metrics.json", {}).get("data", {})
+            train = data.get("metrics", {}).get("reports/train/metrics.json", {}).get("data", {})
+            evaluation = data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {})
             if params:
-                runs.append({"lr": float(params["train"]["lr"]), "loss": metrics.get("train", {}).get("loss")})
+                runs.append(
+                    {"lr": float(params["train"]["lr"]), "loss": train.get("train", {}).get("loss"), "val_loss": evaluation.get("val", {}).get("loss")}
+                )
     return runs

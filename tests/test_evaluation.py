@@ -92,7 +92,8 @@ def test_two_ranks_sum_to_one_rank_and_max_windows_truncates(val_file):
     model = tiny_gpt2(tok)
     for max_windows in (None, 5):
         whole = val_sums(model, tokens, 16, 2, max_windows)
-        halves = val_sums(model, tokens, 16, 2, max_windows, rank=0, world_size=2) + val_sums(model, tokens, 16, 2, max_windows, rank=1, world_size=2)
+        rank0, rank1 = (val_sums(model, tokens, 16, 2, max_windows, rank=r, world_size=2) for r in (0, 1))
+        halves = rank0 + rank1
         assert (halves.tokens, halves.correct) == (whole.tokens, whole.correct)
         assert halves.loss == pytest.approx(whole.loss, rel=1e-6)
     assert val_sums(model, tokens, 16, 2, max_windows=5).tokens == 5 * 16
@@ -121,7 +122,8 @@ def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
     model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok, n_positions=32), tok)
     tokens_dir = write_tokens_dir(tmp_path, tok, [SENTENCE] * 10)  # 25 ids per document
     hellaswag = tmp_path / "hs.jsonl"
-    hellaswag.write_text("".join(json.dumps({"ctx": "the cat", "endings": ["sat", "dog", "mat"], "label": i % 3}) + "\n" for i in range(5)))
+    item = {"ctx": "the cat", "endings": ["sat", "dog", "mat"]}
+    hellaswag.write_text("".join(json.dumps({**item, "label": i % 3}) + "\n" for i in range(5)))
     raw = {
         "tokenize": {"kind": "char", "out_dir": str(tokens_dir)},
         "model": {"block_size": 64},
@@ -134,7 +136,8 @@ def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
     assert m["val"]["bits_per_byte"] == pytest.approx(m["val"]["loss"] * 249 / math.log(2) / 240)
     assert "hellaswag" not in m and "hellaswag: skipped (evaluate.hellaswag not set)" in m["notes"]
     assert any("capped at the model's context of 32" in n for n in m["notes"])
-    assert m["model"] == {"parameters": sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(model_dir).parameters()), "dir": str(model_dir)}
+    n_params = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(model_dir).parameters())
+    assert m["model"] == {"parameters": n_params, "dir": str(model_dir)}
 
     raw["evaluate"].update(max_windows=2, hellaswag=str(hellaswag), hellaswag_limit=4)
     m = evaluate(config.validate_params(raw), device="cpu")

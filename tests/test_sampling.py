@@ -4,9 +4,11 @@ import json
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline import config
 from pipeline.errors import UserError
+from pipeline.models import context_length
 from pipeline.sampling import filter_logits, generate_samples, sample_tokens, write_samples
 from test_evaluation import char_tokenizer, save_model_dir, tiny_gpt2
 
@@ -33,7 +35,7 @@ def greedy_without_cache(model, ids: list[int], steps: int, vocab_size: int) -> 
     """Argmax decoding the slow way: the whole (cropped) context through the model at every step."""
     context, new = list(ids), []
     for _ in range(steps):
-        window = torch.tensor([context[-model.config.n_positions :]])
+        window = torch.tensor([context[-context_length(model.config) :]])
         with torch.no_grad():
             logits = model(input_ids=window, use_cache=False).logits[0, -1]
         new.append(int(logits[:vocab_size].argmax()))
@@ -41,10 +43,22 @@ def greedy_without_cache(model, ids: list[int], steps: int, vocab_size: int) -> 
     return new
 
 
-@pytest.mark.parametrize("n_positions", [64, 16])  # 16: the context outgrows the model and is cropped
-def test_temperature_zero_is_the_greedy_path_of_a_loop_without_cache(n_positions):
+def tiny_llama(tok, max_positions: int, **kwargs) -> LlamaForCausalLM:
+    torch.manual_seed(3)
+    cfg = LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=32, intermediate_size=64,
+                      max_position_embeddings=max_positions, vocab_size=64, bos_token_id=tok.eot_id,
+                      eos_token_id=tok.eot_id, **kwargs)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# A context of 16 positions is outgrown and cropped; larger initial weights make the greedy path varied.
+@pytest.mark.parametrize("arch, n_positions", [("gpt2", 64), ("gpt2", 16), ("llama", 16)])
+def test_temperature_zero_is_the_greedy_path_of_a_loop_without_cache(arch, n_positions):
     tok = char_tokenizer()
-    model = tiny_gpt2(tok, n_positions=n_positions, seed=3, initializer_range=0.5)  # larger weights: a varied path
+    if arch == "gpt2":
+        model = tiny_gpt2(tok, n_positions=n_positions, seed=3, initializer_range=0.5)
+    else:
+        model = tiny_llama(tok, n_positions, initializer_range=0.5)
     prompt = "the cat sat on"
     got = sample(model, tok, prompt, temperature=0.0, max_new_tokens=25)
     assert got == greedy_without_cache(model, tok.encode(prompt), 25, tok.vocab_size)
@@ -119,7 +133,7 @@ def test_generate_samples_and_the_reports(tmp_path):
            "num_samples": 2, "max_new_tokens": 6, "seed": 7, "stop_at_eot": False}}  # fmt: skip
     p = config.validate_params(raw)
     samples = generate_samples(p, device="cpu")
-    assert [(s["prompt"], s["sample"]) for s in samples] == [("the cat", 0), ("the cat", 1), ("```dog", 0), ("```dog", 1)]
+    assert [(s["prompt"], s["index"]) for s in samples] == [("the cat", 0), ("the cat", 1), ("```dog", 0), ("```dog", 1)]
     assert all(s["tokens"] == 6 and s["text"] and not s["stopped_at_eot"] for s in samples)
     assert [s["text"] for s in generate_samples(p, device="cpu")] == [s["text"] for s in samples]
 
@@ -131,6 +145,7 @@ def test_generate_samples_and_the_reports(tmp_path):
     assert f"````\n```dog{samples[2]['text']}\n````" in md  # a longer fence around text holding one
 
     stopped = save_model_dir(tmp_path / "eot", eot_model(tok), tok)
+    p.sample.stop_at_eot = True
     s = generate_samples(p, prompts=["x"], model_dir=str(stopped), device="cpu")
     assert [(x["text"], x["tokens"], x["stopped_at_eot"]) for x in s] == [("", 0, True)] * 2
 
