@@ -215,3 +215,28 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tok
     (run,) = (tmp_path / "checkpoints").glob("run-*")
     assert (run / "latest").read_text().strip() == "step-000001"
     assert not (run / "step-000002").exists()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_sample_ad_hoc_from_a_checkpoint_or_the_export(tokens_dir, tmp_path, zero_stage, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.checkpoints import load_for_inference
+    from pipeline.cli import app
+    from pipeline.evaluation import load_model_and_tokenizer
+
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=4, zero_stage=zero_stage)
+    run_training(raw)
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    from_checkpoint, _ = load_for_inference(run)  # the run folder: its latest checkpoint
+    exported, tokenizer = load_model_and_tokenizer(tmp_path / "final")
+    ids = torch.tensor([tokenizer.encode("ROMEO: good")])
+    torch.testing.assert_close(from_checkpoint(input_ids=ids).logits, exported(input_ids=ids).logits)
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    for model in (str(run / "step-000004"), str(tmp_path / "final")):
+        result = CliRunner().invoke(app, ["sample", "--prompt", "ROMEO:", "--model", model, "-S", "sample.max_new_tokens=8"])
+        assert result.exit_code == 0, result.output
+        assert "ROMEO:" in result.output
+    assert not (tmp_path / "reports").exists()  # ad hoc sampling writes no files
