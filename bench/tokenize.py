@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/tokenize.py [--text PATH] [--repeats 5] [--copies 16] [--scales 1 5 20] [--kinds tiktoken char bpe]
 
-(a) tiktoken gpt2 through the stage's own path (chunks of documents encoded on every core) against
-    `enc.encode_ordinary` called document by document in one thread, on the same documents in the same run.
-(b) peak RSS of a child process running tokenize_corpus on a prepared corpus of tiny Shakespeare x1 and
-    x20: it should not grow with the corpus.
+(a) tiktoken gpt2 through the stage's own path (pipeline.data.encode_chunks: chunks of documents encoded
+    on every core) against `enc.encode_ordinary` called document by document in one thread, on the same
+    documents in the same run, interleaved. "cores busy" is CPU time / wall time: other processes on a
+    shared machine cap it, and the speed-up with it.
+(b) peak RSS of a child process running tokenize_corpus on a prepared corpus of tiny Shakespeare x1, x5
+    and x20 (documents split at blank lines): it levels off instead of growing with the corpus.
 """
 
 import os

@@ -181,8 +181,12 @@ def train(
 
     p = config.load_params(params, set_)
     if p.train.launcher == "deepspeed" and not engine.is_launched():
+        # Every node runs this same script, so the repository must sit at the same path on each.
+        script = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+        if not script.is_file():
+            raise UserError("train.launcher=deepspeed runs stages/train.py of the gptpipe repository, which this install lacks")
         overrides = [f"--set={s}" for s in set_]
-        cmd = engine.launcher_command(p.train, "stages/train.py", ["--params", str(params), *overrides])
+        cmd = engine.launcher_command(p.train, str(script), ["--params", str(Path(params).resolve()), *overrides])
         console.print(f"train: launching {' '.join(cmd)}", highlight=False)
         raise typer.Exit(subprocess.call(cmd))
 

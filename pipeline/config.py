@@ -112,7 +112,9 @@ class TokenizeConfig(Section):
     unknown_chars: Literal["error", "skip", "unk"] = Field(
         "unk", description="char only, for characters not in the train split: error, skip them, or map to an <unk> token"
     )
-    workers: int = Field(0, ge=0, description="threads for encoding; 0 = one per CPU core")
+    workers: int = Field(
+        0, ge=0, description="threads encoding tiktoken/char chunks; 0 = one per usable core (bpe/hf use tokenizers' own pool)"
+    )
     chunk_bytes: int = Field(1 << 20, ge=1024, description="text per unit of parallel work; bounds memory whatever the corpus size")
     out_dir: str = Field("data/tokens", min_length=1, description="where train.bin, val.bin, meta.json and tokenizer/ go")
 

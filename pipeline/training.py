@@ -20,6 +20,9 @@ from pipeline.files import write_json_atomic
 from pipeline.models import build_model, count_params, flops_per_token
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class State:
     """What a checkpoint restores besides weights and optimizer: where the run is."""
@@ -88,9 +91,16 @@ def setup(p: Params, dist: ds.Dist) -> Run:
 
     # The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(t.seed)
-    model = build_model(p.model, meta["vocab_size"], meta["eot_id"])
+    # A checkpoint loads in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16);
+    # a fresh model starts in fp32 so its initialisation doesn't depend on the precision.
+    dtype = torch.float32 if p.model.is_scratch else TORCH_DTYPES[t.precision]
+    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], dtype)
     if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Recompute each block in backward; transformers 5 renamed the method (and its argument).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = count_params(model)
     ds_config, changed = ds.merge_user_config(ds.deepspeed_config(t, dist.world_size, block_size), t.deepspeed_config)
     if dist.is_main:

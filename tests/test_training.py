@@ -67,9 +67,13 @@ def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32"), (0, "bf16")])
-def test_each_zero_stage_trains_and_the_loss_falls(tokens_dir, tmp_path, zero_stage, precision):
-    summary = run_training(tiny_params(tokens_dir, tmp_path, zero_stage=zero_stage, precision=precision))
+@pytest.mark.parametrize(
+    "zero_stage,precision,checkpointing", [(0, "fp32", False), (1, "fp32", False), (2, "bf16", False), (3, "fp32", True), (0, "bf16", True)]
+)
+def test_each_zero_stage_trains_and_the_loss_falls(tokens_dir, tmp_path, zero_stage, precision, checkpointing):
+    summary = run_training(
+        tiny_params(tokens_dir, tmp_path, zero_stage=zero_stage, precision=precision, activation_checkpointing=checkpointing)
+    )
     losses = logged(tmp_path, "train/loss")
     assert len(losses) == 4
     assert losses[-1] < losses[0] - 0.3, losses
@@ -158,11 +162,16 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 # ------------------------------------------------------------------------------------- the launcher
 
 
-def launch(args: list[str], params: dict, cwd: Path, **kw) -> subprocess.Popen:
+def clean_env() -> dict:
+    """This process's environment without the distributed variables that in-process training set."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
+def launch(args: list[str], params: dict, cwd: Path, script: str = "train", **kw) -> subprocess.Popen:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), *args, str(ROOT / "stages" / "train.py"), "--params", str(cwd / "params.yaml")]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    cmd = [str(deepspeed), *args, str(ROOT / "stages" / f"{script}.py"), "--params", str(cwd / "params.yaml")]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(), **kw)
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
@@ -176,7 +185,16 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tokens_dir,
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     run_training(tiny_params(tokens_dir, one, max_steps=8, grad_accum=2))
-    finish(launch(["--num_gpus", "2", "--master_port", "29631"], tiny_params(tokens_dir, two, max_steps=8, grad_accum=1), two))
+    # Through the stage command with train.launcher=deepspeed: it re-launches itself on 2 processes.
+    params = tiny_params(tokens_dir, two, max_steps=8, grad_accum=1, launcher="deepspeed", num_gpus=2, master_port=29631)
+    (two / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", "params.yaml"], cwd=two, capture_output=True, text=True, env=clean_env()
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "launching" in out.stderr
+    (run,) = (two / "checkpoints").glob("run-*")
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
     a, b = exported_weights(one), exported_weights(two)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
@@ -240,3 +258,19 @@ def test_sample_ad_hoc_from_a_checkpoint_or_the_export(tokens_dir, tmp_path, zer
         assert result.exit_code == 0, result.output
         assert "ROMEO:" in result.output
     assert not (tmp_path / "reports").exists()  # ad hoc sampling writes no files
+
+
+@pytest.mark.slow
+def test_evaluate_split_over_two_ranks_equals_one_process(tokens_dir, tmp_path):
+    from pipeline.evaluation import evaluate
+
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=2)
+    run_training(raw)
+    raw["evaluate"] = {"metrics_file": str(tmp_path / "one.json"), "batch_size": 3}
+    single = evaluate(config.validate_params(raw))
+    raw["evaluate"]["metrics_file"] = str(tmp_path / "two.json")
+    finish(launch(["--num_gpus", "2", "--master_port", "29651"], raw, tmp_path, script="evaluate"))
+    double = json.loads((tmp_path / "two.json").read_text())
+    assert double["val"]["tokens"] == single["val"]["tokens"]
+    for key in ("loss", "bits_per_byte", "token_accuracy"):
+        assert double["val"][key] == pytest.approx(single["val"][key], rel=1e-6)

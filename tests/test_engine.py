@@ -1,0 +1,77 @@
+"""The generated DeepSpeed config, a user JSON on top of it, and the batch arithmetic."""
+
+import json
+
+import pytest
+
+from pipeline import config, engine
+from pipeline.errors import UserError
+
+
+def ds_config(world_size=1, block_size=128, **train):
+    return engine.deepspeed_config(config.TrainConfig(**train), world_size, block_size)
+
+
+def test_every_key_comes_from_train_params():
+    cfg = ds_config(world_size=4, micro_batch_size=8, grad_accum=2, grad_clip=0.5, zero_stage=2, precision="bf16", lr=3e-4, beta2=0.99)
+    assert cfg["train_batch_size"] == 8 * 2 * 4
+    assert cfg["train_micro_batch_size_per_gpu"] == 8 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["gradient_clipping"] == 0.5
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["optimizer"]["params"]["lr"] == 3e-4 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.99]
+
+
+def test_offload_and_zero3_keys():
+    cfg = ds_config(zero_stage=3, offload_optimizer=True, offload_params=True)
+    zero = cfg["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"]
+    assert cfg["optimizer"]["params"]["torch_adam"] is False  # offload needs DeepSpeed's CPU Adam
+    with pytest.raises(UserError, match="train.offload_params: needs train.zero_stage=3"):
+        config.validate_params({"train": {"offload_params": True, "zero_stage": 2}})
+
+
+def test_accumulation_from_global_batch_tokens():
+    t = config.TrainConfig(micro_batch_size=4, global_batch_tokens=4 * 128 * 2 * 3)
+    assert t.accumulation(world_size=2, block_size=128) == 3
+    assert t.accumulation(world_size=1, block_size=128) == 6
+    with pytest.raises(UserError, match=r"train.global_batch_tokens=3072 must equal train.micro_batch_size \(4\) x train.grad_accum"):
+        t.accumulation(world_size=4, block_size=128)
+    both = config.TrainConfig(micro_batch_size=4, global_batch_tokens=1024, grad_accum=3)
+    with pytest.raises(UserError, match="with grad_accum=3"):
+        both.accumulation(world_size=1, block_size=128)
+
+
+def test_user_json_is_merged_on_top_and_changes_are_reported(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}, "wall_clock_breakdown": True}))
+    merged, changed = engine.merge_user_config(ds_config(), str(user))
+    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7}
+    assert merged["wall_clock_breakdown"] is True and merged["optimizer"]["type"] == "AdamW"
+    assert changed == ["zero_optimization.stage: 0 -> 1", "wall_clock_breakdown: False -> True"]
+
+
+def test_user_json_may_not_change_the_batch_and_bad_files_are_named(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64}))
+    with pytest.raises(UserError, match="sets train_micro_batch_size_per_gpu, which gptpipe derives"):
+        engine.merge_user_config(ds_config(), str(user))
+    user.write_text('{"zero_optimization": {"stage": 1,}}')
+    with pytest.raises(UserError, match=r"ds.json:1: invalid JSON"):
+        engine.merge_user_config(ds_config(), str(user))
+    with pytest.raises(UserError, match="not found"):
+        engine.merge_user_config(ds_config(), str(tmp_path / "missing.json"))
+
+
+def test_launcher_command_from_params(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=8\n")
+    t = config.TrainConfig(launcher="deepspeed", hostfile=str(hostfile), num_gpus=8, num_nodes=1, master_port=29600, launcher_args=["--no_ssh_check"])
+    cmd = engine.launcher_command(t, "stages/train.py", ["--params", "params.yaml"])
+    assert cmd[0].endswith("deepspeed")
+    assert cmd[1:] == [
+        "--hostfile", str(hostfile), "--num_nodes", "1", "--num_gpus", "8", "--master_port", "29600", "--no_ssh_check",
+        "stages/train.py", "--params", "params.yaml",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="train.hostfile: .* not found"):
+        engine.launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), "stages/train.py", [])
