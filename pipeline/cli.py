@@ -65,10 +65,10 @@ def stage_command(*sections: str) -> Callable:
                 return fn(*args, **kwargs)
             except UserError as e:
                 console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-                raise typer.Exit(2)
+                raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/yellow]")
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
 
         return app.command(epilog=section_help(*sections))(run)
 
@@ -261,7 +261,7 @@ def doctor(
         p = config.load_params(params, set_) if params.exists() else config.Params()
     except UserError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     results = run_checks(p.train, hostfile or p.train.hostfile)
     table = Table(title="gptpipe doctor", title_justify="left")
     for column in ("check", "status", "detail"):

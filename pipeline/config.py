@@ -351,7 +351,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"override {text!r}: the value is not valid YAML ({e.problem if hasattr(e, 'problem') else e})")
+        raise UserError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     return [p.strip() for p in parts], value
 
 
@@ -378,9 +378,9 @@ def read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}")
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})")
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

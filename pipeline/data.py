@@ -11,13 +11,16 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import building_dir, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 from pipeline.tokenizers import Tokenizer, build_tokenizer
 
 # ------------------------------------------------------------------------------------------ token files

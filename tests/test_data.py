@@ -21,15 +21,7 @@ from pipeline.data import (
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, build_tokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def tiktoken_cache(monkeypatch):
-    cache = SHARED / "tiktoken_cache"
-    if not cache.is_dir():
-        pytest.fail(f"tiktoken's cache files not found at {cache}: the shared data folder must sit beside the repo")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
 
 @pytest.fixture(scope="module")

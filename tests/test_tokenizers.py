@@ -9,16 +9,8 @@ from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, CharTokenizer, HfTokenizer, TiktokenTokenizer, build_tokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 SAMPLE = "Hello world!  Ünïcödé → 日本語 😀\n\n\tTabs,   spaces\r\nand 123 numbers.\n"
-
-
-@pytest.fixture(autouse=True)
-def tiktoken_cache(monkeypatch):
-    cache = SHARED / "tiktoken_cache"
-    if not cache.is_dir():
-        pytest.fail(f"tiktoken's cache files not found at {cache}: the shared data folder must sit beside the repo")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
 
 
 @pytest.fixture(scope="module")
