@@ -18,10 +18,10 @@ import numpy as np
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import building_dir, write_json_atomic
+from pipeline.tokenizers import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     import torch
-from pipeline.tokenizers import Tokenizer, build_tokenizer
 
 # ------------------------------------------------------------------------------------------ token files
 

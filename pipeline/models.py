@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
@@ -100,11 +100,6 @@ def context_length(config) -> int | None:
         if isinstance(value, int):
             return value
     return None
-
-
-def read_config(name: str):
-    """The transformers config of a checkpoint, without loading weights."""
-    return AutoConfig.from_pretrained(name)
 
 
 def count_params(model: torch.nn.Module) -> int:
