@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tokenize.py [--text PATH] [--repeats 5] [--copies 16] [--scales 1 5 20] [--kinds tiktoken char bpe]
 
-(a) tiktoken gpt2 through the stage's own path (pipeline.data.encode_chunks: chunks of documents encoded
+(a) tiktoken gpt2 through the stage's own path (pipeline.encoding.encode_chunks: chunks of documents encoded
     on every core) against `enc.encode_ordinary` called document by document in one thread, on the same
     documents in the same run, interleaved. "cores busy" is CPU time / wall time: other processes on a
     shared machine cap it, and the speed-up with it.
@@ -49,7 +49,7 @@ def bench_throughput(docs: list[str], repeats: int, chunk_bytes: int) -> list[tu
     import tiktoken
 
     from pipeline.config import TokenizeConfig
-    from pipeline.data import chunk_documents, encode_chunks, usable_cores
+    from pipeline.encoding import chunk_documents, encode_chunks, usable_cores
     from pipeline.tokenizers import build_tokenizer
 
     enc = tiktoken.get_encoding("gpt2")
@@ -104,7 +104,7 @@ def peak_rss_kb() -> tuple[int, int | None]:
 def child(prepared: str, out: str, kind: str) -> None:
     """Run tokenize_corpus in this (child) process and print its peak memory as JSON."""
     from pipeline.config import TokenizeConfig
-    from pipeline.data import tokenize_corpus
+    from pipeline.encoding import tokenize_corpus
 
     cfg = TokenizeConfig(kind=kind, out_dir=out)
     if kind == "tiktoken":
@@ -112,10 +112,10 @@ def child(prepared: str, out: str, kind: str) -> None:
 
         build_tokenizer(cfg, lambda: iter(()))  # loaded before the baseline: memory the corpus size cannot change
     before, _ = peak_rss_kb()
-    meta = tokenize_corpus(cfg, prepared)
+    meta, throughput = tokenize_corpus(cfg, prepared)
     peak, hwm = peak_rss_kb()
     print(json.dumps({"before_kb": before, "peak_kb": peak, "hwm_kb": hwm, "tokens": meta["tokens"],
-                      "mb_per_s": meta["mb_per_s"]}))
+                      "mb_per_s": throughput["mb_per_s"]}))
 
 
 def bench_memory(docs: list[str], scales: list[int], kinds: list[str]) -> list[tuple]:
@@ -152,7 +152,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.data import usable_cores
+    from pipeline.encoding import usable_cores
 
     console = Console(width=max(Console().width, 132))
     docs = read_documents(args.text)

@@ -1,13 +1,17 @@
-"""Checkpoints that describe themselves, become `latest` only when complete, and resume exactly.
+"""The run folder and its checkpoints: they describe themselves, become `latest` only when complete, resume exactly.
 
-Layout: <train.out_dir>/run-<id>/ holds one run, where <id> hashes everything that must match to resume
-(model, data, optimizer settings, world size). A change of, say, train.lr gives a new run folder, so
-the earlier run's checkpoints stay on disk and switching back resumes it.
+Layout (file names in layout.py): <train.out_dir>/run-<id>/ holds one run, where <id> hashes everything that
+must match to resume (model, data, optimizer settings, world size). A change of, say, train.lr gives a new
+run folder, so the earlier run's checkpoints stay on disk and switching back resumes it.
 
     run-<id>/run.json         what the id hashes, readable
     run-<id>/ds_config.json   the DeepSpeed config that ran
-    run-<id>/step-000100/     DeepSpeed's files, rng-rank<r>.pt per rank, state.json (written last)
+    run-<id>/step-000100/     DeepSpeed's files, rng-rank<r>.pt per rank, config.json (the model's), tokenizer/,
+                              state.json (written last: step, data position, best so far, the resolved params)
     run-<id>/latest, best     the tag of the newest complete checkpoint and of the best by val loss
+
+A step folder stands alone: it loads for inference from any working directory, whatever happened to the
+tokenize stage's output since.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import torch
 from pipeline import engine as ds
 from pipeline.config import Params
 from pipeline.engine import Dist
+from pipeline.errors import UserError
 from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.layout import CheckpointDir, RunDir, step_tag
+from pipeline.tokenizers import Tokenizer
 
 # Changing these keeps the run: they say how long to train and how often to log, not what to learn.
 RESUME_SAFE = {
@@ -47,14 +54,15 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_folder(out_dir: str | Path, identity: dict) -> Path:
-    return Path(out_dir) / f"run-{_hash(identity)}"
+def run_folder(out_dir: str | Path, identity: dict) -> RunDir:
+    return RunDir(Path(out_dir) / f"run-{_hash(identity)}")
 
 
 def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
     """When other runs exist in out_dir, what differs from the newest: the reason this one starts fresh."""
+    mine = run_folder(out_dir, identity)
     others = sorted(Path(out_dir).glob("run-*/run.json"), key=lambda f: f.stat().st_mtime)
-    others = [f for f in others if f.parent != run_folder(out_dir, identity)]
+    others = [f for f in others if RunDir(f.parent) != mine]
     if not others:
         return None
     previous = json.loads(others[-1].read_text())
@@ -62,51 +70,64 @@ def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
     return f"{', '.join(changed)} since {others[-1].parent} (kept there)"
 
 
-def latest_tag(run_dir: Path) -> str | None:
+def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
+    """Create the run folder (rank 0) with what identifies it and the DeepSpeed config that runs."""
+    if dist.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.identity, identity)
+        write_json_atomic(run.ds_config, ds_config)
+
+
+def latest_tag(run: RunDir) -> str | None:
     """The newest complete checkpoint: `latest` is written only after every rank has saved."""
-    pointer = run_dir / "latest"
-    if not pointer.is_file():
+    if not run.latest.is_file():
         return None
-    tag = pointer.read_text().strip()
-    return tag if (run_dir / tag / "state.json").is_file() else None
+    tag = run.latest.read_text().strip()
+    return tag if run.step(tag).state.is_file() else None
 
 
-def save(engine, run_dir: Path, step: int, state: dict, dist: Dist, keep_last: int) -> str:
-    """Save on every rank; rank 0 then marks it complete, moves `latest` (and `best`) and prunes old ones."""
-    tag = f"step-{step:06d}"
-    ds.save_engine(engine, run_dir, tag)
-    torch.save(capture_rng(), run_dir / tag / f"rng-rank{dist.rank}.pt")
+def save(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer) -> str:
+    """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones."""
+    tag = step_tag(step)
+    ckpt = run.step(tag)
+    ds.save_engine(engine, run.root, tag)
+    torch.save(capture_rng(), ckpt.rng(dist.rank))
     ds.barrier()
     if dist.is_main:
-        write_json_atomic(run_dir / tag / "state.json", {**state, "tag": tag})
-        write_text_atomic(run_dir / "latest", tag)
+        # What lets the folder load for inference on its own: the model's config and the tokenizer.
+        engine.module.config.to_json_file(ckpt.model_config)
+        if ckpt.tokenizer.exists():
+            shutil.rmtree(ckpt.tokenizer)
+        tokenizer.save(ckpt.tokenizer)
+        write_json_atomic(ckpt.state, {**state, "tag": tag})
+        write_text_atomic(run.latest, tag)
         if state.get("best_tag") == tag:
-            write_text_atomic(run_dir / "best", tag)
-        prune(run_dir, keep_last)
+            write_text_atomic(run.best, tag)
+        prune(run, keep_last)
     ds.barrier()
     return tag
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
+def prune(run: RunDir, keep_last: int) -> None:
     """Keep the newest keep_last complete checkpoints and the best; remove the rest."""
-    best = (run_dir / "best").read_text().strip() if (run_dir / "best").is_file() else None
-    tags = sorted(d.name for d in run_dir.glob("step-*") if d.is_dir())
-    complete = [t for t in tags if (run_dir / t / "state.json").is_file()]
+    best = run.best.read_text().strip() if run.best.is_file() else None
+    steps = run.steps()
+    complete = [c.tag for c in steps if c.state.is_file()]
     keep = set(complete[-keep_last:]) | {best}
-    latest = latest_tag(run_dir)
-    for tag in tags:
+    latest = latest_tag(run)
+    for ckpt in steps:
         # Incomplete folders older than `latest` are leftovers of a crash mid-save.
-        if tag not in keep and (tag in complete or (latest and tag < latest)):
-            shutil.rmtree(run_dir / tag, ignore_errors=True)
+        if ckpt.tag not in keep and (ckpt.tag in complete or (latest and ckpt.tag < latest)):
+            shutil.rmtree(ckpt.root, ignore_errors=True)
 
 
-def load(engine, run_dir: Path, tag: str, dist: Dist) -> dict:
+def load(engine, run: RunDir, tag: str, dist: Dist) -> dict:
     """Load weights, optimizer and this rank's RNG state; return the saved training state."""
-    ds.load_engine(engine, run_dir, tag)
-    rng = run_dir / tag / f"rng-rank{dist.rank}.pt"
-    if rng.is_file():
-        restore_rng(torch.load(rng, weights_only=False))
-    return json.loads((run_dir / tag / "state.json").read_text())
+    ckpt = run.step(tag)
+    ds.load_engine(engine, run.root, tag)
+    if ckpt.rng(dist.rank).is_file():
+        restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=False))
+    return json.loads(ckpt.state.read_text())
 
 
 def capture_rng() -> dict:
@@ -124,23 +145,24 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def load_for_inference(folder: Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a checkpoint folder (run-*/step-*) or a run folder (its latest checkpoint)."""
-    from pipeline.data import read_meta
-    from pipeline.errors import UserError
-    from pipeline.models import build_model
-    from pipeline.tokenizers import load_tokenizer
+# ------------------------------------------------------------------------------------------ for inference
 
+
+def find_checkpoint(folder: str | Path) -> CheckpointDir | None:
+    """The checkpoint a folder names: a step folder itself, or a run folder's latest; None if neither."""
     folder = Path(folder)
-    if not (folder / "state.json").is_file():
-        tag = latest_tag(folder)
+    if CheckpointDir(folder).state.is_file():
+        return CheckpointDir(folder)
+    if RunDir(folder).latest.is_file():
+        tag = latest_tag(RunDir(folder))
         if tag is None:
-            raise UserError(f"{folder}: not a complete checkpoint (no state.json) nor a run folder with one")
-        folder = folder / tag
-    state = json.loads((folder / "state.json").read_text())
-    p = Params.model_validate(state["params"])
-    tokens_dir = Path(p.tokenize.out_dir)
-    meta = read_meta(tokens_dir)  # the checkpoint names its tokenizer by the tokenize stage's output folder
-    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], dtype=dtype)
-    model.load_state_dict(ds.checkpoint_weights(folder.parent, folder.name))
-    return model.eval(), load_tokenizer(tokens_dir / "tokenizer")
+            raise UserError(f"{folder}: a run folder whose `latest` names no complete checkpoint")
+        return RunDir(folder).step(tag)
+    return None
+
+
+def checkpoint_weights(ckpt: CheckpointDir) -> dict:
+    """The full model weights of a checkpoint, consolidated from its ZeRO partitions when there are several."""
+    state = json.loads(ckpt.state.read_text())
+    zero_stage = state["params"]["train"]["zero_stage"]
+    return ds.checkpoint_weights(ckpt.root.parent, ckpt.tag, zero_stage)

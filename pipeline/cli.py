@@ -24,6 +24,8 @@ from rich.table import Table
 
 from pipeline import config
 from pipeline.errors import UserError
+from pipeline.output import format_value
+from pipeline.params import describe, load_params
 
 app = typer.Typer(
     name="gptpipe",
@@ -46,7 +48,7 @@ def section_help(*sections: str) -> str:
     lines = ["[bold]Params[/bold] (params.yaml; override with -S KEY=VALUE):\n\n"]
     for name in sections:
         model = config.Params.model_fields[name].annotation
-        for key, default, description in config.describe(model, name):
+        for key, default, description in describe(model, name):
             lines.append(f"[cyan]{key}[/cyan] = {_escape(default)}: {_escape(description)}\n\n")
     return "".join(lines)
 
@@ -76,7 +78,7 @@ def stage_command(*sections: str) -> Callable:
 
 
 @contextmanager
-def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+def byte_progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
     """A rich progress bar advanced by a callable taking a byte count."""
     columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
     with _bar(columns, description, total) as advance:
@@ -84,7 +86,7 @@ def byte_progress(description: str, total: int | None) -> Iterator[Callable[[int
 
 
 @contextmanager
-def count_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+def count_progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
     """A rich progress bar advanced by a callable taking a count of items."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with _bar(columns, description, total) as advance:
@@ -103,16 +105,13 @@ def print_summary(title: str, rows: dict[str, object]) -> None:
     table.add_column(style="cyan")
     table.add_column(justify="right")
     for key, value in rows.items():
-        table.add_row(key, _fmt(value))
+        table.add_row(key, format_value(value))
     Console().print(table)
 
 
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def echo(line: str) -> None:
+    """A log line on stderr (stdout stays for results), drawn above any progress bar."""
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -123,9 +122,9 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  
     """Read the corpus, normalise it, split documents into train and val."""
     from pipeline.sources import prepare_corpus, source_size
 
-    cfg = config.load_params(params, set_).prepare
+    cfg = load_params(params, set_).prepare
     with byte_progress("prepare", source_size(cfg)) as advance:
-        manifest = prepare_corpus(cfg, progress=advance)
+        manifest = prepare_corpus(cfg, progress=advance, download_progress=byte_progress)
     print_summary(
         f"prepare -> {cfg.out_dir}",
         {
@@ -143,12 +142,14 @@ def prepare(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  
 @stage_command("tokenize")
 def tokenize(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  # noqa: B006
     """Train or load the tokenizer and write memory-mappable token files."""
-    from pipeline.data import tokenize_corpus
+    from pipeline.encoding import tokenize_corpus
+    from pipeline.files import write_json_atomic
     from pipeline.sources import prepared_size
 
-    p = config.load_params(params, set_)
+    p = load_params(params, set_)
     with byte_progress("tokenize", prepared_size(p.prepare.out_dir)) as advance:
-        meta = tokenize_corpus(p.tokenize, p.prepare.out_dir, progress=advance)
+        meta, throughput = tokenize_corpus(p.tokenize, p.prepare.out_dir, progress=advance)
+    write_json_atomic(p.tokenize.metrics_file, throughput)
     print_summary(
         f"tokenize -> {p.tokenize.out_dir}",
         {
@@ -157,8 +158,8 @@ def tokenize(params: ParamsOption = Path("params.yaml"), set_: SetOption = []): 
             "train tokens": meta["splits"]["train"]["tokens"],
             "val tokens": meta["splits"]["val"]["tokens"],
             "dtype": meta["dtype"],
-            "tokens/s": meta["tokens_per_s"],
-            "MB/s": meta["mb_per_s"],
+            "tokens/s": throughput["tokens_per_s"],
+            "MB/s": throughput["mb_per_s"],
         },
     )
 
@@ -175,24 +176,15 @@ def train(
     local_rank: Annotated[int, typer.Option("--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher")] = -1,
 ):
     """Train with DeepSpeed (resuming a compatible checkpoint) and export a Hugging Face folder."""
-    import subprocess
-
     from pipeline import engine
 
-    p = config.load_params(params, set_)
+    p = load_params(params, set_)
     if p.train.launcher == "deepspeed" and not engine.is_launched():
-        # Every node runs this same script, so the repository must sit at the same path on each.
-        script = Path(__file__).resolve().parents[1] / "stages" / "train.py"
-        if not script.is_file():
-            raise UserError("train.launcher=deepspeed runs stages/train.py of the gptpipe repository, which this install lacks")
-        overrides = [f"--set={s}" for s in set_]
-        cmd = engine.launcher_command(p.train, str(script), ["--params", str(Path(params).resolve()), *overrides])
-        console.print(f"train: launching {' '.join(cmd)}", highlight=False)
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(engine.relaunch(p.train, params, set_, echo))
 
     from pipeline.training import train as run_training
 
-    summary = run_training(p)
+    summary = run_training(p, progress=count_progress, echo=echo)
     if summary:
         print_summary(f"train -> {p.train.export_dir}", summary)
 
@@ -204,23 +196,17 @@ def evaluate(
     local_rank: Annotated[int, typer.Option("--local_rank", "--local-rank", hidden=True, help="set by a launcher")] = -1,
 ):
     """Val loss, perplexity, bits per byte, accuracy and HellaSwag of the trained model."""
-    import os
-
+    from pipeline import engine
     from pipeline.evaluation import evaluate as run_evaluation
 
-    p = config.load_params(params, set_)
-    rank, world_size, device = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by a launcher: split the work across ranks
-        from pipeline import engine
-
-        dist = engine.init_distributed()
-        rank, world_size, device = dist.rank, dist.world_size, dist.device
-    metrics = run_evaluation(p, rank, world_size, device, progress=count_progress)
-    if rank == 0:
+    p = load_params(params, set_)
+    dist = engine.init_distributed(single_process_group=False)  # started by a launcher: split the work across ranks
+    metrics = run_evaluation(p, dist, progress=count_progress)
+    if dist.is_main:
         rows = {f"{group} {k}": v for group in ("val", "hellaswag") for k, v in (metrics.get(group) or {}).items()}
         print_summary(f"evaluate -> {p.evaluate.metrics_file}", rows)
         for note in metrics.get("notes", []):
-            console.print(f"note: {note}", highlight=False)
+            echo(f"note: {note}")
 
 
 @stage_command("sample")
@@ -230,22 +216,39 @@ def sample(
     prompt: Annotated[list[str], typer.Option("--prompt", help="ad hoc: sample these prompts and print, writing no files")] = [],  # noqa: B006
     model: Annotated[str | None, typer.Option("--model", help="a model folder, a training checkpoint or run folder, any HF folder")] = None,
 ):
-    """Generate samples and write reports/samples.md, samples.jsonl and the report (or, with --prompt, just print)."""
-    from pipeline.reports import build_report
+    """Generate samples into sample.out_dir (samples.md, samples.jsonl), or with --prompt just print them."""
     from pipeline.sampling import generate_samples, sample_summary, write_samples
 
-    p = config.load_params(params, set_)
+    # Ad hoc sampling from a given model needs no project: without a params.yaml the sample defaults apply.
+    standalone = model is not None and params == Path("params.yaml") and not params.exists()
+    p = load_params(params, set_) if not standalone else validate_overrides(set_)
     samples = generate_samples(p, prompts=prompt or None, model_dir=model)
     if prompt:
         for s in samples:
             Console().print(f"[bold]{s['prompt']}[/bold]{s['text']}\n", highlight=False)
         return
     write_samples(samples, p.sample.out_dir, sample_summary(p, model))
-    report = build_report(p, p.sample.out_dir)
     print_summary(
         f"sample -> {p.sample.out_dir}",
-        {"samples": len(samples), "tokens": sum(s["tokens"] for s in samples), "report": str(report)},
+        {"samples": len(samples), "tokens": sum(s["tokens"] for s in samples)},
     )
+
+
+def validate_overrides(overrides: list[str]) -> config.Params:
+    """Params from -S overrides alone, every other key at its default."""
+    from pipeline.params import apply_overrides, validate_params
+
+    return validate_params(apply_overrides({}, overrides), source="-S overrides")
+
+
+@stage_command("report")
+def report(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  # noqa: B006
+    """Draw the training curves and write report.md and a self-contained report.html (metrics, curves, samples)."""
+    from pipeline.reports import build_report
+
+    p = load_params(params, set_)
+    page = build_report(p)
+    print_summary(f"report -> {p.report.out_dir}", {"report": str(page)})
 
 
 @app.command()
@@ -258,7 +261,7 @@ def doctor(
     from pipeline.doctor import run_checks
 
     try:
-        p = config.load_params(params, set_) if params.exists() else config.Params()
+        p = load_params(params, set_) if params.exists() else config.Params()
     except UserError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         raise typer.Exit(2) from None

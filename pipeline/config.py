@@ -1,13 +1,15 @@
-"""Schemas for params.yaml: one pydantic model per section, the single source of truth for every knob."""
+"""Schemas for params.yaml: one pydantic model per section, the single source of truth for every knob.
+
+Values derived from them (a preset's shape, the batch arithmetic, the model a stage reads) are computed here, once.
+Reading the file and formatting errors live in params.py.
+"""
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
 
@@ -87,6 +89,9 @@ class PrepareConfig(Section):
     unicode_errors: Literal["strict", "replace"] = Field(
         "strict", description="invalid UTF-8: strict fails naming the file and byte offset; replace substitutes U+FFFD and counts"
     )
+    download_dir: str = Field(
+        "data/cache/downloads", min_length=1, description="where url sources (and evaluate.hellaswag_url) are downloaded once"
+    )
     out_dir: str = Field("data/prepared", min_length=1, description="where train.jsonl, val.jsonl and manifest.json go")
 
     @model_validator(mode="after")
@@ -117,6 +122,9 @@ class TokenizeConfig(Section):
     )
     chunk_bytes: int = Field(1 << 20, ge=1024, description="text per unit of parallel work; bounds memory whatever the corpus size")
     out_dir: str = Field("data/tokens", min_length=1, description="where train.bin, val.bin, meta.json and tokenizer/ go")
+    metrics_file: str = Field(
+        "reports/tokenize.json", min_length=1, description="throughput of the run (kept out of out_dir, so that stays a pure function of its inputs)"
+    )
 
     @model_validator(mode="after")
     def _kind_needs(self):
@@ -127,12 +135,12 @@ class TokenizeConfig(Section):
 
 # ----------------------------------------------------------------------------------------------- model
 
-# GPT-2 shapes by parameter count (n_layer, n_head, n_embd); all use block_size 1024.
+# GPT-2 shapes by parameter count: a preset fills these model.* keys (model_validator below).
 GPT2_PRESETS = {
-    "gpt2-124m": (12, 12, 768),
-    "gpt2-350m": (24, 16, 1024),
-    "gpt2-774m": (36, 20, 1280),
-    "gpt2-1558m": (48, 25, 1600),
+    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},
+    "gpt2-350m": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},
+    "gpt2-774m": {"n_layer": 36, "n_head": 20, "n_embd": 1280, "block_size": 1024},
+    "gpt2-1558m": {"n_layer": 48, "n_head": 25, "n_embd": 1600, "block_size": 1024},
 }
 
 
@@ -161,32 +169,56 @@ class ModelConfig(Section):
     def is_scratch(self) -> bool:
         return self.init == "scratch"
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """(n_layer, n_head, n_embd, block_size) after the preset is applied."""
-        if self.preset:
-            return (*GPT2_PRESETS[self.preset], 1024)
-        return self.n_layer, self.n_head, self.n_embd, self.block_size
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data):
+        """A preset fills n_layer, n_head, n_embd and block_size, so every reader sees the real shape."""
+        if not isinstance(data, dict) or data.get("preset") not in GPT2_PRESETS:
+            return data  # no preset, or an unknown one (the field's own check names it)
+        name, shape = data["preset"], GPT2_PRESETS[data["preset"]]
+        problems = []
+        if data.get("init", "scratch") != "scratch":
+            problems.append(("preset", f"{name} is a shape to train from scratch, but model.init={data['init']!r}: remove one of them"))
+        if data.get("arch", "gpt2") != "gpt2":
+            problems.append(("preset", "GPT-2 presets need model.arch=gpt2"))
+        # A dumped config (a checkpoint's params) repeats the preset's own values: those agree.
+        clash = sorted(k for k in shape if k in data and str(data[k]) != str(shape[k]))
+        if clash:
+            problems.append((clash[0], f"{data[clash[0]]} set together with model.preset={name} ({clash[0]}={shape[clash[0]]}): remove one of them"))
+        check(problems)
+        return {**data, **shape}
 
     @model_validator(mode="after")
     def _shape(self):
         problems = []
-        if self.preset:
-            clash = sorted({"n_layer", "n_head", "n_embd", "block_size"} & self.model_fields_set)
-            if clash:
-                problems.append((clash[0], f"set together with model.preset={self.preset}: remove one of them"))
-            if self.arch != "gpt2":
-                problems.append(("preset", "GPT-2 presets need model.arch=gpt2"))
-        n_layer, n_head, n_embd, _ = self.shape
-        if n_embd % n_head:
-            problems.append(("n_embd", f"{n_embd} is not divisible by n_head={n_head}"))
-        if self.n_kv_head and n_head % self.n_kv_head:
-            problems.append(("n_kv_head", f"n_head={n_head} is not divisible by n_kv_head={self.n_kv_head}"))
+        if self.n_embd % self.n_head:
+            problems.append(("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"))
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            problems.append(("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"))
         check(problems)
         return self
 
 
 # ----------------------------------------------------------------------------------------------- train
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The batch arithmetic of a run: derived once from train.*, model.block_size and the world size."""
+
+    micro_batch_size: int  # sequences per process per forward/backward
+    grad_accum: int  # micro steps per optimizer step
+    world_size: int
+    block_size: int
+
+    @property
+    def global_size(self) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_size * self.block_size
 
 
 class TrainConfig(Section):
@@ -214,7 +246,9 @@ class TrainConfig(Section):
     seed: int = Field(1337, ge=0, description="seed of initialisation, data order and dropout")
     log_interval: int = Field(10, ge=1, description="log train metrics every N steps")
     eval_interval: int = Field(50, ge=1, description="evaluate val loss every N steps (and at the end)")
-    eval_batches: int = Field(4, ge=1, description="micro batches per process in each val evaluation (a fixed set of windows)")
+    eval_batches: int = Field(
+        4, ge=1, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes"
+    )
     save_interval: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept, plus the best by val loss")
     peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)")
@@ -235,20 +269,25 @@ class TrainConfig(Section):
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
-    def accumulation(self, world_size: int, block_size: int) -> int:
-        """Gradient accumulation steps for this world size; UserError when the batch keys disagree."""
+    @property
+    def eval_windows(self) -> int:
+        """Val windows scored at each in-training evaluation, whatever the number of processes."""
+        return self.eval_batches * self.micro_batch_size
+
+    def batch(self, world_size: int, block_size: int) -> Batch:
+        """The batch arithmetic for this world size; UserError when the batch keys disagree."""
         per_micro = self.micro_batch_size * world_size * block_size
-        if self.global_batch_tokens is None:
-            return self.grad_accum or 1
-        accum, rest = divmod(self.global_batch_tokens, per_micro)
-        if rest or accum == 0 or (self.grad_accum and self.grad_accum != accum):
-            raise UserError(
-                f"train.global_batch_tokens={self.global_batch_tokens} must equal train.micro_batch_size ({self.micro_batch_size})"
-                f" x train.grad_accum x world size ({world_size}) x model.block_size ({block_size}) = a multiple of {per_micro}"
-                + (f" with grad_accum={self.grad_accum}" if self.grad_accum else "")
-                + ": change one of them, or set only one of global_batch_tokens and grad_accum"
-            )
-        return accum
+        accum = self.grad_accum or 1
+        if self.global_batch_tokens is not None:
+            accum, rest = divmod(self.global_batch_tokens, per_micro)
+            if rest or accum == 0 or (self.grad_accum and self.grad_accum != accum):
+                raise UserError(
+                    f"train.global_batch_tokens={self.global_batch_tokens} must equal train.micro_batch_size ({self.micro_batch_size})"
+                    f" x train.grad_accum x world size ({world_size}) x model.block_size ({block_size}) = a multiple of {per_micro}"
+                    + (f" with grad_accum={self.grad_accum}" if self.grad_accum else "")
+                    + ": change one of them, or set only one of global_batch_tokens and grad_accum"
+                )
+        return Batch(self.micro_batch_size, accum, world_size, block_size)
 
     @model_validator(mode="after")
     def _checks(self):
@@ -273,12 +312,12 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     """evaluate: val loss, perplexity, bits per byte, accuracy and (optionally) HellaSwag of the exported model."""
 
-    model_dir: str | None = Field(None, description="the model to evaluate (a Hugging Face folder); null = train.export_dir")
+    model_dir: str | None = Field(None, description="the model to evaluate (an export, a checkpoint or any HF folder); null = train.export_dir")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
     block_size: int | None = Field(None, ge=8, description="window length for val loss; null = model.block_size")
     max_windows: int | None = Field(None, ge=1, description="score at most this many val windows; null = the whole val split")
     hellaswag: str | None = Field(None, description="HellaSwag JSONL (original or preprocessed format); null = skip it")
-    hellaswag_url: str | None = Field(None, description="download the HellaSwag JSONL from here (once, into data/cache/)")
+    hellaswag_url: str | None = Field(None, description="download the HellaSwag JSONL from here (once, into prepare.download_dir)")
     hellaswag_limit: int | None = Field(None, ge=1, description="score only the first N HellaSwag items")
     metrics_file: str = Field("reports/metrics.json", min_length=1, description="where the metrics go (declared as DVC metrics)")
 
@@ -293,9 +332,9 @@ class EvaluateConfig(Section):
 
 
 class SampleConfig(Section):
-    """sample: text generated by the model, written to a readable report."""
+    """sample: text generated by the model."""
 
-    model_dir: str | None = Field(None, description="the model to sample from; null = train.export_dir")
+    model_dir: str | None = Field(None, description="the model to sample from (an export, a checkpoint or any HF folder); null = train.export_dir")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts, each sampled num_samples times")
     prompts_file: str | None = Field(None, description="a text file with one prompt per line, used instead of prompts")
     num_samples: int = Field(2, ge=1, description="samples per prompt")
@@ -305,10 +344,27 @@ class SampleConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability")
     seed: int = Field(1337, ge=0, description="seed of the sampler")
     stop_at_eot: bool = Field(True, description="stop a sample at the end-of-text token")
-    out_dir: str = Field("reports", min_length=1, description="where samples.md, samples.jsonl and report.md go")
+    out_dir: str = Field("reports", min_length=1, description="where samples.md and samples.jsonl go")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+class ReportConfig(Section):
+    """report: training curves, metrics and samples in one page that reads offline."""
+
+    out_dir: str = Field("reports", min_length=1, description="where report.md, report.html and plots/*.png go")
 
 
 # ------------------------------------------------------------------------------------------------ all
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a stage reads, and the params key that chose it (for error messages)."""
+
+    path: str
+    key: str
 
 
 class Params(Section):
@@ -320,6 +376,17 @@ class Params(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    def model_for(self, stage: Literal["evaluate", "sample"]) -> ModelRef:
+        """The model evaluate or sample reads: its own model_dir, else what train exports."""
+        own = getattr(self, stage).model_dir
+        return ModelRef(own, f"{stage}.model_dir") if own else ModelRef(self.train.export_dir, "train.export_dir")
+
+    @property
+    def eval_block_size(self) -> int:
+        """Window length of the evaluate stage's val loss."""
+        return self.evaluate.block_size or self.model.block_size
 
     @model_validator(mode="after")
     def _tokenizer_matches_model(self):
@@ -337,127 +404,3 @@ class Params(Section):
 
 
 SECTIONS = tuple(Params.model_fields)
-
-
-# ------------------------------------------------------------------------------------ loading and errors
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-5' -> (['train', 'lr'], 3e-05). The value is read as YAML, like params.yaml itself."""
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise UserError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. -S tokenize.vocab_size=4096")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise UserError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    return [p.strip() for p in parts], value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: params file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections (prepare:, tokenize:, ...), got {type(raw).__name__}")
-    return raw
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params; every problem is reported in one UserError."""
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate_params(raw, source=str(path))
-
-
-def validate_params(raw: dict, source: str = "params") -> Params:
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as e:
-        lines = format_errors(e)
-        head = f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''}"
-        raise UserError(head + "\n" + "\n".join(f"  - {line}" for line in lines)) from None
-
-
-def format_errors(error: ValidationError) -> list[str]:
-    lines = []
-    for err in error.errors():
-        loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc) or "(top level)"
-        inner = err.get("ctx", {}).get("error")
-        if isinstance(inner, Problems):
-            lines += [f"{'.'.join([*loc, k])}: {m}" for k, m in inner.problems]
-        elif err["type"] == "extra_forbidden":
-            known = _fields_at(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], known, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
-            lines.append(f"{key}: unknown key ({hint})")
-        elif err["type"] == "missing":
-            lines.append(f"{key}: required")
-        else:
-            msg = err["msg"]
-            msg = msg[0].lower() + msg[1:]
-            lines.append(f"{key}: got {err['input']!r}; {msg}")
-    return lines
-
-
-def _fields_at(loc: list[str]) -> list[str]:
-    """Field names of the model found by following loc from Params (for 'did you mean')."""
-    model: type[BaseModel] = Params
-    for part in loc:
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        sub = _model_in(field.annotation)
-        if sub is None:
-            return []
-        model = sub
-    return list(model.model_fields)
-
-
-def _model_in(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
-def describe(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field under model, nested sections expanded."""
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}.{name}"
-        sub = _model_in(field.annotation)
-        if sub is not None and field.default is not None:
-            rows += describe(sub, key)
-            continue
-        default = field.get_default(call_default_factory=True)
-        rows.append((key, "null" if default is None else repr(default), field.description or ""))
-    return rows

@@ -1,24 +1,20 @@
-"""Token files (a checked header, then the ids) and tokenizing a prepared corpus into them."""
+"""Token files (a checked header, then the ids), the tokenize stage's meta.json, and training batches read from them."""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
-import time
 import zlib
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.config import TokenizeConfig
+from pipeline.config import Batch
 from pipeline.errors import UserError
-from pipeline.files import building_dir, write_json_atomic
-from pipeline.tokenizers import Tokenizer, build_tokenizer
+from pipeline.layout import TokensDir
 
 if TYPE_CHECKING:
     import torch
@@ -160,134 +156,9 @@ def verify_tokens(file: TokenFile) -> None:
         raise UserError(f"{file.path}: holds token id {top}, not below the header's vocab_size {file.vocab_size}")
 
 
-# ------------------------------------------------------------------------------------------ tokenizing
-
-SPLITS = ("train", "val")
-
-
-def text_bytes(text: str) -> int:
-    """UTF-8 size; isascii() is O(1) on CPython, so ASCII text is not encoded just to be measured."""
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-def chunk_documents(docs: Iterable[str], chunk_bytes: int) -> Iterator[tuple[list[str], int]]:
-    """Group documents into (documents, UTF-8 bytes) of about chunk_bytes (a longer document is one chunk)."""
-    chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        size += text_bytes(doc)
-        if size >= chunk_bytes:
-            yield chunk, size
-            chunk, size = [], 0
-    if chunk:
-        yield chunk, size
-
-
-def encode_chunks(encode: Callable[[list[str]], np.ndarray], chunks: Iterable[tuple[list[str], int]],
-                  workers: int) -> Iterator[tuple[np.ndarray, int, int]]:
-    """encode(documents) for each chunk on `workers` threads; yields (ids, documents, bytes) in order.
-
-    At most 2 x workers chunks are queued or in flight, so memory is bounded whatever the corpus size.
-    """
-    pending: deque[tuple[Future, int, int]] = deque()
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
-    try:
-        for docs, size in chunks:
-            pending.append((pool.submit(encode, docs), len(docs), size))
-            if len(pending) >= 2 * workers:
-                future, n, size = pending.popleft()
-                yield future.result(), n, size
-        while pending:
-            future, n, size = pending.popleft()
-            yield future.result(), n, size
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's or taskset's share, not the whole machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
-    """Threads encoding chunks: tokenize.workers (0 = a core each), or 1 where the tokenizer is parallel inside."""
-    return 1 if tok.parallel_inside else cfg.workers or usable_cores()
-
-
-def tokenize_split(tok: Tokenizer, docs: Iterable[str], path: Path, cfg: TokenizeConfig, where: str,
-                   progress: Callable[[int], None] | None = None) -> dict:
-    """Encode documents (each followed by EOT) into the token file at path; returns counts and rates."""
-    start = time.perf_counter()
-    documents = tokens = size_total = 0
-    workers = encode_workers(tok, cfg)
-
-    def encode(chunk: list[str]) -> np.ndarray:
-        try:
-            return tok.encode_documents(chunk)
-        except UserError as e:  # e.g. an unknown character: say which split it is in
-            raise UserError(f"{where}: {e}") from None
-
-    with TokenWriter(path, tok.vocab_size, tok.eot_id) as writer:
-        for ids, n, size in encode_chunks(encode, chunk_documents(docs, cfg.chunk_bytes), workers):
-            writer.write(ids)
-            documents, tokens, size_total = documents + n, tokens + ids.size, size_total + size
-            if progress:
-                progress(size)
-    seconds = time.perf_counter() - start
-    return {"documents": documents, "tokens": tokens, "text_bytes": size_total, "seconds": round(seconds, 3),
-            **measure_rates(tokens, size_total, seconds)}
-
-
-def measure_rates(tokens: int, size: int, seconds: float) -> dict:
-    seconds = max(seconds, 1e-9)
-    return {"tokens_per_s": round(tokens / seconds), "mb_per_s": round(size / 1e6 / seconds, 2)}
-
-
-def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path, progress: Callable[[int], None] | None = None) -> dict:
-    """Build the tokenizer on the train split, then write train.bin, val.bin, tokenizer/ and meta.json to out_dir.
-
-    progress(n) is called with the UTF-8 bytes of text encoded since the last call (once per chunk).
-    out_dir is built in a temporary folder beside it and swapped in at the end: never half-written.
-    """
-    from pipeline.sources import iter_prepared
-
-    start = time.perf_counter()
-    tok = build_tokenizer(cfg, lambda: iter_prepared(prepared_dir, "train"))
-    build_seconds = time.perf_counter() - start
-    with building_dir(cfg.out_dir) as tmp:
-        splits = {
-            split: tokenize_split(tok, iter_prepared(prepared_dir, split), tmp / f"{split}.bin", cfg,
-                                  str(Path(prepared_dir) / f"{split}.jsonl"), progress)
-            for split in SPLITS
-        }
-        tok.save(tmp / "tokenizer")
-        tokens = sum(s["tokens"] for s in splits.values())
-        size = sum(s["text_bytes"] for s in splits.values())
-        encode_seconds = sum(s["seconds"] for s in splits.values())
-        meta = {
-            "tokenizer": tok.describe(),
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": token_dtype(tok.vocab_size).name,
-            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
-            "splits": splits,
-            "tokens": tokens,
-            "text_bytes": size,
-            "tokenizer_seconds": round(build_seconds, 3),
-            "seconds": round(time.perf_counter() - start, 3),
-            **measure_rates(tokens, size, encode_seconds),
-            "workers": encode_workers(tok, cfg),
-            "params": cfg.model_dump(mode="json"),
-        }
-        write_json_atomic(tmp / "meta.json", meta)
-    return meta
-
-
 def read_meta(tokens_dir: str | Path) -> dict:
     """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
-    path = Path(tokens_dir) / "meta.json"
+    path = TokensDir(tokens_dir).meta
     if not path.is_file():
         raise UserError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
     return json.loads(path.read_text())
@@ -304,13 +175,11 @@ class WindowSampler:
     and the global batch is the same whatever the world size: only who reads which part of it changes.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
-        self.tokens, self.block_size, self.seed = tokens, block_size, seed
-        self.global_batch, self.micro_batch_size = global_batch, micro_batch
-        self.rank_offset = rank * (global_batch // world_size)
-        self.n_windows = (len(tokens) - 1) // block_size
-        if self.n_windows < 1:
-            raise UserError(f"{len(tokens)} tokens are fewer than model.block_size + 1 = {block_size + 1}: use more data or a shorter block_size")
+    def __init__(self, tokens: np.ndarray, *, batch: Batch, seed: int, rank: int):
+        self.tokens, self.block_size, self.seed = tokens, batch.block_size, seed
+        self.global_batch, self.micro_batch_size = batch.global_size, batch.micro_batch_size
+        self.rank_offset = rank * batch.micro_batch_size * batch.grad_accum
+        self.n_windows = full_windows(tokens, batch.block_size)
         self._epoch, self._perm = -1, None
 
     def starts(self, first: int, count: int) -> np.ndarray:
@@ -325,9 +194,32 @@ class WindowSampler:
 
     def micro_batch(self, step: int, micro: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (B, T) for this rank's micro batch `micro` of global batch `step`."""
-        import torch  # here, so the tokenize stage doesn't pay for importing it
         first = step * self.global_batch + self.rank_offset + micro * self.micro_batch_size
-        T = self.block_size
-        windows = np.stack([self.tokens[s : s + T + 1] for s in self.starts(first, self.micro_batch_size)]).astype(np.int64)
-        w = torch.from_numpy(windows)  # (B, T + 1)
-        return w[:, :-1].to(device), w[:, 1:].to(device)
+        return window_batch(self.tokens, self.starts(first, self.micro_batch_size), self.block_size, device)
+
+
+def full_windows(tokens: np.ndarray, block_size: int) -> int:
+    """Non-overlapping (block_size + 1)-token windows in tokens; UserError when there is not even one."""
+    n = (len(tokens) - 1) // block_size
+    if n < 1:
+        raise UserError(f"{len(tokens)} tokens are fewer than model.block_size + 1 = {block_size + 1}: use more data or a shorter block_size")
+    return n
+
+
+def fixed_windows(tokens: np.ndarray, block_size: int, count: int, seed: int) -> np.ndarray:
+    """Token offsets of `count` seeded windows (every window when there are fewer), in file order.
+
+    The same offsets whatever the world size: in-training val loss must not depend on how many processes score it.
+    """
+    n = full_windows(tokens, block_size)
+    return np.sort(np.random.default_rng([seed, 0]).permutation(n)[:count]) * block_size
+
+
+def window_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of shape (B, T): the windows at starts, inputs and targets shifted by one."""
+    import torch  # here, so the tokenize stage doesn't pay for importing it
+
+    T = block_size
+    windows = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)
+    w = torch.from_numpy(windows)  # (B, T + 1)
+    return w[:, :-1].to(device), w[:, 1:].to(device)

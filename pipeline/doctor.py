@@ -67,7 +67,9 @@ def check_deepspeed(train: TrainConfig) -> list[Result]:
     try:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-        from deepspeed.git_version_info import installed_ops  # the ops built at install time (DS_BUILD_OPS=1)
+        from deepspeed.git_version_info import (
+            installed_ops,  # the ops built at install time (DS_BUILD_OPS=1)
+        )
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
     except Exception as e:  # noqa: BLE001 - reported: a broken install raises more than ImportError (e.g. missing CUDA)
         fix = "pip install deepspeed (scripts/setup.sh installs it without build isolation)"

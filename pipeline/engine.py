@@ -1,4 +1,4 @@
-"""Everything DeepSpeed: process group, generated config, engine, checkpoint I/O, launcher, consolidation."""
+"""Everything DeepSpeed and torch.distributed: process group, launcher, generated config, engine, checkpoint I/O."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 
-from pipeline.config import TrainConfig
+from pipeline.config import Batch, TrainConfig
 from pipeline.errors import UserError
+from pipeline.output import Echo, silent
 
 # Dense peak TFLOP/s per device for MFU. CPU figures were measured on this project's 2-core machines
 # (a bf16 and an fp32 matmul at their best); GPU figures are the vendors' dense tensor-core numbers.
@@ -37,8 +39,28 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join (or, as one plain process, create) the process group DeepSpeed needs."""
+def local_rank() -> int | None:
+    """This process's index on its node when a launcher started it (LOCAL_RANK), else None."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None else None
+
+
+def is_launched() -> bool:
+    """True inside a process the deepspeed launcher (or torchrun) started."""
+    return local_rank() is not None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", local_rank() or 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(single_process_group: bool = True) -> Dist:
+    """Join the launcher's process group, or (single_process_group) create a group of one as DeepSpeed needs.
+
+    Without single_process_group, a process no launcher started gets a world of one and no group (evaluate).
+    """
+    if not is_launched() and not single_process_group:
+        return Dist(0, 1, 0, default_device())
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn it guessed
     import deepspeed
@@ -50,11 +72,10 @@ def init_distributed() -> Dist:
     cuda = torch.cuda.is_available()
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = default_device()
     if cuda:
         torch.cuda.set_device(device)
-    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank() or 0, device)
 
 
 def free_port() -> int:
@@ -63,9 +84,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, block_size: int) -> dict:
+def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
     """The DeepSpeed JSON for train.*, one key at a time; the lr schedule is set by the loop each step."""
-    accum = train.accumulation(world_size, block_size)
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage > 0:
         zero.update(overlap_comm=False, contiguous_gradients=True)
@@ -76,9 +96,9 @@ def deepspeed_config(train: TrainConfig, world_size: int, block_size: int) -> di
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
-        "train_batch_size": train.micro_batch_size * accum * world_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": batch.global_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum,
         "gradient_clipping": train.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -135,15 +155,21 @@ def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
     return out
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
-    """Wrap model in a DeepSpeed engine whose AdamW decays matrices only (not biases or norm gains)."""
+def build_engine(model: torch.nn.Module, train: TrainConfig, batch: Batch, echo: Echo = silent) -> tuple[object, dict]:
+    """(engine, the DeepSpeed config it runs): the config generated from train.*, a user JSON merged on top.
+
+    AdamW decays matrices only (not biases or norm gains).
+    """
     import deepspeed
 
+    ds_config, changed = merge_user_config(deepspeed_config(train, batch), train.deepspeed_config)
+    for change in changed:
+        echo(f"train: {train.deepspeed_config} overrides {change}")
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    return engine
+    return engine, ds_config
 
 
 def set_lr(engine, lr: float) -> None:
@@ -227,16 +253,24 @@ def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[s
     return cmd
 
 
-def is_launched() -> bool:
-    """True inside a process the deepspeed launcher started."""
-    return "LOCAL_RANK" in os.environ
+def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], echo: Echo = silent) -> int:
+    """Run the train stage again under the deepspeed launcher (train.launcher=deepspeed); its exit code."""
+    # Every node runs this same script, so the repository must sit at the same path on each.
+    script = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+    if not script.is_file():
+        raise UserError("train.launcher=deepspeed runs stages/train.py of the gptpipe repository, which this install lacks")
+    args = ["--params", str(Path(params_file).resolve()), *[f"--set={s}" for s in overrides]]
+    cmd = launcher_command(train, str(script), args)
+    echo(f"train: launching {' '.join(cmd)}")
+    return subprocess.call(cmd)
 
 
-def checkpoint_weights(run_dir: Path, tag: str) -> dict:
+def checkpoint_weights(folder: Path, tag: str, zero_stage: int) -> dict:
     """A saved checkpoint's full model weights, read from disk without an engine (ZeRO-3: consolidated)."""
-    stage = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
-    if stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
-    return torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -4,77 +4,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import engine
 from pipeline.config import Params
+from pipeline.data import open_tokens, read_meta
+from pipeline.downloads import download
 from pipeline.errors import UserError
+from pipeline.files import write_json_atomic
+from pipeline.inference import load_for_inference, model_context
+from pipeline.layout import TokensDir
+from pipeline.models import count_params
+from pipeline.output import ProgressFactory, no_progress
 from pipeline.tokenizers import Tokenizer
 
 IGNORE = -100  # target of padded positions
-
-# progress(description, total) -> a context yielding advance(n); e.g. the CLI's progress bar.
-ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_model_and_tokenizer(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                             key: str = "evaluate.model_dir") -> tuple[torch.nn.Module, Tokenizer]:
-    """An exported model folder (or any Hugging Face causal-LM folder, or a training checkpoint) in eval mode, and its tokenizer.
-
-    The tokenizer is gptpipe's own from model_dir/gptpipe_tokenizer when present (every kind), else the
-    folder's transformers tokenizer behind the same interface.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from pipeline.tokenizers import HfTokenizer, load_tokenizer
-
-    hf_logging.disable_progress_bar()  # the stage shows its own progress
-
-    folder = Path(model_dir)
-    if (folder / "state.json").is_file() or (folder / "latest").is_file():
-        from pipeline.checkpoints import load_for_inference
-
-        model, tokenizer = load_for_inference(folder, dtype)  # a training checkpoint rather than an export
-        return model.to(device), tokenizer
-    if not (folder / "config.json").is_file():
-        what = "not found" if not folder.is_dir() else "is not a model folder (no config.json)"
-        raise UserError(f"{key}: {folder} {what}; run the train stage first (dvc repro train), or point {key} at a "
-                        "Hugging Face model folder")
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
-        except ValueError as e:
-            if "sdpa" not in str(e).lower():
-                raise
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)  # architectures without SDPA
-    except (OSError, ValueError) as e:  # missing weights, an unknown architecture
-        raise UserError(f"{key}: cannot load the model in {folder} ({str(e).splitlines()[0]}); rerun the train stage") from None
-    own = folder / "gptpipe_tokenizer"
-    tokenizer = load_tokenizer(own) if own.is_dir() else HfTokenizer(str(folder), key=key)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer.vocab_size > rows:
-        raise UserError(f"{key}: the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only {rows} "
-                        "embedding rows: the folder mixes two models")
-    return model.to(device).eval(), tokenizer
-
-
-def model_context(model) -> int | None:
-    from pipeline.models import context_length
-
-    return context_length(model.config)
 
 
 # ------------------------------------------------------------------------------------------ val metrics
@@ -149,8 +100,6 @@ def val_metrics(model, tokens: np.ndarray, block_size: int, batch_size: int, tex
     """
     sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress)
     if world_size > 1:
-        from pipeline import engine
-
         loss, correct, count = engine.all_reduce_sum([sums.loss, sums.correct, sums.tokens], next(model.parameters()).device)
         sums = ValSums(loss, round(correct), round(count))
     return metrics_from_sums(sums, text_bytes)
@@ -228,12 +177,10 @@ def _parse_item(line: str, where: str) -> Item:
     return Item(doc["ctx"], endings, label)
 
 
-def fetch_hellaswag(url: str, cache_dir: str | Path | None = None) -> Path:
-    """The HellaSwag JSONL at url, downloaded once into cache_dir (default data/cache/downloads)."""
-    from pipeline.sources import download
-
+def fetch_hellaswag(url: str, cache_dir: str | Path, progress: ProgressFactory = no_progress) -> Path:
+    """The HellaSwag JSONL at url, downloaded once into cache_dir."""
     try:
-        return download(url, Path(cache_dir) if cache_dir else None)
+        return download(url, cache_dir, progress)
     except UserError as e:
         reason = str(e).partition(". Offline?")[0]
         raise UserError(f"evaluate.hellaswag_url: {reason}. Offline? Download the file once and set evaluate.hellaswag "
@@ -315,27 +262,24 @@ def scores_from_counts(counts: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ stage
 
 
-def evaluate(p: Params, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
-             progress: ProgressFactory | None = None) -> dict:
-    """The evaluate stage: metrics of the exported model, written to evaluate.metrics_file by rank 0."""
-    from pipeline import engine
-    from pipeline.data import open_tokens, read_meta
-    from pipeline.files import write_json_atomic
-    from pipeline.models import count_params
+def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFactory = no_progress) -> dict:
+    """The evaluate stage: metrics of the trained model, written to evaluate.metrics_file by rank 0.
 
+    Launched on several processes (dist), each scores its share of the windows and items.
+    """
     cfg = p.evaluate
-    bar = progress or (lambda description, total: nullcontext(None))
-    model_dir = cfg.model_dir or p.train.export_dir
-    key = "evaluate.model_dir" if cfg.model_dir else "train.export_dir"
-    model, tokenizer = load_model_and_tokenizer(model_dir, device or default_device(), key=key)
+    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+    ref = p.model_for("evaluate")
+    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, key=ref.key)
     notes = []
 
-    val = open_tokens(Path(p.tokenize.out_dir) / "val.bin")
+    tokens_dir = TokensDir(p.tokenize.out_dir)
+    val = open_tokens(tokens_dir.split("val"))
     if (val.vocab_size, val.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise UserError(f"{val.path} was tokenized with vocab_size={val.vocab_size}, eot_id={val.eot_id} but the model in "
-                        f"{model_dir} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "
+                        f"{ref.path} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "
                         "trained on these tokens, or rerun the tokenize stage")
-    block_size = cfg.block_size or p.model.block_size
+    block_size = p.eval_block_size
     context = model_context(model)
     if context and block_size > context:
         notes.append(f"block_size {block_size} capped at the model's context of {context} tokens")
@@ -348,23 +292,23 @@ def evaluate(p: Params, rank: int = 0, world_size: int = 1, device: torch.device
         text_bytes = covered_text_bytes(tokenizer, val.tokens[: n_windows * block_size + 1])
         notes.append(f"val: the first {n_windows} windows of {block_size} tokens (evaluate.max_windows)")
     else:
-        split = read_meta(p.tokenize.out_dir).get("splits", {}).get("val", {})
+        split = read_meta(tokens_dir.root).get("splits", {}).get("val", {})
         if split.get("tokens") != len(val):
-            raise UserError(f"{Path(p.tokenize.out_dir) / 'meta.json'} does not describe {val.path} ({split.get('tokens')} "
+            raise UserError(f"{tokens_dir.meta} does not describe {val.path} ({split.get('tokens')} "
                             f"tokens vs {len(val)}): rerun the tokenize stage")
         text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
-    with bar("val windows", len(range(rank, n_windows, world_size))) as advance:
+    with progress("val windows", len(range(rank, n_windows, world_size))) as advance:
         v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance)
     metrics = {
         "val": {"loss": v["val_loss"], "perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"],
-                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"]},
+                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"], "block_size": block_size},
     }
 
     if cfg.hellaswag or cfg.hellaswag_url:
-        path = cfg.hellaswag or fetch_hellaswag(cfg.hellaswag_url)
+        path = cfg.hellaswag or fetch_hellaswag(cfg.hellaswag_url, p.prepare.download_dir, progress)
         items = parse_hellaswag(path)[: cfg.hellaswag_limit]
         mine = items[rank::world_size]
-        with bar("HellaSwag endings", sum(len(i.endings) for i in mine)) as advance:
+        with progress("HellaSwag endings", sum(len(i.endings) for i in mine)) as advance:
             counts = accuracy_counts(mine, choice_logliks(model, tokenizer, mine, cfg.batch_size, advance))
         if world_size > 1:
             keys = ("correct", "correct_norm", "n")
@@ -374,7 +318,7 @@ def evaluate(p: Params, rank: int = 0, world_size: int = 1, device: torch.device
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
 
-    metrics["model"] = {"parameters": count_params(model), "dir": str(model_dir)}
+    metrics["model"] = {"parameters": count_params(model), "dir": str(ref.path)}
     metrics["notes"] = notes
     if rank == 0:
         write_json_atomic(cfg.metrics_file, metrics)

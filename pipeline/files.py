@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -36,6 +37,8 @@ def building_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside out_dir; on success it replaces out_dir, on failure it goes."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)  # of a run that was killed; the name is ours
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         yield tmp

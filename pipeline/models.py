@@ -9,10 +9,18 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+)
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # A vocabulary padded to a multiple of 64 makes the embedding and output matmuls faster on GPUs;
 # the extra ids never occur in the data, so training learns to give them no probability.
@@ -25,7 +33,7 @@ def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
     """The transformers config of a model trained from scratch on a tokenizer of vocab_size ids."""
-    n_layer, n_head, n_embd, block_size = cfg.shape
+    n_layer, n_head, n_embd, block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
     common = dict(vocab_size=padded_vocab(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.arch == "gpt2":
         return GPT2Config(
@@ -53,45 +61,68 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, in dtype."""
+def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str = "fp32",
+                activation_checkpointing: bool = False) -> PreTrainedModel:
+    """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, ready to train.
+
+    A fresh model starts in fp32, so its initialisation does not depend on the precision (DeepSpeed keeps fp32
+    master weights for bf16/fp16 anyway); a checkpoint loads in the training precision.
+    """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-
-    model = load_pretrained(cfg.init, dtype, cfg.trust_remote_code)
-    max_positions = context_length(model.config)
-    if max_positions and cfg.block_size > max_positions:
-        raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
-    n_embeddings = model.get_input_embeddings().weight.shape[0]
-    if vocab_size > n_embeddings:
-        # The tokenizer has tokens the checkpoint has no rows for (added specials): give them rows.
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code)
+        max_positions = context_length(model.config)
+        if max_positions and cfg.block_size > max_positions:
+            raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
+        n_embeddings = model.get_input_embeddings().weight.shape[0]
+        if vocab_size > n_embeddings:
+            # The tokenizer has tokens the checkpoint has no rows for (added specials): give them rows.
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+    if activation_checkpointing:
+        # Recompute each block in backward; transformers 5 renamed the method (and its argument).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into."""
+    config = AutoConfig.from_pretrained(config_dir)
+    return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw))
+
+
+def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init") -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had."""
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        raise UserError(f"model.init={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
+        raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
     try:
-        try:
-            return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa", **kwargs)
-        except ValueError as e:
-            if "sdpa" not in str(e).lower():
-                raise
-            return AutoModelForCausalLM.from_pretrained(name, **kwargs)  # architectures without SDPA support
+        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
     except OSError as e:
-        where = "folder" if Path(name).exists() else "hub id"
+        reason = str(e).splitlines()[0]
+        if Path(name).exists():
+            raise UserError(f"{key}={name!r}: cannot load this folder ({reason})") from None
         raise UserError(
-            f"model.init={name!r}: cannot load this {where} ({str(e).splitlines()[0]}). Offline? Use a local folder"
-            " saved with save_pretrained, or download it once with network access (HF_HOME caches it)."
+            f"{key}={name!r}: cannot load this hub id ({reason}). Offline? Use a local folder saved with save_pretrained,"
+            " or download it once with network access (HF_HOME caches it)."
         ) from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise UserError(f"model.init={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
-        raise
+            raise UserError(f"{key}={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
+        raise UserError(f"{key}={name!r}: cannot load this model ({str(e).splitlines()[0]})") from None
+
+
+def _with_sdpa(make):
+    """make(attn_implementation="sdpa") (PyTorch's fused attention), or make() for architectures without it."""
+    try:
+        return make(attn_implementation="sdpa")
+    except ValueError as e:
+        if "sdpa" not in str(e).lower():
+            raise
+        return make()
 
 
 def context_length(config) -> int | None:

@@ -1,4 +1,7 @@
-"""Training curves as DVC plot tables and PNGs, and one report (Markdown and self-contained HTML)."""
+"""The report stage: training curves as PNGs and one page (Markdown and self-contained HTML) with metrics and samples.
+
+DVC draws the same curves straight from DVCLive's files (dvc.yaml's plots); nothing here rewrites them.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import yaml
 
 from pipeline.config import Params
 from pipeline.files import write_text_atomic
+from pipeline.layout import ReportDir, SamplesDir, TrainMetrics
+from pipeline.output import format_value
 
 # (metric logged by training, file stem, y label); train/loss and val/loss share one figure.
 CURVES = [
@@ -27,7 +32,7 @@ CURVES = [
 
 def read_history(metrics_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every metric DVCLive logged during training: name -> [(step, value)]."""
-    root = Path(metrics_dir) / "plots" / "metrics"
+    root = TrainMetrics(metrics_dir).curves
     history = {}
     for tsv in sorted(root.glob("**/*.tsv")):
         name = tsv.relative_to(root).with_suffix("").as_posix()
@@ -36,22 +41,6 @@ def read_history(metrics_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
         column = name.split("/")[-1]
         history[name] = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
     return history
-
-
-def write_plot_tables(history: dict, out_dir: Path) -> None:
-    """CSV tables that dvc.yaml declares as plots: loss against step and tokens, and each other curve."""
-    tokens = {s: int(v) for s, v in history.get("tokens", [])}
-    for split in ("train", "val"):
-        rows = [{"step": s, "tokens": tokens.get(s, ""), "loss": v} for s, v in history.get(f"{split}/loss", [])]
-        _write_csv(out_dir / f"{split}_loss.csv", ["step", "tokens", "loss"], rows)
-    for metric, stem, _ in CURVES:
-        rows = [{"step": s, "tokens": tokens.get(s, ""), stem: v} for s, v in history.get(metric, [])]
-        _write_csv(out_dir / f"{stem}.csv", ["step", "tokens", stem], rows)
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
-    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def draw_pngs(history: dict, out_dir: Path) -> list[Path]:
@@ -124,13 +113,13 @@ def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
     rows = []
     for group in ("val", "hellaswag"):
         for key, value in (metrics.get(group) or {}).items():
-            rows.append((f"{group} {key}", _fmt(value)))
+            rows.append((f"{group} {key}", format_value(value)))
     for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
         value = _dig(train_summary, key.split("/"))
         if value is not None:
-            rows.append((key.replace("/", " "), _fmt(value)))
+            rows.append((key.replace("/", " "), format_value(value)))
     if "step" in train_summary:
-        rows.append(("train steps", _fmt(train_summary["step"])))
+        rows.append(("train steps", format_value(train_summary["step"])))
     return rows
 
 
@@ -142,25 +131,15 @@ def _dig(d: dict, keys: list[str]):
     return d
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def build_report(p: Params, out_dir: str | Path) -> Path:
-    """Plots, tables and report.md / report.html in out_dir from what the earlier stages left."""
-    out_dir = Path(out_dir)
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+def build_report(p: Params) -> Path:
+    """PNGs and report.md / report.html in report.out_dir from what the earlier stages left; the HTML's path."""
+    out = ReportDir(p.report.out_dir)
+    out.plots.mkdir(parents=True, exist_ok=True)
     history = read_history(p.train.metrics_dir)
-    write_plot_tables(history, plots)
-    pngs = draw_pngs(history, plots)
+    pngs = draw_pngs(history, out.plots)
     metrics = _read_json(Path(p.evaluate.metrics_file))
-    train_summary = _read_json(Path(p.train.metrics_dir) / "metrics.json")
-    samples = _read_jsonl(out_dir / "samples.jsonl")
+    train_summary = _read_json(TrainMetrics(p.train.metrics_dir).summary)
+    samples = _read_jsonl(SamplesDir(p.sample.out_dir).jsonl)
     rows = metric_rows(metrics, train_summary)
     config_yaml = yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False)
     hw = hardware()
@@ -174,10 +153,10 @@ def build_report(p: Params, out_dir: str | Path) -> Path:
         md += [f"**prompt** `{s['prompt']!r}` (sample {s.get('index', 0) + 1})", "", "```", s["text"], "```", ""]
     md += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", "", "## Hardware", ""]
     md += [f"- {k}: {v}" for k, v in hw.items()]
-    write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
+    write_text_atomic(out.markdown, "\n".join(md) + "\n")
 
-    write_text_atomic(out_dir / "report.html", _html(rows, metrics.get("notes", []), pngs, samples, config_yaml, hw))
-    return out_dir / "report.html"
+    write_text_atomic(out.html, _html(rows, metrics.get("notes", []), pngs, samples, config_yaml, hw))
+    return out.html
 
 
 def _html(rows, notes, pngs, samples, config_yaml, hw) -> str:

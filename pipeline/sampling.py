@@ -10,8 +10,9 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.evaluation import default_device, load_model_and_tokenizer, model_context
 from pipeline.files import write_text_atomic
+from pipeline.inference import load_for_inference, model_context
+from pipeline.layout import SamplesDir
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -99,9 +100,8 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
                      device: torch.device | str | None = None) -> list[dict]:
     """sample.num_samples texts per prompt; one seeded generator for the run, so the same settings give the same text."""
     cfg = p.sample
-    model_dir = model_dir or cfg.model_dir or p.train.export_dir
-    key = "sample.model_dir" if cfg.model_dir else "train.export_dir"
-    model, tokenizer = load_model_and_tokenizer(model_dir, device or default_device(), key=key)
+    ref = p.model_for("sample")
+    model, tokenizer = load_for_inference(model_dir or ref.path, device, key="--model" if model_dir else ref.key)
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = []
     for prompt in prompts if prompts is not None else read_prompts(p):
@@ -126,7 +126,7 @@ def sample_summary(p: Params, model_dir: str | None = None) -> dict:
     """The settings shown at the top of samples.md."""
     cfg = p.sample
     keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot")
-    return {"model_dir": model_dir or cfg.model_dir or p.train.export_dir, **{k: getattr(cfg, k) for k in keys}}
+    return {"model_dir": model_dir or p.model_for("sample").path, **{k: getattr(cfg, k) for k in keys}}
 
 
 def fence(text: str) -> str:
@@ -140,8 +140,8 @@ def fence(text: str) -> str:
 
 def write_samples(samples: list[dict], out_dir: str | Path, config_summary: dict) -> None:
     """samples.jsonl (one record a line) and samples.md (settings, then each prompt and its samples)."""
-    out_dir = Path(out_dir)
-    write_text_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    out = SamplesDir(out_dir)
+    write_text_atomic(out.jsonl, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     lines = ["# Samples", ""] + [f"- **{k}**: `{v}`" for k, v in config_summary.items()] + [""]
     prompts = list(dict.fromkeys(s["prompt"] for s in samples))
     for number, prompt in enumerate(prompts, 1):
@@ -151,4 +151,4 @@ def write_samples(samples: list[dict], out_dir: str | Path, config_summary: dict
             text = prompt + s["text"]
             lines += [f"Sample {s['index'] + 1} ({s['tokens']} tokens, {s['seconds']} s{end}):", "",
                       fence(text), text, fence(text), ""]
-    write_text_atomic(out_dir / "samples.md", "\n".join(lines))
+    write_text_atomic(out.markdown, "\n".join(lines))

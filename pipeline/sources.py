@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import http.client
 import itertools
 import json
 import os
 import platform
-import re
-import shutil
 import sysconfig
 import unicodedata
-import urllib.error
-import urllib.parse
-import urllib.request
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from pipeline.config import PrepareConfig, SourceConfig
+from pipeline.downloads import cached_path, download
 from pipeline.errors import UserError
-from pipeline.formats import CHUNK, DATA_EXTRA, SourceStats, as_text, decode, iter_file, missing_column, unify_newlines
-
-DOWNLOAD_DIR = Path("data/cache/downloads")
-SPLITS = ("train", "val")
-
+from pipeline.files import building_dir, write_json_atomic
+from pipeline.formats import (
+    DATA_EXTRA,
+    SourceStats,
+    as_text,
+    decode,
+    iter_file,
+    missing_column,
+    unify_newlines,
+)
+from pipeline.layout import SPLITS, PreparedDir
+from pipeline.output import ProgressFactory, no_progress
 
 # ---------------------------------------------------------------------------------- files, builtin, url and hf
 
@@ -76,53 +76,6 @@ def _stdlib_files() -> list[Path]:
     return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 
-def _cached(url: str, cache_dir: Path | None) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(urllib.parse.urlparse(url).path).name) or "download"
-    return Path(cache_dir or DOWNLOAD_DIR) / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
-
-
-def download(url: str, cache_dir: Path | None = None) -> Path:
-    """The cached copy of url, downloaded on first use; a failed download leaves no file behind."""
-    target = _cached(url, cache_dir)
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with open(part, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            length = response.headers.get("Content-Length")
-            size = int(length) if length and length.isdigit() else None
-            with _download_bar(target.name[17:], size) as advance:
-                while chunk := response.read(CHUNK):
-                    advance(out.write(chunk))
-            if size is not None and out.tell() != size:
-                raise http.client.IncompleteRead(b"", size - out.tell())
-        os.replace(part, target)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # timeouts and resets are OSErrors
-        http_error = isinstance(e, urllib.error.HTTPError)
-        reason = f"HTTP {e.code} {e.reason}" if http_error else getattr(e, "reason", None) or repr(e)
-        raise UserError(f"could not download {url}: {reason}. Offline? Download it yourself and use "
-                        "prepare.source.kind=files with path=...") from None
-    finally:
-        if os.path.exists(part):
-            os.unlink(part)
-    return target
-
-
-@contextmanager
-def _download_bar(name: str, size: int | None) -> Iterator[Callable[[int], None]]:
-    """advance(n) for a transient rich progress bar, shown when the size is known."""
-    if size is None:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    with Progress(TextColumn("download {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=True) as bar:
-        task = bar.add_task(name, total=size)
-        yield lambda n: bar.advance(task, n)
-
-
 def _hf_docs(source: SourceConfig, key: str, stats: SourceStats) -> Iterator[str]:
     try:
         import datasets
@@ -160,8 +113,8 @@ def _hf_docs(source: SourceConfig, key: str, stats: SourceStats) -> Iterator[str
     yield from _counted_docs(texts(), stats, record)
 
 
-def iter_source(source: SourceConfig, *, unicode_errors: str, stats: SourceStats, key: str = "prepare.source",
-                download_dir: Path | None = None) -> Iterator[str]:
+def iter_source(source: SourceConfig, *, unicode_errors: str, stats: SourceStats, download_dir: str | Path,
+                key: str = "prepare.source", progress: ProgressFactory = no_progress) -> Iterator[str]:
     """Raw documents of one source, streamed; `key` names its params section in error messages."""
     if source.kind == "builtin":
         yield from _builtin_docs(source, unicode_errors, stats)
@@ -169,24 +122,24 @@ def iter_source(source: SourceConfig, *, unicode_errors: str, stats: SourceStats
         for path in resolve_files(source.path, key):
             yield from iter_file(path, source, unicode_errors, stats, {"path": str(path)})
     elif source.kind == "url":
-        path = download(source.url, download_dir)
+        path = download(source.url, download_dir, progress)
         yield from iter_file(path, source, unicode_errors, stats, {"url": source.url, "path": str(path)})
     else:
         yield from _hf_docs(source, key, stats)
 
 
-def source_size(cfg: PrepareConfig, download_dir: Path | None = None) -> int | None:
+def source_size(cfg: PrepareConfig) -> int | None:
     """Input bytes prepare_corpus will read, a progress bar's total; None when unknown beforehand (hf, url)."""
     roles = [("prepare.source", cfg.source), ("prepare.val_source", cfg.val_source)]
-    sizes = [_size(source, key, download_dir) for key, source in roles if source is not None]
+    sizes = [_size(source, key, cfg.download_dir) for key, source in roles if source is not None]
     return None if None in sizes else sum(sizes)
 
 
-def _size(source: SourceConfig, key: str, download_dir: Path | None) -> int | None:
+def _size(source: SourceConfig, key: str, download_dir: str) -> int | None:
     if source.kind == "files":
         return sum(f.stat().st_size for f in resolve_files(source.path, key))
     if source.kind == "url":
-        cached = _cached(source.url, download_dir)
+        cached = cached_path(source.url, download_dir)
         return cached.stat().st_size if cached.is_file() else None
     if source.kind == "builtin" and source.name == "pydoc_topics":
         from pydoc_data.topics import topics
@@ -206,20 +159,19 @@ def normalize(text: str, nfc: bool) -> str:
     return text.strip()
 
 
-def _position(data: bytes, seed: int) -> float:
-    """The document's place in [0, 1) by a keyed hash: independent of order and of the rest of the corpus."""
+def split_of(data: bytes, seed: int, val_fraction: float) -> tuple[str, float]:
+    """(split, position) of a normalised document's UTF-8 bytes: val when its position is below val_fraction.
+
+    The position in [0, 1) is a keyed hash, independent of the order and of the rest of the corpus.
+    """
     digest = hashlib.blake2b(b"%d\0" % seed, digest_size=8)
     digest.update(data)
-    return int.from_bytes(digest.digest(), "big") / 2**64
+    position = int.from_bytes(digest.digest(), "big") / 2**64
+    return ("val" if position < val_fraction else "train"), position
 
 
-def is_val(text: str, seed: int, val_fraction: float) -> bool:
-    """Whether a normalised document belongs to the validation split."""
-    return _position(text.encode("utf-8"), seed) < val_fraction
-
-
-def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = None, *,
-                   download_dir: Path | None = None) -> dict:
+def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = None,
+                   download_progress: ProgressFactory = no_progress) -> dict:
     """The prepare stage: out_dir/train.jsonl, val.jsonl and manifest.json, replaced whole or not at all.
 
     progress(n) is called as n more input bytes are read (source_size gives the total). Returns the manifest.
@@ -227,44 +179,27 @@ def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = 
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"prepare.out_dir: {out} is a file, expected a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # from a run that was killed; the name is ours
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with building_dir(out) as tmp:
         stats = SourceStats(progress=progress)
-        manifest = _write_splits(cfg, tmp, stats, download_dir)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        manifest = _write_splits(cfg, PreparedDir(tmp), stats, download_progress)
+        write_json_atomic(PreparedDir(tmp).manifest, manifest)
         stats.advance(0, flush=True)
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        if out.exists():  # two renames: out_dir never holds a mix of old and new files
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
-def _write_splits(cfg: PrepareConfig, tmp: Path, stats: SourceStats, download_dir: Path | None) -> dict:
+def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, download_progress: ProgressFactory) -> dict:
     seen: set[bytes] = set()  # 16-byte digests, not texts: memory stays small whatever the corpus
     dropped = {"short": 0, "duplicate": 0}
     documents, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     # Per split, (distance, line) of the document nearest the other split: it moves if that one ends up empty.
     nearest: dict[str, tuple[float, int]] = {}
     roles = [("source", cfg.source, "train")] + ([("val_source", cfg.val_source, "val")] if cfg.val_source else [])
-    with open(tmp / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
-            open(tmp / "val.jsonl", "w", encoding="utf-8", newline="\n") as val:
+    with open(out.split("train"), "w", encoding="utf-8", newline="\n") as train, \
+            open(out.split("val"), "w", encoding="utf-8", newline="\n") as val:
         for role, source, target in roles:
             first_input, before = len(stats.inputs), dict(dropped)
-            for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, key=f"prepare.{role}",
-                                   download_dir=download_dir):
+            for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, download_dir=cfg.download_dir,
+                                   key=f"prepare.{role}", progress=download_progress):
                 text = normalize(raw, cfg.nfc)
                 if len(text) < cfg.min_chars:
                     dropped["short"] += 1
@@ -278,8 +213,7 @@ def _write_splits(cfg: PrepareConfig, tmp: Path, stats: SourceStats, download_di
                     seen.add(digest)
                 split = target
                 if cfg.val_source is None:
-                    position = _position(data, cfg.seed)
-                    split = "val" if position < cfg.val_fraction else "train"
+                    split, position = split_of(data, cfg.seed, cfg.val_fraction)
                     distance = position if split == "train" else -position
                     if split not in nearest or distance < nearest[split][0]:
                         nearest[split] = (distance, documents[split])
@@ -300,20 +234,21 @@ def _write_splits(cfg: PrepareConfig, tmp: Path, stats: SourceStats, download_di
                             '(e.g. "\\n\\n") or prepare.val_source')
         for empty, full in [("val", "train"), ("train", "val")]:
             if documents[empty] == 0:  # deterministic: the document nearest the empty split moves
-                size = _move_line(tmp, full, empty, nearest[full][1])
+                size = _move_line(out, full, empty, nearest[full][1])
                 documents[full], documents[empty] = documents[full] - 1, 1
                 nbytes[full], nbytes[empty] = nbytes[full] - size, size
                 moved = {"from": full, "to": empty, "documents": 1, "reason": f"{empty} was empty"}
     combined = json.dumps([[r["role"], r["sha256"]] for r in stats.inputs]).encode()
     return {"documents": documents, "bytes": nbytes, "dropped": dropped, "replaced": stats.replaced, "moved": moved,
             "inputs": stats.inputs, "input_hash": hashlib.sha256(combined).hexdigest(),
-            "params": cfg.model_dump(mode="json")}
+            "params": cfg.model_dump(mode="json", exclude={"out_dir", "download_dir"})}
 
 
-def _move_line(tmp: Path, src: str, dst: str, index: int) -> int:
-    """Move line `index` of src.jsonl to the end of dst.jsonl, streaming; returns the document's UTF-8 bytes."""
-    path, rest = tmp / f"{src}.jsonl", tmp / f"{src}.jsonl.rest"
-    with open(path, "rb") as lines, open(rest, "wb") as keep, open(tmp / f"{dst}.jsonl", "ab") as moved:
+def _move_line(out: PreparedDir, src: str, dst: str, index: int) -> int:
+    """Move line `index` of split src to the end of split dst, streaming; returns the document's UTF-8 bytes."""
+    path = out.split(src)
+    rest = path.with_name(path.name + ".rest")
+    with open(path, "rb") as lines, open(rest, "wb") as keep, open(out.split(dst), "ab") as moved:
         for i, line in enumerate(lines):
             (moved if i == index else keep).write(line)
             if i == index:
@@ -324,8 +259,7 @@ def _move_line(tmp: Path, src: str, dst: str, index: int) -> int:
 
 def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:
     """The documents of one prepared split ("train" or "val"), streamed back."""
-    assert split in SPLITS, split
-    path = Path(out_dir) / f"{split}.jsonl"
+    path = PreparedDir(out_dir).split(split)
     if not path.is_file():
         raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     with open(path, encoding="utf-8", newline="\n") as lines:
@@ -339,5 +273,5 @@ def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:
 
 def prepared_size(out_dir: str | Path) -> int | None:
     """UTF-8 bytes of text in both prepared splits, from the manifest (a progress bar's total); None if absent."""
-    path = Path(out_dir) / "manifest.json"
+    path = PreparedDir(out_dir).manifest
     return sum(json.loads(path.read_text(encoding="utf-8"))["bytes"].values()) if path.is_file() else None

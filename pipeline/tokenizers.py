@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
+from pipeline.files import write_json_atomic, write_text_atomic
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -58,7 +59,14 @@ class Tokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self._save(folder)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.settings()}
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(folder / META_FILE, meta)  # last: a folder with it is complete
+
+    def save_for_transformers(self, folder: str | Path) -> bool:
+        """Write the files transformers' AutoTokenizer reads into folder; False for kinds it cannot read (char, tiktoken)."""
+        if self.kind not in ("bpe", "hf"):
+            return False
+        self._save(Path(folder))
+        return True
 
     def _save(self, folder: Path) -> None:
         """Write the kind's own files (none for tiktoken: the encoding name is enough)."""
@@ -214,7 +222,7 @@ class CharTokenizer(Tokenizer):
         return {**super().describe(), **({counted: self._unknown} if counted else {})}
 
     def _save(self, folder: Path) -> None:
-        (folder / "vocab.json").write_text(json.dumps(self.tokens, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_text_atomic(folder / "vocab.json", json.dumps(self.tokens, ensure_ascii=False) + "\n")
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> CharTokenizer:
@@ -274,7 +282,7 @@ class BpeTokenizer(Tokenizer):
         # Lets transformers' AutoTokenizer (and so tokenize.kind=hf) load this folder with EOS set.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
                   "clean_up_tokenization_spaces": False}
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(folder / "tokenizer_config.json", config)
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> BpeTokenizer:

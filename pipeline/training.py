@@ -5,22 +5,28 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoints as ckpt
 from pipeline import engine as ds
-from pipeline.config import Params, TrainConfig
-from pipeline.data import WindowSampler, open_tokens, read_meta
+from pipeline.config import Batch, Params, TrainConfig
+from pipeline.data import (
+    WindowSampler,
+    fixed_windows,
+    open_tokens,
+    read_meta,
+    window_batch,
+)
 from pipeline.errors import UserError
 from pipeline.export import export_model
-from pipeline.files import write_json_atomic
+from pipeline.layout import RunDir, TokensDir, step_tag
+from pipeline.metrics import MetricsLog
 from pipeline.models import build_model, count_params, flops_per_token
-
-
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.output import Echo, ProgressFactory, no_progress, silent
+from pipeline.tokenizers import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -33,34 +39,40 @@ class State:
     best_tag: str | None = None
     val_loss: float | None = None
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> State:
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+
 
 @dataclass
 class Run:
     p: Params
     dist: ds.Dist
     engine: object
+    tokenizer: Tokenizer
+    batch: Batch
     train_data: WindowSampler
-    val_data: WindowSampler
-    run_dir: Path
-    accum: int
+    val_tokens: np.ndarray
+    val_starts: np.ndarray  # the fixed val windows, the same for every world size
+    run_dir: RunDir
+    n_params: int
     flops_per_token: float
     peak_flops: float
-    n_params: int
-    log: "MetricsLog"
+    log: MetricsLog
     state: State = field(default_factory=State)
 
 
-def train(p: Params) -> dict | None:
+def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print) -> dict | None:
     """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
     dist = ds.init_distributed()
-    run = setup(p, dist)
-    fit(run)
-    export_model(run.engine, p, run.state.__dict__, dist)
+    run = setup(p, dist, echo if dist.is_main else silent)
+    fit(run, progress)
+    export_model(run.engine, p, run.state.__dict__, dist, run.tokenizer)
     run.log.close()
     if not dist.is_main:
         return None
     return {
-        "run": str(run.run_dir),
+        "run": str(run.run_dir.root),
         "steps": run.state.step,
         "tokens seen": run.state.tokens_seen,
         "parameters": run.n_params,
@@ -70,113 +82,83 @@ def train(p: Params) -> dict | None:
     }
 
 
-def setup(p: Params, dist: ds.Dist) -> Run:
-    t = p.train
-    tokens_dir = Path(p.tokenize.out_dir)
-    meta = read_meta(tokens_dir)
-    block_size = p.model.shape[3]
-    train_tokens = open_tokens(tokens_dir / "train.bin")
-    val_tokens = open_tokens(tokens_dir / "val.bin")
-    accum = t.accumulation(dist.world_size, block_size)
-    global_batch = t.micro_batch_size * accum * dist.world_size
+def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
+    t, tokens = p.train, TokensDir(p.tokenize.out_dir)
+    meta = read_meta(tokens.root)
+    train_tokens, val_tokens = open_tokens(tokens.split("train")), open_tokens(tokens.split("val"))
+    tokenizer = load_tokenizer(tokens.tokenizer)  # now, not at export after hours of training
+    batch = t.batch(dist.world_size, p.model.block_size)
 
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
-    identity = ckpt.run_identity(p, data, dist.world_size, accum)
+    identity = ckpt.run_identity(p, data, dist.world_size, batch.grad_accum)
     run_dir = ckpt.run_folder(t.out_dir, identity)
     tag = ckpt.latest_tag(run_dir)
-    if dist.is_main:
-        reason = ckpt.why_fresh(t.out_dir, identity) if tag is None else None
-        print(f"train: resuming {run_dir}/{tag}" if tag else f"train: starting fresh in {run_dir}" + (f": {reason}" if reason else ""))
+    reason = ckpt.why_fresh(t.out_dir, identity) if tag is None else None
+    echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
 
-    # The same seed on every rank gives every rank the same initial weights.
-    torch.manual_seed(t.seed)
-    # A checkpoint loads in the training precision (DeepSpeed keeps fp32 master weights for bf16/fp16);
-    # a fresh model starts in fp32 so its initialisation doesn't depend on the precision.
-    dtype = torch.float32 if p.model.is_scratch else TORCH_DTYPES[t.precision]
-    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], dtype)
-    if t.activation_checkpointing:
-        # Recompute each block in backward; transformers 5 renamed the method (and its argument).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
+    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing)
     n_params = count_params(model)
-    ds_config, changed = ds.merge_user_config(ds.deepspeed_config(t, dist.world_size, block_size), t.deepspeed_config)
-    if dist.is_main:
-        for change in changed:
-            print(f"train: {t.deepspeed_config} overrides {change}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "run.json", identity)
-        write_json_atomic(run_dir / "ds_config.json", ds_config)
-    engine = ds.build_engine(model, ds_config)
-
-    state = State()
-    if tag:
-        saved = ckpt.load(engine, run_dir, tag, dist)
-        state = State(**{k: saved[k] for k in State.__dataclass_fields__})
-    else:
+    engine, ds_config = ds.build_engine(model, t, batch, echo)
+    ckpt.start_run(run_dir, identity, ds_config, dist)
+    state = State.from_saved(ckpt.load(engine, run_dir, tag, dist)) if tag else State()
+    if not tag:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
 
     return Run(
-        p=p,
-        dist=dist,
-        engine=engine,
-        train_data=WindowSampler(train_tokens.tokens, block_size, t.seed, global_batch, t.micro_batch_size, dist.rank, dist.world_size),
-        val_data=WindowSampler(
-            val_tokens.tokens, block_size, t.seed + 1, t.micro_batch_size * t.eval_batches * dist.world_size, t.micro_batch_size, dist.rank, dist.world_size
-        ),
-        run_dir=run_dir,
-        accum=accum,
-        flops_per_token=flops_per_token(model, n_params, block_size),
+        p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch,
+        train_data=WindowSampler(train_tokens.tokens, batch=batch, seed=t.seed, rank=dist.rank),
+        val_tokens=val_tokens.tokens,
+        val_starts=fixed_windows(val_tokens.tokens, batch.block_size, t.eval_windows, seed=t.seed + 1),
+        run_dir=run_dir, n_params=n_params,
+        flops_per_token=flops_per_token(model, n_params, batch.block_size),
         peak_flops=ds.peak_tflops(t, dist.device) * 1e12 * dist.world_size,
-        n_params=n_params,
-        log=MetricsLog(t, dist, resume=tag is not None),
+        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo),
         state=state,
-    )
+    )  # fmt: skip
 
 
-def fit(run: Run) -> None:
-    t, s, engine, dist = run.p.train, run.state, run.engine, run.dist
+def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
+    t, s, engine, dist, batch = run.p.train, run.state, run.engine, run.dist, run.batch
     engine.train()
-    tokens_per_step = run.train_data.global_batch * run.train_data.block_size
-    run.log.start(s.step, t.max_steps)
+    run.log.start(s.step, t.max_steps, progress)
     clock, tokens_at_clock = time.perf_counter(), s.tokens_seen
     while s.step < t.max_steps:
         lr = lr_at(s.step, t)
         ds.set_lr(engine, lr)
         loss_sum = 0.0
-        for micro in range(run.accum):
+        for micro in range(batch.grad_accum):
             x, y = run.train_data.micro_batch(s.step, micro, dist.device)
             loss = lm_loss(engine, x, y)
             engine.backward(loss)
-            grad_norm = ds.step(engine, boundary=micro == run.accum - 1)
+            grad_norm = ds.step(engine, boundary=micro == batch.grad_accum - 1)
             loss_sum += loss.item()
         (loss_total,) = ds.all_reduce_sum([loss_sum], dist.device)
-        train_loss = loss_total / (run.accum * dist.world_size)
+        train_loss = loss_total / (batch.grad_accum * batch.world_size)
         if not math.isfinite(train_loss):
             latest = ckpt.latest_tag(run.run_dir)
             raise UserError(
                 f"train: the loss is {train_loss} at step {s.step + 1}; stopped without saving. The last good checkpoint is"
-                f" {run.run_dir / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
+                f" {run.run_dir.root / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
             )
         s.step += 1
-        s.tokens_seen += tokens_per_step
+        s.tokens_seen += batch.tokens_per_step
 
         if should_log(s.step, t):
             elapsed = time.perf_counter() - clock
             tokens_per_s = (s.tokens_seen - tokens_at_clock) / elapsed
-            run.log.train(s, train_loss, lr, grad_norm, tokens_per_s, tokens_per_s * run.flops_per_token / run.peak_flops)
+            run.log.train(s.step, s.tokens_seen, train_loss, lr, grad_norm, tokens_per_s, tokens_per_s * run.flops_per_token / run.peak_flops)
             clock, tokens_at_clock = time.perf_counter(), s.tokens_seen
         if should_eval(s.step, t) or should_save(s.step, t):
             s.val_loss = evaluate(run)
             if s.val_loss < s.best_val_loss:
-                s.best_val_loss, s.best_tag = s.val_loss, f"step-{s.step:06d}"
-            run.log.val(s)
+                s.best_val_loss, s.best_tag = s.val_loss, step_tag(s.step)
+            run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss)
         if should_save(s.step, t):
-            ckpt.save(engine, run.run_dir, s.step, {**s.__dict__, "params": run.p.model_dump()}, dist, t.keep_last)
-        run.log.advance(s)
-    run.log.finish(s)
+            ckpt.save(engine, run.run_dir, s.step, {**s.__dict__, "params": run.p.model_dump()}, dist, t.keep_last, run.tokenizer)
+        run.log.advance()
+    run.log.finish()
 
 
 def should_log(step: int, t: TrainConfig) -> bool:
@@ -199,81 +181,31 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.final_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.final_lr)
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; x, y are (B, T) inputs and targets shifted by one."""
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (mean, or sum over tokens); x, y are (B, T) inputs and targets shifted by one."""
     logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean val loss over the fixed val windows, each rank scoring its share."""
+    """Mean val loss over the fixed val windows, each rank scoring windows rank, rank + world_size, ...
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside each one), so a rank
+    with fewer windows scores a placeholder window with weight 0.
+    """
+    dist, B = run.dist, run.batch.micro_batch_size
+    mine = run.val_starts[dist.rank :: dist.world_size]
+    n_batches = math.ceil(math.ceil(len(run.val_starts) / dist.world_size) / B)
     run.engine.eval()
-    total = 0.0
-    for micro in range(run.p.train.eval_batches):
-        x, y = run.val_data.micro_batch(0, micro, run.dist.device)
-        total += lm_loss(run.engine, x, y).item()
+    loss_sum, tokens = 0.0, 0
+    for b in range(n_batches):
+        starts, weight = mine[b * B : (b + 1) * B], 1.0
+        if len(starts) == 0:
+            starts, weight = run.val_starts[:1], 0.0
+        x, y = window_batch(run.val_tokens, starts, run.batch.block_size, dist.device)
+        loss_sum += weight * lm_loss(run.engine, x, y, reduction="sum").item()
+        tokens += int(weight) * y.numel()
     run.engine.train()
-    (total,) = ds.all_reduce_sum([total], run.dist.device)
-    return total / (run.p.train.eval_batches * run.dist.world_size)
-
-
-class MetricsLog:
-    """Rank 0's view of training: DVCLive metrics, a rich progress bar and plain log lines."""
-
-    def __init__(self, t: TrainConfig, dist: ds.Dist, resume: bool):
-        self.enabled = dist.is_main
-        self.live = self.bar = None
-        if not self.enabled:
-            return
-        from dvclive import Live
-
-        self.live = Live(dir=t.metrics_dir, resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
-
-    def start(self, step: int, max_steps: int) -> None:
-        if not self.enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        self.bar = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeRemainingColumn(),
-            console=console, disable=not console.is_terminal,
-        )  # fmt: skip
-        self.task = self.bar.add_task("", total=max_steps, completed=step)
-        self.bar.start()
-
-    def _metrics(self, s: State, values: dict) -> None:
-        self.live.step = s.step
-        for name, value in values.items():
-            if value is not None:
-                self.live.log_metric(name, value)
-        self.live.log_metric("tokens", s.tokens_seen)
-
-    def train(self, s: State, loss, lr, grad_norm, tokens_per_s, mfu) -> None:
-        if not self.enabled:
-            return
-        self._metrics(s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s, "train/mfu": mfu})
-        norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
-        self.bar.console.print(f"step {s.step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%", highlight=False, soft_wrap=True)
-        self.bar.update(self.task, description=f"loss {loss:.3f}")
-
-    def val(self, s: State) -> None:
-        if not self.enabled:
-            return
-        self._metrics(s, {"val/loss": s.val_loss, "val/perplexity": math.exp(min(s.val_loss, 50))})
-        self.bar.console.print(f"step {s.step:>6} | val loss {s.val_loss:.4f} (best {s.best_val_loss:.4f})", highlight=False, soft_wrap=True)
-
-    def advance(self, s: State) -> None:
-        if self.enabled:
-            self.bar.update(self.task, completed=s.step)
-
-    def finish(self, s: State) -> None:
-        if self.enabled:
-            self.bar.stop()
-            self.live.make_summary()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.live.end()
+    loss_sum, tokens = ds.all_reduce_sum([loss_sum, tokens], dist.device)
+    return loss_sum / tokens

@@ -42,7 +42,8 @@ def test_prepare_and_tokenize_write_outputs_and_a_summary(project):
     assert result.exit_code == 0, result.output
     assert "train tokens" in result.output
     meta = json.loads((project / "data" / "tokens" / "meta.json").read_text())
-    assert meta["tokenizer"]["kind"] == "char" and meta["workers"] >= 1
+    throughput = json.loads((project / "reports" / "tokenize.json").read_text())
+    assert meta["tokenizer"]["kind"] == "char" and throughput["workers"] == 2 and throughput["tokens_per_s"] > 0
     assert sorted(p.name for p in (project / "data" / "tokens").iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config
+from pipeline import config, params
 from pipeline.errors import UserError
 
 from conftest import ROOT
@@ -17,17 +17,17 @@ def shipped_params_files() -> list[Path]:
 
 @pytest.mark.parametrize("path", shipped_params_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_params_validate(path):
-    config.load_params(path)
+    params.load_params(path)
 
 
 def test_empty_params_take_defaults():
-    p = config.validate_params({})
+    p = params.validate_params({})
     assert p.tokenize.kind == "bpe" and p.prepare.source.kind == "builtin"
 
 
 def problems(raw: dict) -> str:
     with pytest.raises(UserError) as e:
-        config.validate_params(raw)
+        params.validate_params(raw)
     return str(e.value)
 
 
@@ -56,37 +56,37 @@ def test_dvc_exp_run_strings_are_coerced():
     # `dvc exp run -S` writes values that YAML reads back as strings.
     raw = yaml.safe_load("tokenize:\n  vocab_size: '4096'\n  workers: 2\nprepare:\n  val_fraction: 1e-1\n  dedup: 'false'\n")
     assert raw["prepare"]["val_fraction"] == "1e-1"
-    p = config.validate_params(raw)
+    p = params.validate_params(raw)
     assert p.tokenize.vocab_size == 4096 and p.prepare.val_fraction == pytest.approx(0.1) and p.prepare.dedup is False
 
 
 def test_overrides_apply_with_the_same_validation(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("tokenize:\n  vocab_size: 512\n")
-    p = config.load_params(path, ["tokenize.vocab_size=1024", "prepare.source.kind=files", "prepare.source.path=a.txt"])
+    p = params.load_params(path, ["tokenize.vocab_size=1024", "prepare.source.kind=files", "prepare.source.path=a.txt"])
     assert p.tokenize.vocab_size == 1024 and p.prepare.source.path == "a.txt"
     with pytest.raises(UserError, match="tokenize.vocab_size: got 'many'"):
-        config.load_params(path, ["tokenize.vocab_size=many"])
+        params.load_params(path, ["tokenize.vocab_size=many"])
     with pytest.raises(UserError, match="expected SECTION.KEY=VALUE"):
-        config.load_params(path, ["tokenize.vocab_size"])
+        params.load_params(path, ["tokenize.vocab_size"])
     with pytest.raises(UserError, match="tokenize.vocab_size is a value, not a section"):
-        config.load_params(path, ["tokenize.vocab_size.x=1"])
+        params.load_params(path, ["tokenize.vocab_size.x=1"])
 
 
 def test_yaml_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("tokenize:\n  kind: bpe\n  vocab_size: [1, 2\n")
     with pytest.raises(UserError, match=r"params.yaml:\d+: invalid YAML"):
-        config.load_params(path)
+        params.load_params(path)
     with pytest.raises(UserError, match="params file not found"):
-        config.load_params(tmp_path / "missing.yaml")
+        params.load_params(tmp_path / "missing.yaml")
     path.write_text("- a list\n")
     with pytest.raises(UserError, match="expected a mapping"):
-        config.load_params(path)
+        params.load_params(path)
 
 
 def test_every_field_has_a_description():
     for section in config.SECTIONS:
         model = config.Params.model_fields[section].annotation
-        for key, _, description in config.describe(model, section):
+        for key, _, description in params.describe(model, section):
             assert description, f"{key} has no description"

@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import TokenizeConfig
-from pipeline.data import (
-    HEADER,
-    HEADER_BYTES,
-    TokenWriter,
-    chunk_documents,
-    encode_chunks,
-    open_tokens,
-    tokenize_corpus,
-    write_tokens,
-)
+from pipeline.data import HEADER, HEADER_BYTES, TokenWriter, open_tokens, write_tokens
+from pipeline.encoding import chunk_documents, encode_chunks, tokenize_corpus
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, build_tokenizer, load_tokenizer
 
@@ -183,7 +175,7 @@ def test_tokenize_corpus_end_to_end(tmp_path, docs, kind):
     out = tmp_path / "tokens"
     cfg = TokenizeConfig(kind=kind, out_dir=str(out), chunk_bytes=1024, workers=2, unknown_chars="error")
     seen = []
-    meta = tokenize_corpus(cfg, prepared, progress=seen.append)
+    meta, throughput = tokenize_corpus(cfg, prepared, progress=seen.append)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]  # no temporary leftovers
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
@@ -200,7 +192,31 @@ def test_tokenize_corpus_end_to_end(tmp_path, docs, kind):
         assert tok.decode(f.tokens) == EOT.join(texts) + EOT
         assert f.dtype.name == meta["dtype"] == "uint16"
     assert sum(seen) == meta["text_bytes"] == sum(s["text_bytes"] for s in meta["splits"].values())
-    assert meta["tokens_per_s"] > 0 and meta["mb_per_s"] > 0
+    assert throughput["tokens_per_s"] > 0 and throughput["mb_per_s"] > 0 and throughput["workers"] == 2
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "char", "bpe"])
+def test_prepare_and_tokenize_twice_give_byte_identical_outputs(tmp_path, docs, kind):
+    """DVC hashes outputs by content: a rerun on the same text must not make the stages after it run again."""
+    from pipeline.config import PrepareConfig
+    from pipeline.sources import prepare_corpus
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:300]))
+    outs = []
+    for attempt in ("a", "b"):
+        prepared = PrepareConfig(source={"kind": "files", "path": str(tmp_path / "corpus.txt"), "separator": "\n\n"},
+                                 out_dir=str(tmp_path / attempt / "prepared"))
+        prepare_corpus(prepared)
+        # Different worker counts and chunk sizes change the speed only, never the tokens.
+        cfg = TokenizeConfig(kind=kind, vocab_size=300, out_dir=str(tmp_path / attempt / "tokens"),
+                             workers=1 if attempt == "a" else 2, chunk_bytes=1024 if attempt == "a" else 4096)
+        tokenize_corpus(cfg, prepared.out_dir)
+        outs.append({name: folder_bytes(tmp_path / attempt / name) for name in ("prepared", "tokens")})
+    assert outs[0] == outs[1]
 
 
 def test_tokenize_corpus_failure_keeps_old_output(tmp_path, docs):

@@ -1,5 +1,6 @@
-"""The real pipeline through real DVC in a temporary git repo: repro, no-op, partial rerun, experiments."""
+"""dvc.yaml against the code, and the real pipeline through real DVC in a temporary git repo."""
 
+import ast
 import json
 import os
 import shutil
@@ -13,6 +14,62 @@ import yaml
 from conftest import ROOT
 
 DVC = str(Path(sys.executable).with_name("dvc"))
+STAGES = ("prepare", "tokenize", "train", "evaluate", "sample", "report")
+
+
+# ----------------------------------------------------------------------------------- dvc.yaml's deps
+
+
+def pipeline_imports(tree: ast.AST) -> set[str]:
+    """pipeline.* modules imported anywhere in tree, function-level (lazy) imports included."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
+            found |= {f"pipeline.{a.name}" for a in node.names} if node.module == "pipeline" else {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
+    return found
+
+
+def module_path(module: str) -> str:
+    return module.replace(".", "/") + ".py"
+
+
+def stage_closure(stage: str) -> set[str]:
+    """Files a stage runs: its script, cli.py's top level, the command's function (and the cli helpers it calls),
+    then every pipeline module those import, transitively."""
+    cli = ast.parse((ROOT / "pipeline" / "cli.py").read_text())
+    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    modules = set().union(*(pipeline_imports(n) for n in cli.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))))
+    reached, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            modules |= pipeline_imports(functions[name])
+            todo += [c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call) and getattr(c.func, "id", None) in functions]
+    modules |= pipeline_imports(ast.parse((ROOT / "stages" / f"{stage}.py").read_text()))
+    seen: set[str] = set()
+    while modules:
+        module = modules.pop()
+        if module not in seen:
+            seen.add(module)
+            if module != "pipeline.cli":  # only the stage's own part of the CLI, taken above
+                modules |= pipeline_imports(ast.parse((ROOT / module_path(module)).read_text()))
+    return {f"stages/{stage}.py"} | {module_path(m) for m in seen}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_depends_on_exactly_the_code_it_imports(stage):
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES)
+    declared = {d for d in stages[stage]["deps"] if d.endswith(".py")}
+    needed = stage_closure(stage)
+    assert not needed - declared, f"dvc.yaml: stage {stage} misses {sorted(needed - declared)}"
+    assert not declared - needed, f"dvc.yaml: stage {stage} depends on code it never imports: {sorted(declared - needed)}"
+
+
+# ------------------------------------------------------------------------------------- real dvc runs
 
 
 def sh(*cmd: str, cwd: Path) -> str:
@@ -52,7 +109,7 @@ def repo(tmp_path, shared_data) -> Path:
 @pytest.mark.slow
 def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     out = sh(DVC, "repro", cwd=repo)
-    for stage in ("prepare", "tokenize", "train", "evaluate", "sample"):
+    for stage in ("prepare", "tokenize", "train", "evaluate", "sample", "report"):
         assert f"Running stage '{stage}'" in out
     assert (repo / "data" / "tokens" / "train.bin").is_file()
     assert (repo / "models" / "final" / "model.safetensors").is_file()
@@ -62,8 +119,14 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     for name in ("samples.md", "samples.jsonl", "report.md", "report.html", "plots/loss.png"):
         assert (repo / "reports" / name).is_file(), name
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=repo))
-    assert {"loss vs step", "loss vs tokens seen", "learning rate", "gradient norm"} <= set(plots["data"])
+    assert {"loss", "learning rate", "throughput (tokens/s)", "gradient norm"} <= set(plots["data"])
 
+    out = sh(DVC, "repro", cwd=repo)
+    assert "Running stage" not in out
+
+    # Identical text gives byte-identical prepare and tokenize outputs, so nothing after them reruns.
+    out = sh(DVC, "repro", "-f", "tokenize", cwd=repo)
+    assert "Running stage 'prepare'" in out and "Running stage 'tokenize'" in out
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
 
@@ -103,3 +166,31 @@ def _runs(shown: list) -> list[dict]:
                     {"lr": float(params["train"]["lr"]), "loss": train.get("train", {}).get("loss"), "val_loss": evaluation.get("val", {}).get("loss")}
                 )
     return runs
+
+
+def out_hashes(lock: dict, stage: str) -> dict[str, str]:
+    """The cached outputs' hashes (metrics such as reports/tokenize.json hold timings and are not compared)."""
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"] if o["path"].startswith("data/")}
+
+
+@pytest.mark.slow
+def test_the_committed_lock_holds_the_hashes_the_default_pipeline_makes(tmp_path):
+    """A fresh clone's `make repro` must find prepare and tokenize up to date with dvc.lock, not rewrite them."""
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "stages", "pipeline", "data"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "prepared", "tokens", "cache"))
+        else:
+            shutil.copy(src, repo / name)
+    sh("git", "init", "-q", cwd=repo)
+    sh(DVC, "init", "-q", cwd=repo)
+    sh(DVC, "repro", "tokenize", cwd=repo)
+    committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    made = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ("prepare", "tokenize"):
+        # The builtin corpus is this Python's own help text, so the lock belongs to the Python that wrote it.
+        assert out_hashes(made, stage) == out_hashes(committed, stage), (
+            f"{stage}'s outputs differ from dvc.lock (Python {sys.version.split()[0]}): run `make repro` and commit dvc.lock"
+        )

@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from pipeline import config, engine
+from pipeline import config, engine, params
 from pipeline.errors import UserError
 
 
 def ds_config(world_size=1, block_size=128, **train):
-    return engine.deepspeed_config(config.TrainConfig(**train), world_size, block_size)
+    t = config.TrainConfig(**train)
+    return engine.deepspeed_config(t, t.batch(world_size, block_size))
 
 
 def test_every_key_comes_from_train_params():
@@ -28,18 +29,18 @@ def test_offload_and_zero3_keys():
     assert zero["stage3_gather_16bit_weights_on_model_save"]
     assert cfg["optimizer"]["params"]["torch_adam"] is False  # offload needs DeepSpeed's CPU Adam
     with pytest.raises(UserError, match="train.offload_params: needs train.zero_stage=3"):
-        config.validate_params({"train": {"offload_params": True, "zero_stage": 2}})
+        params.validate_params({"train": {"offload_params": True, "zero_stage": 2}})
 
 
 def test_accumulation_from_global_batch_tokens():
     t = config.TrainConfig(micro_batch_size=4, global_batch_tokens=4 * 128 * 2 * 3)
-    assert t.accumulation(world_size=2, block_size=128) == 3
-    assert t.accumulation(world_size=1, block_size=128) == 6
+    assert t.batch(world_size=2, block_size=128).grad_accum == 3
+    assert t.batch(world_size=1, block_size=128).grad_accum == 6
     with pytest.raises(UserError, match=r"train.global_batch_tokens=3072 must equal train.micro_batch_size \(4\) x train.grad_accum"):
-        t.accumulation(world_size=4, block_size=128)
+        t.batch(world_size=4, block_size=128)
     both = config.TrainConfig(micro_batch_size=4, global_batch_tokens=1024, grad_accum=3)
     with pytest.raises(UserError, match="with grad_accum=3"):
-        both.accumulation(world_size=1, block_size=128)
+        both.batch(world_size=1, block_size=128)
 
 
 def test_user_json_is_merged_on_top_and_changes_are_reported(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline import config
+from pipeline import config, params
 from pipeline.data import open_tokens, write_tokens
 from pipeline.errors import UserError
 from pipeline.evaluation import (
@@ -19,11 +19,11 @@ from pipeline.evaluation import (
     encode_pair,
     evaluate,
     hellaswag_scores,
-    load_model_and_tokenizer,
     parse_hellaswag,
     val_metrics,
     val_sums,
 )
+from pipeline.inference import load_for_inference
 from pipeline.models import padded_vocab
 from pipeline.tokenizers import BpeTokenizer, build_tokenizer
 
@@ -130,7 +130,7 @@ def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
         "train": {"export_dir": str(model_dir)},
         "evaluate": {"batch_size": 4, "metrics_file": str(tmp_path / "reports" / "metrics.json")},
     }
-    m = evaluate(config.validate_params(raw), device="cpu")
+    m = evaluate(params.validate_params(raw))
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == m
     assert m["val"]["tokens"] == 249
     assert m["val"]["bits_per_byte"] == pytest.approx(m["val"]["loss"] * 249 / math.log(2) / 240)
@@ -140,7 +140,7 @@ def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
     assert m["model"] == {"parameters": n_params, "dir": str(model_dir)}
 
     raw["evaluate"].update(max_windows=2, hellaswag=str(hellaswag), hellaswag_limit=4)
-    m = evaluate(config.validate_params(raw), device="cpu")
+    m = evaluate(params.validate_params(raw))
     assert m["val"]["tokens"] == 64
     # The two windows cover ids 0..64: two sentences and a half (24 bytes each) and two EOTs.
     assert m["val"]["bits_per_byte"] == pytest.approx(m["val"]["loss"] * 64 / math.log(2) / 63)
@@ -149,17 +149,17 @@ def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
 
 def test_a_missing_model_folder_says_to_run_train(tmp_path):
     with pytest.raises(UserError, match=r"train.export_dir: .*nowhere not found; run the train stage"):
-        load_model_and_tokenizer(tmp_path / "nowhere", key="train.export_dir")
+        load_for_inference(tmp_path / "nowhere", key="train.export_dir")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model folder"):
-        load_model_and_tokenizer(tmp_path / "empty")
+        load_for_inference(tmp_path / "empty")
 
 
 def test_a_plain_hugging_face_folder_loads_with_its_own_tokenizer(tmp_path):
     bpe = BpeTokenizer.train([SENTENCE * 20], vocab_size=300, min_frequency=1)
     tiny_gpt2(bpe).save_pretrained(tmp_path)
     bpe._save(tmp_path)  # tokenizer.json and tokenizer_config.json only, as any Hugging Face folder
-    model, tok = load_model_and_tokenizer(tmp_path)
+    model, tok = load_for_inference(tmp_path)
     assert tok.kind == "hf" and tok.eot_id == bpe.eot_id and tok.encode(SENTENCE) == bpe.encode(SENTENCE)
     assert not model.training
 

@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from pipeline import config
-from pipeline.data import tokenize_corpus
+from pipeline import config, params
+from pipeline.encoding import tokenize_corpus
 from pipeline.errors import UserError
 from pipeline.models import build_model, count_params, padded_vocab
 from pipeline.sources import prepare_corpus
@@ -28,7 +28,7 @@ def test_a_fresh_scratch_model_predicts_uniformly(arch):
 
 def test_presets_give_gpt2_shapes():
     cfg = config.ModelConfig(preset="gpt2-124m")
-    assert cfg.shape == (12, 12, 768, 1024)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 1024)
     with torch.device("meta"):
         model = build_model(cfg, vocab_size=50257, eot_id=50256)
     # GPT-2 small: 124M parameters with the vocabulary padded to 50304.
@@ -70,7 +70,7 @@ def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data
     pretrained = tmp_path / "pretrained"
     n_tokens = save_tiny_checkpoint(pretrained, arch, docs)
     (tmp_path / "corpus.txt").write_text(text)
-    p = config.validate_params(
+    p = params.validate_params(
         {
             "prepare": {"source": {"kind": "files", "path": str(tmp_path / "corpus.txt"), "separator": "\n\n"}, "out_dir": str(tmp_path / "prepared")},
             "tokenize": {"kind": "hf", "pretrained": str(pretrained), "out_dir": str(tmp_path / "tokens")},
@@ -98,4 +98,4 @@ def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data
 
 def test_a_pretrained_model_needs_its_own_tokenizer():
     with pytest.raises(UserError, match="tokenize.kind: is 'bpe' but model.init='gpt2' is a pretrained checkpoint"):
-        config.validate_params({"model": {"init": "gpt2"}})
+        params.validate_params({"model": {"init": "gpt2"}})

@@ -1,10 +1,10 @@
-"""Reports: plot tables and PNGs from DVCLive's files, and a self-contained report."""
+"""The report stage: PNGs from DVCLive's files, and a self-contained report."""
 
 import json
 
 from dvclive import Live
 
-from pipeline import config
+from pipeline import config, params
 from pipeline.reports import build_report, read_history
 
 
@@ -26,10 +26,12 @@ def fake_training_log(metrics_dir, steps=20):
 
 
 def test_report_has_metrics_plots_samples_config_and_hardware(tmp_path):
-    p = config.validate_params(
+    p = params.validate_params(
         {
             "train": {"metrics_dir": str(tmp_path / "train")},
             "evaluate": {"metrics_file": str(tmp_path / "metrics.json")},
+            "sample": {"out_dir": str(tmp_path)},
+            "report": {"out_dir": str(tmp_path)},
         }
     )
     fake_training_log(tmp_path / "train")
@@ -37,15 +39,13 @@ def test_report_has_metrics_plots_samples_config_and_hardware(tmp_path):
     (tmp_path / "samples.jsonl").write_text(json.dumps({"prompt": "Once", "index": 0, "text": "Once upon a <time>"}) + "\n")
 
     assert [s for s, _ in read_history(tmp_path / "train")["val/loss"]] == [5, 10, 15, 20]
-    build_report(p, tmp_path)
+    assert build_report(p) == tmp_path / "report.html"
 
     plots = tmp_path / "plots"
     for name in ("loss", "loss_vs_tokens", "lr", "throughput", "mfu", "grad_norm"):
         png = plots / f"{name}.png"
         assert png.stat().st_size > 5000, name  # an axis with a drawn line, not an empty canvas
-    val = (plots / "val_loss.csv").read_text().splitlines()
-    assert val[0] == "step,tokens,loss" and val[1] == "5,2560,4.7" and len(val) == 5
-    assert len((plots / "train_loss.csv").read_text().splitlines()) == 21
+    assert not list(plots.glob("*.csv"))  # dvc.yaml plots DVCLive's own files: no second copy of the curves
 
     md = (tmp_path / "report.md").read_text()
     assert "| val loss | 3.25 |" in md and "![loss](plots/loss.png)" in md and "Once upon a <time>" in md

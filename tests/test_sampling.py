@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import config
+from pipeline import config, params
 from pipeline.errors import UserError
 from pipeline.models import context_length
 from pipeline.sampling import filter_logits, generate_samples, sample_tokens, write_samples
@@ -131,7 +131,7 @@ def test_generate_samples_and_the_reports(tmp_path):
     model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok), tok)
     raw = {"tokenize": {"kind": "char"}, "sample": {"model_dir": str(model_dir), "prompts": ["the cat", "```dog"],
            "num_samples": 2, "max_new_tokens": 6, "seed": 7, "stop_at_eot": False}}  # fmt: skip
-    p = config.validate_params(raw)
+    p = params.validate_params(raw)
     samples = generate_samples(p, device="cpu")
     assert [(s["prompt"], s["index"]) for s in samples] == [("the cat", 0), ("the cat", 1), ("```dog", 0), ("```dog", 1)]
     assert all(s["tokens"] == 6 and s["text"] and not s["stopped_at_eot"] for s in samples)
@@ -156,7 +156,7 @@ def test_prompts_come_from_the_prompts_file(tmp_path):
     (tmp_path / "prompts.txt").write_text("the cat\n\nthe mat\n")
     raw = {"sample": {"model_dir": str(model_dir), "prompts_file": str(tmp_path / "prompts.txt"), "num_samples": 1,
            "max_new_tokens": 2}}  # fmt: skip
-    assert [s["prompt"] for s in generate_samples(config.validate_params(raw), device="cpu")] == ["the cat", "the mat"]
+    assert [s["prompt"] for s in generate_samples(params.validate_params(raw), device="cpu")] == ["the cat", "the mat"]
     raw["sample"]["prompts_file"] = str(tmp_path / "missing.txt")
     with pytest.raises(UserError, match=r"sample.prompts_file: .*missing.txt not found"):
-        generate_samples(config.validate_params(raw), device="cpu")
+        generate_samples(params.validate_params(raw), device="cpu")

@@ -16,12 +16,12 @@ import pytest
 from pipeline import formats, sources
 from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
-from pipeline.sources import (SourceStats, is_val, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size,
+from pipeline.sources import (SourceStats, split_of, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size,
                               source_size)
 
 
-def read(errors="strict", stats=None, **source):
-    return list(iter_source(SourceConfig(**source), unicode_errors=errors, stats=stats or SourceStats()))
+def read(errors="strict", stats=None, download_dir="data/cache/downloads", **source):
+    return list(iter_source(SourceConfig(**source), unicode_errors=errors, stats=stats or SourceStats(), download_dir=download_dir))
 
 
 def files(path, **source):
@@ -205,13 +205,13 @@ def server(tmp_path):
 def test_url_downloads_once(tmp_path, server, monkeypatch):
     base, www, requests = server
     (www / "corpus.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
-    monkeypatch.setattr(sources, "DOWNLOAD_DIR", tmp_path / "cache")
     url = f"{base}/corpus.jsonl"
-    cfg = PrepareConfig(source={"kind": "url", "url": url})
+    cache = tmp_path / "cache"
+    cfg = PrepareConfig(source={"kind": "url", "url": url}, download_dir=str(cache))
     assert source_size(cfg) is None  # not downloaded yet
     stats = SourceStats()
-    assert read(kind="url", url=url, text_column="body", stats=stats) == ["one", "two"]
-    assert read(kind="url", url=url, text_column="body") == ["one", "two"]
+    assert read(kind="url", url=url, text_column="body", stats=stats, download_dir=cache) == ["one", "two"]
+    assert read(kind="url", url=url, text_column="body", download_dir=cache) == ["one", "two"]
     assert requests == ["/corpus.jsonl"]
     (cached,) = (tmp_path / "cache").iterdir()
     assert cached.name == hashlib.sha256(url.encode()).hexdigest()[:16] + "-corpus.jsonl"
@@ -221,14 +221,13 @@ def test_url_downloads_once(tmp_path, server, monkeypatch):
 
 def test_url_errors(tmp_path, server, monkeypatch):
     base, _, _ = server
-    monkeypatch.setattr(sources, "DOWNLOAD_DIR", tmp_path / "cache")
     with pytest.raises(UserError, match=r"could not download .*/missing.txt: HTTP 404.*Offline\?"):
-        read(kind="url", url=f"{base}/missing.txt")
+        read(kind="url", url=f"{base}/missing.txt", download_dir=tmp_path / "cache")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UserError, match=rf"could not download http://127.0.0.1:{port}/x.txt: .*kind=files"):
-        read(kind="url", url=f"http://127.0.0.1:{port}/x.txt")
+        read(kind="url", url=f"http://127.0.0.1:{port}/x.txt", download_dir=tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # no half-downloaded file
 
 
@@ -262,11 +261,11 @@ def test_normalize():
 
 def test_split_is_deterministic_and_respects_fraction():
     texts = [f"document number {i}" for i in range(1000)]
-    val = {t for t in texts if is_val(t, 1337, 0.1)}
-    assert val == {t for t in reversed(texts) if is_val(t, 1337, 0.1)}
-    assert val != {t for t in texts if is_val(t, 7, 0.1)}
+    val = {t for t in texts if split_of(t.encode(), 1337, 0.1)[0] == "val"}
+    assert val == {t for t in reversed(texts) if split_of(t.encode(), 1337, 0.1)[0] == "val"}
+    assert val != {t for t in texts if split_of(t.encode(), 7, 0.1)[0] == "val"}
     assert 70 <= len(val) <= 130
-    assert not any(is_val(t, 1337, 0.0) for t in texts)
+    assert not any(split_of(t.encode(), 1337, 0.0)[0] == "val" for t in texts)
 
 
 def test_prepare_split_is_order_independent(tmp_path):
@@ -332,11 +331,11 @@ def test_dedup(tmp_path):
 @pytest.mark.parametrize("lands_in", ["train", "val"])
 def test_an_empty_split_gets_the_nearest_document(tmp_path, lands_in):
     # Three documents that all fall in one split: the one nearest the other split moves there.
-    texts = [t for t in (f"doc {i}" for i in range(100)) if is_val(t, 1337, 0.5) == (lands_in == "val")][:3]
+    texts = [t for t in (f"doc {i}" for i in range(100)) if split_of(t.encode(), 1337, 0.5)[0] == lands_in][:3]
     manifest = prepare(tmp_path, source=write_docs(tmp_path / "a.txt", texts), val_fraction=0.5)
     other = "val" if lands_in == "train" else "train"
     assert manifest["moved"] == {"from": lands_in, "to": other, "documents": 1, "reason": f"{other} was empty"}
-    positions = {t: sources._position(t.encode(), 1337) for t in texts}
+    positions = {t: split_of(t.encode(), 1337, 0.5)[1] for t in texts}
     nearest = (min if lands_in == "train" else max)(texts, key=positions.get)
     assert list(iter_prepared(tmp_path / "prepared", other)) == [nearest]
     assert sorted(iter_prepared(tmp_path / "prepared", lands_in)) == sorted(set(texts) - {nearest})

@@ -14,8 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from pipeline import config
-from pipeline.data import tokenize_corpus
+from pipeline import config, params
+from pipeline.encoding import tokenize_corpus
+from pipeline.errors import UserError
 from pipeline.sources import prepare_corpus
 from pipeline.training import lr_at, train
 
@@ -55,7 +56,7 @@ def tiny_params(tokens_dir: Path, run_dir: Path, model: dict | None = None, toke
 
 
 def run_training(raw: dict) -> dict:
-    return train(config.validate_params(raw))
+    return train(params.validate_params(raw))
 
 
 def logged(run_dir: Path, name: str) -> list[float]:
@@ -199,6 +200,8 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tokens_dir,
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logged(one, "train/loss"), logged(two, "train/loss"), rtol=1e-5, atol=1e-5)
+    # The val windows are the same whatever the world size, so the same weights score the same val loss.
+    torch.testing.assert_close(logged(one, "val/loss"), logged(two, "val/loss"), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -218,15 +221,11 @@ def test_two_simulated_nodes_on_localhost_match_one_process(tokens_dir, tmp_path
 
 
 def test_inconsistent_batch_keys_are_one_clear_error(tokens_dir, tmp_path):
-    from pipeline.errors import UserError
-
     with pytest.raises(UserError, match=r"train.global_batch_tokens=1000 must equal train.micro_batch_size \(4\)"):
         run_training(tiny_params(tokens_dir, tmp_path, global_batch_tokens=1000))
 
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tokens_dir, tmp_path):
-    from pipeline.errors import UserError
-
     # An absurd learning rate without clipping: the first step is fine, the weights it leaves are not.
     with pytest.raises(UserError, match=r"the loss is (nan|inf) at step 2; stopped without saving.*step-000001"):
         run_training(tiny_params(tokens_dir, tmp_path, max_steps=8, warmup_steps=0, lr=1e30, min_lr=0, grad_clip=0, save_interval=1))
@@ -239,15 +238,14 @@ def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tok
 def test_sample_ad_hoc_from_a_checkpoint_or_the_export(tokens_dir, tmp_path, zero_stage, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline.checkpoints import load_for_inference
     from pipeline.cli import app
-    from pipeline.evaluation import load_model_and_tokenizer
+    from pipeline.inference import load_for_inference
 
     raw = tiny_params(tokens_dir, tmp_path, max_steps=4, zero_stage=zero_stage)
     run_training(raw)
     (run,) = (tmp_path / "checkpoints").glob("run-*")
     from_checkpoint, _ = load_for_inference(run)  # the run folder: its latest checkpoint
-    exported, tokenizer = load_model_and_tokenizer(tmp_path / "final")
+    exported, tokenizer = load_for_inference(tmp_path / "final")
     ids = torch.tensor([tokenizer.encode("ROMEO: good")])
     torch.testing.assert_close(from_checkpoint(input_ids=ids).logits, exported(input_ids=ids).logits)
 
@@ -267,10 +265,55 @@ def test_evaluate_split_over_two_ranks_equals_one_process(tokens_dir, tmp_path):
     raw = tiny_params(tokens_dir, tmp_path, max_steps=2)
     run_training(raw)
     raw["evaluate"] = {"metrics_file": str(tmp_path / "one.json"), "batch_size": 3}
-    single = evaluate(config.validate_params(raw))
+    single = evaluate(params.validate_params(raw))
     raw["evaluate"]["metrics_file"] = str(tmp_path / "two.json")
     finish(launch(["--num_gpus", "2", "--master_port", "29651"], raw, tmp_path, script="evaluate"))
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["val"]["tokens"] == single["val"]["tokens"]
     for key in ("loss", "bits_per_byte", "token_accuracy"):
         assert double["val"][key] == pytest.approx(single["val"][key], rel=1e-6)
+
+
+def test_a_checkpoint_stands_alone_after_its_tokens_are_deleted(tokens_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.inference import load_for_inference
+
+    tokens = tmp_path / "tokens"
+    shutil.copytree(tokens_dir, tokens)
+    run_training(tiny_params(tokens, tmp_path, max_steps=4, tokenize={"kind": "char", "out_dir": str(tokens)}))
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    shutil.rmtree(tokens)
+    elsewhere = tmp_path / "elsewhere"  # another working directory, without a params.yaml
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model, tokenizer = load_for_inference(run / "step-000004")
+    assert tokenizer.decode(tokenizer.encode("ROMEO: good")) == "ROMEO: good"
+    args = ["sample", "--prompt", "ROMEO:", "--model", str(run / "step-000004"), "-S", "sample.max_new_tokens=8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "ROMEO:" in result.output
+
+
+def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir, tmp_path, monkeypatch):
+    from pipeline.evaluation import evaluate
+    from pipeline.inference import load_for_inference, model_context
+    from pipeline.sampling import generate_samples
+
+    # A preset's shape, made tiny so the real stages run here: what matters is that each stage reads it.
+    monkeypatch.setitem(config.GPT2_PRESETS, "gpt2-124m", {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 48})
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=2, save_interval=2)
+    raw["model"] = {"preset": "gpt2-124m"}
+    raw["evaluate"] = {"metrics_file": str(tmp_path / "metrics.json"), "max_windows": 4}
+    raw["sample"] = {"num_samples": 1, "max_new_tokens": 60, "prompts": ["ROMEO:"], "out_dir": str(tmp_path)}
+    p = params.validate_params(raw)
+    assert p.model.block_size == 48 and p.eval_block_size == 48
+    summary = train(p)
+    assert summary["tokens seen"] == 2 * 4 * 48  # steps x micro batch x context
+    assert evaluate(p)["val"]["block_size"] == 48
+    model, _ = load_for_inference(tmp_path / "final")
+    assert model_context(model) == 48
+    assert generate_samples(p)[0]["tokens"] == 60  # past the context: sampling crops to the same 48 tokens
+    with pytest.raises(UserError, match=r"model.preset: gpt2-124m is a shape to train from scratch, but model.init='gpt2'"):
+        params.validate_params({"model": {"preset": "gpt2-124m", "init": "gpt2"}, "tokenize": {"kind": "hf", "pretrained": "gpt2"}})

@@ -1,0 +1,165 @@
+"""The file names inside every output folder, declared once: each folder is a small paths object.
+
+    PreparedDir   prepare.out_dir     train.jsonl, val.jsonl, manifest.json
+    TokensDir     tokenize.out_dir    train.bin, val.bin, meta.json, tokenizer/
+    RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/
+    CheckpointDir run-*/step-*        state.json, config.json, tokenizer/, rng-rank<r>.pt and DeepSpeed's files
+    ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
+    TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves)
+    SamplesDir    sample.out_dir      samples.jsonl, samples.md
+    ReportDir     report.out_dir      report.md, report.html, plots/*.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLITS = ("train", "val")
+
+
+class Folder:
+    """A folder whose file names are known; build it from a path (a str from params, or a Path)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.root))
+
+
+class PreparedDir(Folder):
+    def split(self, name: str) -> Path:
+        assert name in SPLITS, name
+        return self.root / f"{name}.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+class TokensDir(Folder):
+    def split(self, name: str) -> Path:
+        assert name in SPLITS, name
+        return self.root / f"{name}.bin"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+
+class CheckpointDir(Folder):
+    """One saved step: DeepSpeed's files plus what makes it stand alone (params, model config, tokenizer)."""
+
+    @property
+    def tag(self) -> str:
+        return self.root.name
+
+    @property
+    def state(self) -> Path:
+        """Written last: a checkpoint without it is incomplete."""
+        return self.root / "state.json"
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    def rng(self, rank: int) -> Path:
+        return self.root / f"rng-rank{rank}.pt"
+
+
+class RunDir(Folder):
+    """One training run: every checkpoint of it, and what identifies it."""
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / "ds_config.json"
+
+    @property
+    def latest(self) -> Path:
+        return self.root / "latest"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    def step(self, tag: str) -> CheckpointDir:
+        return CheckpointDir(self.root / tag)
+
+    def steps(self) -> list[CheckpointDir]:
+        """Every step folder, complete or not, oldest first."""
+        return [CheckpointDir(d) for d in sorted(self.root.glob("step-*")) if d.is_dir()]
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class ExportDir(Folder):
+    @property
+    def model_config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def info(self) -> Path:
+        """Where the weights came from: step, tokens seen, val loss, params."""
+        return self.root / "gptpipe.json"
+
+    @property
+    def tokenizer(self) -> Path:
+        """gptpipe's own tokenizer folder (decodes every kind, char and tiktoken too)."""
+        return self.root / "gptpipe_tokenizer"
+
+
+class TrainMetrics(Folder):
+    """DVCLive's folder: its names are DVCLive's, declared here so dvc.yaml's plots and the report agree."""
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def curves(self) -> Path:
+        """One TSV per metric (step, value), e.g. train/loss.tsv."""
+        return self.root / "plots" / "metrics"
+
+
+class SamplesDir(Folder):
+    @property
+    def jsonl(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / "samples.md"
+
+
+class ReportDir(Folder):
+    @property
+    def markdown(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"

@@ -1,0 +1,134 @@
+"""Reading params.yaml: -S overrides, validation against the schemas in config.py, one message for all problems."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config import Params, Problems
+from pipeline.errors import UserError
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-5' -> (['train', 'lr'], 3e-05). The value is read as YAML, like params.yaml itself."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise UserError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. -S tokenize.vocab_size=4096")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (prepare:, tokenize:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params; every problem is reported in one UserError."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_params(raw, source=str(path))
+
+
+def validate_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = format_errors(e)
+        head = f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''}"
+        raise UserError(head + "\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def format_errors(error: ValidationError) -> list[str]:
+    lines = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, Problems):
+            lines += [f"{'.'.join([*loc, k])}: {m}" for k, m in inner.problems]
+        elif err["type"] == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(known)}"
+            lines.append(f"{key}: unknown key ({hint})")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required")
+        else:
+            msg = err["msg"]
+            msg = msg[0].lower() + msg[1:]
+            lines.append(f"{key}: got {err['input']!r}; {msg}")
+    return lines
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """Field names of the model found by following loc from Params (for 'did you mean')."""
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        sub = _model_in(field.annotation)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def describe(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field under model, nested sections expanded."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        sub = _model_in(field.annotation)
+        if sub is not None and field.default is not None:
+            rows += describe(sub, key)
+            continue
+        default = field.get_default(call_default_factory=True)
+        rows.append((key, "null" if default is None else repr(default), field.description or ""))
+    return rows
