@@ -7,7 +7,8 @@ run folder, so the earlier run's checkpoints stay on disk and switching back res
     run-<id>/run.json         what the id hashes, readable
     run-<id>/ds_config.json   the DeepSpeed config that ran
     run-<id>/step-000100/     DeepSpeed's files, rng-rank<r>.pt per rank, config.json (the model's), tokenizer/,
-                              state.json (written last: step, data position, best so far, the resolved params)
+                              metrics/ (the training curves so far), state.json (written last: step, data
+                              position, best so far, the resolved params)
     run-<id>/latest, best     the tag of the newest complete checkpoint and of the best by val loss
 
 A step folder stands alone: it loads for inference from any working directory, whatever happened to the
@@ -30,7 +31,7 @@ from pipeline.config import Params
 from pipeline.engine import Dist
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic, write_text_atomic
-from pipeline.layout import CheckpointDir, RunDir, step_tag
+from pipeline.layout import CheckpointDir, RunDir, TrainMetrics, step_tag
 from pipeline.tokenizers import Tokenizer
 
 # Changing these keeps the run: they say how long to train and how often to log, not what to learn.
@@ -86,7 +87,8 @@ def latest_tag(run: RunDir) -> str | None:
     return tag if run.step(tag).state.is_file() else None
 
 
-def save(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer) -> str:
+def save(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer,
+         metrics: TrainMetrics) -> str:
     """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones."""
     tag = step_tag(step)
     ckpt = run.step(tag)
@@ -99,6 +101,7 @@ def save(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int
         if ckpt.tokenizer.exists():
             shutil.rmtree(ckpt.tokenizer)
         tokenizer.save(ckpt.tokenizer)
+        copy_metrics(metrics, TrainMetrics(ckpt.metrics))
         write_json_atomic(ckpt.state, {**state, "tag": tag})
         write_text_atomic(run.latest, tag)
         if state.get("best_tag") == tag:
@@ -128,6 +131,20 @@ def load(engine, run: RunDir, tag: str, dist: Dist) -> dict:
     if ckpt.rng(dist.rank).is_file():
         restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=False))
     return json.loads(ckpt.state.read_text())
+
+
+def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
+    """The training curves and summary so far: saved with a checkpoint, put back when a run resumes from it,
+    so the curves continue exactly from the resumed step (no rows of steps trained again, none of another run)."""
+    for path in (dst.curves, dst.summary):
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+    dst.root.mkdir(parents=True, exist_ok=True)
+    if src.curves.is_dir():
+        shutil.copytree(src.curves, dst.curves)
+    if src.summary.is_file():
+        shutil.copy2(src.summary, dst.summary)
 
 
 def capture_rng() -> dict:

@@ -3,7 +3,7 @@
     PreparedDir   prepare.out_dir     train.jsonl, val.jsonl, manifest.json
     TokensDir     tokenize.out_dir    train.bin, val.bin, meta.json, tokenizer/
     RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/
-    CheckpointDir run-*/step-*        state.json, config.json, tokenizer/, rng-rank<r>.pt and DeepSpeed's files
+    CheckpointDir run-*/step-*        state.json, config.json, tokenizer/, metrics/, rng-rank<r>.pt, DeepSpeed's files
     ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
     TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves)
     SamplesDir    sample.out_dir      samples.jsonl, samples.md
@@ -76,6 +76,11 @@ class CheckpointDir(Folder):
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def metrics(self) -> Path:
+        """The training curves up to this step (a TrainMetrics folder): a resume restores them."""
+        return self.root / "metrics"
 
     def rng(self, rank: int) -> Path:
         return self.root / f"rng-rank{rank}.pt"

@@ -6,6 +6,7 @@ import math
 from contextlib import ExitStack
 
 from pipeline.config import TrainConfig
+from pipeline.layout import TrainMetrics
 from pipeline.output import Echo, ProgressFactory, no_progress
 
 
@@ -27,6 +28,8 @@ class MetricsLog:
 
         # dvcyaml=False: dvc.yaml is ours, DVCLive must not rewrite it.
         self.live = Live(dir=t.metrics_dir, resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
+        # dvc.yaml declares the curves folder as an output: it must exist even when a resumed run has no step left.
+        TrainMetrics(t.metrics_dir).curves.mkdir(parents=True, exist_ok=True)
 
     def start(self, step: int, max_steps: int, progress: ProgressFactory = no_progress) -> None:
         if self.enabled:
@@ -53,6 +56,11 @@ class MetricsLog:
             return
         self._metrics(step, tokens_seen, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
         self.echo(f"step {step:>6} | val loss {val_loss:.4f} (best {best_val_loss:.4f})")
+
+    def write_summary(self) -> None:
+        """metrics.json as of now (a checkpoint keeps a copy; DVCLive resumes from it)."""
+        if self.enabled:
+            self.live.make_summary()
 
     def advance(self, steps: int = 1) -> None:
         self._advance(steps)

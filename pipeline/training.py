@@ -22,7 +22,7 @@ from pipeline.data import (
 )
 from pipeline.errors import UserError
 from pipeline.export import export_model
-from pipeline.layout import RunDir, TokensDir, step_tag
+from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
 from pipeline.metrics import MetricsLog
 from pipeline.models import build_model, count_params, flops_per_token
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
@@ -105,6 +105,8 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     state = State.from_saved(ckpt.load(engine, run_dir, tag, dist)) if tag else State()
     if not tag:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
+    elif dist.is_main and run_dir.step(tag).metrics.is_dir():
+        ckpt.copy_metrics(TrainMetrics(run_dir.step(tag).metrics), TrainMetrics(t.metrics_dir))
 
     return Run(
         p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch,
@@ -156,7 +158,9 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
                 s.best_val_loss, s.best_tag = s.val_loss, step_tag(s.step)
             run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss)
         if should_save(s.step, t):
-            ckpt.save(engine, run.run_dir, s.step, {**s.__dict__, "params": run.p.model_dump()}, dist, t.keep_last, run.tokenizer)
+            run.log.write_summary()
+            saved = {**s.__dict__, "params": run.p.model_dump()}
+            ckpt.save(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
         run.log.advance()
     run.log.finish()
 

@@ -130,6 +130,15 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
 
+    # A change that keeps the run: train resumes its last checkpoint, trains no step, and its curves are intact.
+    loss_rows = (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["keep_last"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(DVC, "repro", cwd=repo)
+    assert "Running stage 'train'" in out and "resuming" in out
+    assert (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == loss_rows
+
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tokenize"]["unknown_chars"] = "skip"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -100,6 +100,9 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(token
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # The curves come back with the checkpoint: the resumed run's history is the uninterrupted one's.
+    for name in ("train/loss", "val/loss"):
+        assert logged(cut, name) == logged(full, name), name
 
 
 def test_changing_max_steps_resumes_but_changing_lr_starts_fresh(tokens_dir, tmp_path, capfd):
