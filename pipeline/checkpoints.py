@@ -7,12 +7,13 @@ run folder, so the earlier run's checkpoints stay on disk and switching back res
     run-<id>/run.json         what the id hashes, readable
     run-<id>/ds_config.json   the DeepSpeed config that ran
     run-<id>/step-000100/     DeepSpeed's files, rng-rank<r>.pt per rank, config.json (the model's), tokenizer/,
-                              metrics/ (the training curves so far), state.json (written last: step, data
-                              position, best so far, the resolved params)
+                              metrics/ (the training curves so far), state.json (step, data position, best so
+                              far, the resolved params), checksums.json (sha256 of every file; written last)
     run-<id>/latest, best     the tag of the newest complete checkpoint and of the best by val loss
 
 A step folder stands alone: it loads for inference from any working directory, whatever happened to the
-tokenize stage's output since.
+tokenize stage's output since. Nothing in it is unpickled beyond tensors and plain values, and it is used only
+when every file matches its checksum: a damaged checkpoint is skipped (resume) or refused (inference) by name.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from pipeline import engine as ds
 from pipeline.config import Params
 from pipeline.engine import Dist
 from pipeline.errors import UserError
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import write_failure, write_json_atomic, write_text_atomic
 from pipeline.layout import CheckpointDir, RunDir, TrainMetrics, step_tag
+from pipeline.output import Echo, silent
 from pipeline.tokenizers import Tokenizer
 
 # Changing these keeps the run: they say how long to train and how often to log, not what to learn.
@@ -74,50 +76,173 @@ def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
 def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
     """Create the run folder (rank 0) with what identifies it and the DeepSpeed config that runs."""
     if dist.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.identity, identity)
-        write_json_atomic(run.ds_config, ds_config)
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run.identity, identity)
+            write_json_atomic(run.ds_config, ds_config)
+        except OSError as e:
+            raise write_failure(e, run.root) or e from None
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def verify(ckpt: CheckpointDir) -> str | None:
+    """Why ckpt must not be used, naming the file; None when it is complete, intact and safe to load.
+
+    Complete: checksums.json (written last) is there. Intact: every file has the sha256 it lists, and no torch
+    file the list does not know. Safe: every torch file loads without running code. Consistent: state.json
+    is the step its folder name says.
+    """
+    if not ckpt.checksums.is_file():
+        return "incomplete (no checksums.json: the save was interrupted)"
+    try:
+        listed = json.loads(ckpt.checksums.read_text())
+        assert isinstance(listed, dict) and all(isinstance(v, str) for v in listed.values())
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        return f"{ckpt.checksums.name} is not a checksum list"
+    for name, digest in listed.items():
+        path = ckpt.root / name
+        if ".." in Path(name).parts or not path.is_file():
+            return f"{name} is missing"
+        if sha256(path) != digest:
+            return f"{name} is corrupt (its sha256 differs from {ckpt.checksums.name})"
+    unlisted = sorted(str(p.relative_to(ckpt.root)) for p in ckpt.root.rglob("*.pt") if str(p.relative_to(ckpt.root)) not in listed)
+    if unlisted:
+        return f"{unlisted[0]} is not in {ckpt.checksums.name}"
+    try:
+        state = json.loads(ckpt.state.read_text())
+        if state.get("tag") != ckpt.tag or state.get("step") != int(ckpt.tag.removeprefix("step-")):
+            return f"{ckpt.state.name} describes {state.get('tag')} (step {state.get('step')}), not this folder"
+    except (ValueError, OSError):
+        return f"{ckpt.state.name} is unreadable"
+    for name in listed:
+        if name.endswith(".pt"):
+            problem = ds.check_loadable(ckpt.root / name)
+            if problem:
+                return f"{name}: {problem}"
+    return None
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def resume_point(run: RunDir, dist: Dist, echo: Echo = silent) -> str | None:
+    """choose_resume on rank 0 (it reads every rank's files), the same answer or error on every rank."""
+    answer = None
+    if dist.is_main:
+        try:
+            answer = ("tag", choose_resume(run, echo))
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = ds.broadcast(answer) if dist.world_size > 1 else answer
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def choose_resume(run: RunDir, echo: Echo = silent) -> str | None:
+    """The newest intact checkpoint of the run, or None when it has none (a fresh start).
+
+    `latest` is a convenience, not the only record: a missing or bad pointer falls back to the newest step
+    folder that verifies. A run whose every complete checkpoint is damaged is an error, never overwritten.
+    """
+    complete = [c for c in reversed(run.steps()) if c.checksums.is_file()]
+    damaged = []
+    for ckpt in complete:
+        problem = verify(ckpt)
+        if problem is None:
+            pointer = run.latest.read_text().strip() if run.latest.is_file() else None
+            for tag, why in damaged:
+                echo(f"train: skipping checkpoint {run.root / tag}: {why}")
+            if pointer != ckpt.tag:
+                echo(f"train: `latest` names {pointer or 'nothing'}; the newest intact checkpoint is {ckpt.tag}")
+            return ckpt.tag
+        damaged.append((ckpt.tag, problem))
+    if damaged:
+        listing = "; ".join(f"{tag}: {why}" for tag, why in damaged)
+        raise UserError(f"train: every checkpoint in {run.root} is damaged ({listing}). Nothing was overwritten: move the"
+                        f" folder away (mv {run.root} {run.root}.damaged) to start this run over, or restore it from a backup")
+    return None
 
 
 def latest_tag(run: RunDir) -> str | None:
-    """The newest complete checkpoint: `latest` is written only after every rank has saved."""
+    """What `latest` names when that checkpoint is complete (for messages; resume uses choose_resume)."""
     if not run.latest.is_file():
         return None
     tag = run.latest.read_text().strip()
-    return tag if run.step(tag).state.is_file() else None
+    return tag if run.step(tag).checksums.is_file() else None
+
+
+# -------------------------------------------------------------------------------------------------- save
 
 
 def save(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer,
          metrics: TrainMetrics) -> str:
-    """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones."""
+    """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones.
+
+    A write that fails (a full disk) on any rank removes the incomplete folder and ends the run on every rank
+    with one message; the checkpoints before it stay intact.
+    """
     tag = step_tag(step)
     ckpt = run.step(tag)
-    ds.save_engine(engine, run.root, tag)
-    torch.save(capture_rng(), ckpt.rng(dist.rank))
+    if dist.is_main and ckpt.root.exists():
+        shutil.rmtree(ckpt.root)  # a leftover of a crash, or a damaged copy: never mix its files with new ones
     ds.barrier()
-    if dist.is_main:
-        # What lets the folder load for inference on its own: the model's config and the tokenizer.
-        engine.module.config.to_json_file(ckpt.model_config)
-        if ckpt.tokenizer.exists():
-            shutil.rmtree(ckpt.tokenizer)
-        tokenizer.save(ckpt.tokenizer)
-        copy_metrics(metrics, TrainMetrics(ckpt.metrics))
-        write_json_atomic(ckpt.state, {**state, "tag": tag})
-        write_text_atomic(run.latest, tag)
-        if state.get("best_tag") == tag:
-            write_text_atomic(run.best, tag)
-        prune(run, keep_last)
-    ds.barrier()
+    failure = _attempt(lambda: _write_shards(engine, run, ckpt, dist), ckpt.root)
+    if not ds.any_rank(failure is not None, dist.device) and dist.is_main:
+        failure = _attempt(lambda: _complete(engine, run, ckpt, state, tokenizer, metrics, keep_last), ckpt.root)
+    if ds.any_rank(failure is not None, dist.device):
+        if dist.is_main:
+            shutil.rmtree(ckpt.root, ignore_errors=True)
+        before = latest_tag(run)
+        resume = f"a rerun resumes from {run.root / before}" if before else "no earlier checkpoint exists"
+        raise UserError(f"train: {failure or 'another process failed to write its part'} while saving {ckpt.root};"
+                        f" the incomplete checkpoint was removed and {resume}")
     return tag
 
 
+def _write_shards(engine, run: RunDir, ckpt: CheckpointDir, dist: Dist) -> None:
+    ds.save_engine(engine, run.root, ckpt.tag)
+    torch.save(capture_rng(), ckpt.rng(dist.rank))
+
+
+def _complete(engine, run: RunDir, ckpt: CheckpointDir, state: dict, tokenizer: Tokenizer, metrics: TrainMetrics,
+              keep_last: int) -> None:
+    """Rank 0, after every rank saved: what makes the folder stand alone, the checksums last, then the pointers."""
+    engine.module.config.to_json_file(ckpt.model_config)  # the model rebuilds from it for inference
+    tokenizer.save(ckpt.tokenizer)
+    copy_metrics(metrics, TrainMetrics(ckpt.metrics))
+    write_json_atomic(ckpt.state, {**state, "tag": ckpt.tag})
+    files = sorted(p for p in ckpt.root.rglob("*") if p.is_file() and p != ckpt.checksums)
+    write_json_atomic(ckpt.checksums, {str(p.relative_to(ckpt.root)): sha256(p) for p in files})
+    write_text_atomic(run.latest, ckpt.tag)
+    if state.get("best_tag") == ckpt.tag:
+        write_text_atomic(run.best, ckpt.tag)
+    prune(run, keep_last)
+
+
+def _attempt(write, path: Path) -> UserError | None:
+    """Run write(); a failure the user fixes (a full disk, permissions) comes back as a message, a bug raises."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - narrowed by write_failure: anything else re-raises unchanged
+        failure = write_failure(e, path)
+        if failure is None:
+            raise
+        return failure
+    return None
+
+
 def prune(run: RunDir, keep_last: int) -> None:
-    """Keep the newest keep_last complete checkpoints and the best; remove the rest."""
+    """Keep the newest keep_last complete checkpoints, the best and the one `latest` names; remove the rest."""
     best = run.best.read_text().strip() if run.best.is_file() else None
+    latest = run.latest.read_text().strip() if run.latest.is_file() else None
     steps = run.steps()
-    complete = [c.tag for c in steps if c.state.is_file()]
-    keep = set(complete[-keep_last:]) | {best}
-    latest = latest_tag(run)
+    complete = [c.tag for c in steps if c.checksums.is_file()]
+    keep = set(complete[-keep_last:]) | {best, latest}
     for ckpt in steps:
         # Incomplete folders older than `latest` are leftovers of a crash mid-save.
         if ckpt.tag not in keep and (ckpt.tag in complete or (latest and ckpt.tag < latest)):
@@ -125,11 +250,10 @@ def prune(run: RunDir, keep_last: int) -> None:
 
 
 def load(engine, run: RunDir, tag: str, dist: Dist) -> dict:
-    """Load weights, optimizer and this rank's RNG state; return the saved training state."""
+    """Load weights, optimizer and this rank's RNG state (checked by verify first); return the saved training state."""
     ckpt = run.step(tag)
     ds.load_engine(engine, run.root, tag)
-    if ckpt.rng(dist.rank).is_file():
-        restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=False))
+    restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=True))
     return json.loads(ckpt.state.read_text())
 
 
@@ -148,15 +272,23 @@ def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
 
 
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and numbers only, so the file loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -165,15 +297,20 @@ def restore_rng(state: dict) -> None:
 # ------------------------------------------------------------------------------------------ for inference
 
 
-def find_checkpoint(folder: str | Path) -> CheckpointDir | None:
-    """The checkpoint a folder names: a step folder itself, or a run folder's latest; None if neither."""
+def find_checkpoint(folder: str | Path, key: str) -> CheckpointDir | None:
+    """The verified checkpoint a folder names: a step folder itself, or a run folder's newest intact one;
+    None when the folder is neither. A damaged checkpoint is a UserError naming the file (key: the param)."""
     folder = Path(folder)
-    if CheckpointDir(folder).state.is_file():
-        return CheckpointDir(folder)
-    if RunDir(folder).latest.is_file():
-        tag = latest_tag(RunDir(folder))
+    ckpt = CheckpointDir(folder)
+    if ckpt.checksums.is_file() or ckpt.state.is_file():
+        problem = verify(ckpt)
+        if problem:
+            raise UserError(f"{key}: checkpoint {folder} cannot be used: {problem}")
+        return ckpt
+    if RunDir(folder).identity.is_file():
+        tag = choose_resume(RunDir(folder))
         if tag is None:
-            raise UserError(f"{folder}: a run folder whose `latest` names no complete checkpoint")
+            raise UserError(f"{key}: the run folder {folder} has no complete checkpoint yet")
         return RunDir(folder).step(tag)
     return None
 

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from pipeline import config
 from pipeline.errors import UserError
+from pipeline.files import WRITE_ERRNOS
 from pipeline.output import format_value
 from pipeline.params import describe, load_params
 
@@ -67,6 +68,12 @@ def stage_command(*sections: str) -> Callable:
                 return fn(*args, **kwargs)
             except UserError as e:
                 console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except OSError as e:  # a full disk or a permission the user fixes: one line; anything else is a bug
+                if e.errno not in WRITE_ERRNOS:
+                    raise
+                where = f" ({e.filename})" if e.filename else ""
+                console.print(f"[bold red]error:[/bold red] {WRITE_ERRNOS[e.errno]}{where}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/yellow]")

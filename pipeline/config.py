@@ -6,19 +6,27 @@ Reading the file and formatting errors live in params.py.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
+from pipeline.layout import ReportDir, SamplesDir
+
+# Upper bounds: a size or seed beyond what the code can hold is a clear error here, not an overflow or a hang later.
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds, with room for seed + rank
+BIG = 10**12  # counts of steps, characters, items
 
 
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors at every depth, values are coerced."""
 
-    # Lax mode coerces the strings `dvc exp run -S` writes ("3e-05", "4096", "true") to the field's type.
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+    # Lax mode coerces the strings `dvc exp run -S` writes ("3e-05", "4096", "true") to the field's type;
+    # inf and nan are never a sensible setting.
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
 
 
 class Problems(ValueError):
@@ -82,10 +90,10 @@ class PrepareConfig(Section):
     source: SourceConfig = Field(default_factory=SourceConfig, description="the corpus")
     val_source: SourceConfig | None = Field(None, description="a separate validation corpus; null = split val_fraction off source")
     val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="fraction of documents held out for validation (seeded, by document)")
-    seed: int = Field(1337, ge=0, description="seed of the train/val split")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of the train/val split")
     dedup: bool = Field(True, description="drop exact duplicate documents (after normalisation)")
     nfc: bool = Field(True, description="normalise Unicode to NFC")
-    min_chars: int = Field(1, ge=1, description="drop documents shorter than this many characters after normalisation")
+    min_chars: int = Field(1, ge=1, le=BIG, description="drop documents shorter than this many characters after normalisation")
     unicode_errors: Literal["strict", "replace"] = Field(
         "strict", description="invalid UTF-8: strict fails naming the file and byte offset; replace substitutes U+FFFD and counts"
     )
@@ -112,15 +120,15 @@ class TokenizeConfig(Section):
     )
     encoding: str = Field("gpt2", min_length=1, description="tiktoken only: encoding name (gpt2, r50k_base, cl100k_base, ...)")
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="bpe only: vocabulary size to train, special tokens included")
-    min_frequency: int = Field(2, ge=1, description="bpe only: minimum pair count for a merge")
+    min_frequency: int = Field(2, ge=1, le=BIG, description="bpe only: minimum pair count for a merge")
     pretrained: str | None = Field(None, description="hf only: tokenizer folder or hub id (use the model's own for fine-tuning)")
     unknown_chars: Literal["error", "skip", "unk"] = Field(
         "unk", description="char only, for characters not in the train split: error, skip them, or map to an <unk> token"
     )
     workers: int = Field(
-        0, ge=0, description="threads encoding tiktoken/char chunks; 0 = one per usable core (bpe/hf use tokenizers' own pool)"
+        0, ge=0, le=1024, description="threads encoding tiktoken/char chunks; 0 = one per usable core (bpe/hf use tokenizers' own pool)"
     )
-    chunk_bytes: int = Field(1 << 20, ge=1024, description="text per unit of parallel work; bounds memory whatever the corpus size")
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 31, description="text per unit of parallel work; bounds memory whatever the corpus size")
     out_dir: str = Field("data/tokens", min_length=1, description="where train.bin, val.bin, meta.json and tokenizer/ go")
     metrics_file: str = Field(
         "reports/tokenize.json", min_length=1, description="throughput of the run (kept out of out_dir, so that stays a pure function of its inputs)"
@@ -154,12 +162,12 @@ class ModelConfig(Section):
     preset: Literal["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"] | None = Field(
         None, description="scratch only: a GPT-2 shape (sets n_layer, n_head, n_embd and block_size 1024)"
     )
-    n_layer: int = Field(4, ge=1, description="scratch only: transformer blocks")
-    n_head: int = Field(4, ge=1, description="scratch only: attention heads")
-    n_kv_head: int | None = Field(None, ge=1, description="llama only: key/value heads (grouped-query attention); null = n_head")
-    n_embd: int = Field(128, ge=8, description="scratch only: embedding width")
-    intermediate_size: int | None = Field(None, ge=1, description="llama only: MLP width; null = 4 * n_embd * 2/3 rounded up to 64")
-    block_size: int = Field(128, ge=8, description="context length in tokens (training windows; pretrained: at most the model's)")
+    n_layer: int = Field(4, ge=1, le=1024, description="scratch only: transformer blocks")
+    n_head: int = Field(4, ge=1, le=1024, description="scratch only: attention heads")
+    n_kv_head: int | None = Field(None, ge=1, le=1024, description="llama only: key/value heads (grouped-query attention); null = n_head")
+    n_embd: int = Field(128, ge=8, le=1 << 16, description="scratch only: embedding width")
+    intermediate_size: int | None = Field(None, ge=1, le=1 << 20, description="llama only: MLP width; null = 4 * n_embd * 2/3 rounded up to 64")
+    block_size: int = Field(128, ge=8, le=1 << 20, description="context length in tokens (training windows; pretrained: at most the model's)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residuals")
     rope_theta: float = Field(10000.0, gt=0, description="llama only: RoPE base")
     tie_embeddings: bool = Field(True, description="scratch only: share the input embedding and the output head")
@@ -224,15 +232,15 @@ class Batch:
 class TrainConfig(Section):
     """train: the DeepSpeed run. Batch sizes are in sequences of model.block_size tokens."""
 
-    max_steps: int = Field(300, ge=1, description="optimizer steps in total (a resumed run continues up to this)")
-    micro_batch_size: int = Field(16, ge=1, description="sequences per process per forward/backward")
-    grad_accum: int | None = Field(None, ge=1, description="micro steps per optimizer step; null = from global_batch_tokens (or 1)")
+    max_steps: int = Field(300, ge=1, le=BIG, description="optimizer steps in total (a resumed run continues up to this)")
+    micro_batch_size: int = Field(16, ge=1, le=1 << 16, description="sequences per process per forward/backward")
+    grad_accum: int | None = Field(None, ge=1, le=1 << 16, description="micro steps per optimizer step; null = from global_batch_tokens (or 1)")
     global_batch_tokens: int | None = Field(
-        None, ge=1, description="tokens per optimizer step over all processes; grad_accum is derived from it"
+        None, ge=1, le=1 << 40, description="tokens per optimizer step over all processes; grad_accum is derived from it"
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the cosine decay; null = lr / 10")
-    warmup_steps: int = Field(30, ge=0, description="steps of linear warmup from 0 to lr")
+    warmup_steps: int = Field(30, ge=0, le=BIG, description="steps of linear warmup from 0 to lr")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only (not biases, norms)")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
@@ -243,24 +251,27 @@ class TrainConfig(Section):
     offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer state in CPU memory (compiles DeepSpeed's CPU Adam)")
     offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    seed: int = Field(1337, ge=0, description="seed of initialisation, data order and dropout")
-    log_interval: int = Field(10, ge=1, description="log train metrics every N steps")
-    eval_interval: int = Field(50, ge=1, description="evaluate val loss every N steps (and at the end)")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of initialisation, data order and dropout")
+    log_interval: int = Field(10, ge=1, le=BIG, description="log train metrics every N steps")
+    eval_interval: int = Field(50, ge=1, le=BIG, description="evaluate val loss every N steps (and at the end)")
     eval_batches: int = Field(
-        4, ge=1, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes"
+        4, ge=1, le=1 << 20, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes"
     )
-    save_interval: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept, plus the best by val loss")
+    save_interval: int = Field(100, ge=1, le=BIG, description="checkpoint every N steps (and at the end)")
+    keep_last: int = Field(2, ge=1, le=1 << 20, description="checkpoints kept, plus the best by val loss")
     peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)")
     launcher: Literal["python", "deepspeed"] = Field(
         "python", description="python: one process; deepspeed: re-launch through the deepspeed launcher (GPUs, hostfile)"
     )
     hostfile: str | None = Field(None, description="deepspeed launcher: hostfile for multi-node runs (see hostfile.example)")
-    num_gpus: int | None = Field(None, ge=1, description="deepspeed launcher: processes per node; null = all devices")
-    num_nodes: int | None = Field(None, ge=1, description="deepspeed launcher: nodes to use from the hostfile; null = all")
+    num_gpus: int | None = Field(None, ge=1, le=1 << 12, description="deepspeed launcher: processes per node; null = all devices")
+    num_nodes: int | None = Field(None, ge=1, le=1 << 16, description="deepspeed launcher: nodes to use from the hostfile; null = all")
     master_port: int = Field(29500, ge=1024, le=65535, description="deepspeed launcher: rendezvous port on the first node")
     launcher_args: list[str] = Field(default_factory=list, description="extra deepspeed launcher arguments, e.g. [--no_ssh_check]")
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged on top of the generated config")
+    collective_timeout: int = Field(
+        600, ge=10, le=86400, description="seconds a process waits for the others in a collective before the run ends with a message (a frozen rank)"
+    )
     out_dir: str = Field("checkpoints", min_length=1, description="checkpoints (a DVC out with persist: true)")
     export_dir: str = Field("models/final", min_length=1, description="the trained model as a Hugging Face folder")
     metrics_dir: str = Field("reports/train", min_length=1, description="DVCLive metrics and plots of training")
@@ -313,12 +324,12 @@ class EvaluateConfig(Section):
     """evaluate: val loss, perplexity, bits per byte, accuracy and (optionally) HellaSwag of the exported model."""
 
     model_dir: str | None = Field(None, description="the model to evaluate (an export, a checkpoint or any HF folder); null = train.export_dir")
-    batch_size: int = Field(8, ge=1, description="sequences per forward pass")
-    block_size: int | None = Field(None, ge=8, description="window length for val loss; null = model.block_size")
-    max_windows: int | None = Field(None, ge=1, description="score at most this many val windows; null = the whole val split")
+    batch_size: int = Field(8, ge=1, le=1 << 16, description="sequences per forward pass")
+    block_size: int | None = Field(None, ge=8, le=1 << 20, description="window length for val loss; null = model.block_size")
+    max_windows: int | None = Field(None, ge=1, le=1 << 40, description="score at most this many val windows; null = the whole val split")
     hellaswag: str | None = Field(None, description="HellaSwag JSONL (original or preprocessed format); null = skip it")
     hellaswag_url: str | None = Field(None, description="download the HellaSwag JSONL from here (once, into prepare.download_dir)")
-    hellaswag_limit: int | None = Field(None, ge=1, description="score only the first N HellaSwag items")
+    hellaswag_limit: int | None = Field(None, ge=1, le=BIG, description="score only the first N HellaSwag items")
     metrics_file: str = Field("reports/metrics.json", min_length=1, description="where the metrics go (declared as DVC metrics)")
 
     @model_validator(mode="after")
@@ -337,12 +348,12 @@ class SampleConfig(Section):
     model_dir: str | None = Field(None, description="the model to sample from (an export, a checkpoint or any HF folder); null = train.export_dir")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts, each sampled num_samples times")
     prompts_file: str | None = Field(None, description="a text file with one prompt per line, used instead of prompts")
-    num_samples: int = Field(2, ge=1, description="samples per prompt")
-    max_new_tokens: int = Field(200, ge=1, description="tokens generated per sample at most")
+    num_samples: int = Field(2, ge=1, le=1 << 20, description="samples per prompt")
+    max_new_tokens: int = Field(200, ge=1, le=1 << 20, description="tokens generated per sample at most")
     temperature: float = Field(0.8, ge=0, description="softmax temperature; 0 = greedy")
-    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens; null = all")
+    top_k: int | None = Field(50, ge=1, le=1 << 24, description="sample among the k most likely tokens; null = all")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability")
-    seed: int = Field(1337, ge=0, description="seed of the sampler")
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of the sampler")
     stop_at_eot: bool = Field(True, description="stop a sample at the end-of-text token")
     out_dir: str = Field("reports", min_length=1, description="where samples.md and samples.jsonl go")
 
@@ -388,6 +399,52 @@ class Params(Section):
         """Window length of the evaluate stage's val loss."""
         return self.evaluate.block_size or self.model.block_size
 
+    def output_paths(self) -> dict[str, str]:
+        """Every path a stage writes, by the key that sets it (sample and report write named files into their folder)."""
+        samples, report = SamplesDir(self.sample.out_dir), ReportDir(self.report.out_dir)
+        return {
+            "prepare.out_dir": self.prepare.out_dir, "prepare.download_dir": self.prepare.download_dir,
+            "tokenize.out_dir": self.tokenize.out_dir, "tokenize.metrics_file": self.tokenize.metrics_file,
+            "train.out_dir": self.train.out_dir, "train.export_dir": self.train.export_dir, "train.metrics_dir": self.train.metrics_dir,
+            "evaluate.metrics_file": self.evaluate.metrics_file,
+            "sample.out_dir (samples.jsonl)": str(samples.jsonl), "sample.out_dir (samples.md)": str(samples.markdown),
+            "report.out_dir (report.md)": str(report.markdown), "report.out_dir (report.html)": str(report.html),
+            "report.out_dir (plots)": str(report.plots),
+        }  # fmt: skip
+
+    def input_paths(self) -> dict[str, str]:
+        """Every local path a stage reads that no stage writes (globs cut at their first wildcard)."""
+        found = {
+            "prepare.source.path": self.prepare.source.path if self.prepare.source.kind == "files" else None,
+            "prepare.val_source.path": self.prepare.val_source.path if self.prepare.val_source and self.prepare.val_source.kind == "files" else None,
+            "evaluate.hellaswag": self.evaluate.hellaswag, "sample.prompts_file": self.sample.prompts_file,
+            "train.deepspeed_config": self.train.deepspeed_config, "train.hostfile": self.train.hostfile,
+            # A hub id is not a path; a local folder is.
+            "model.init": self.model.init if not self.model.is_scratch and os.path.exists(self.model.init) else None,
+            "tokenize.pretrained": self.tokenize.pretrained if self.tokenize.pretrained and os.path.exists(self.tokenize.pretrained) else None,
+        }  # fmt: skip
+        return {key: re.split(r"[*?\[]", path)[0] or "." for key, path in found.items() if path}
+
+    @model_validator(mode="after")
+    def _outputs_do_not_clobber(self):
+        """A folder a stage replaces whole must not hold, or sit inside, anything else: not an input, not another output."""
+        problems = []
+        outputs, inputs = self.output_paths(), self.input_paths()
+        for key in REPLACED_WHOLE:
+            folder = _absolute(outputs[key])
+            for other, path in {**outputs, **inputs}.items():
+                if other == key:
+                    continue
+                what = "an input" if other in inputs else "another output"
+                if _absolute(path) == folder:
+                    problems.append((key, f"{outputs[key]} is also {other} ({what}): the stage replaces it whole; give each its own folder"))
+                elif _inside(_absolute(path), folder):
+                    problems.append((key, f"{outputs[key]} holds {other}={path} ({what}), which replacing the folder would delete; choose another folder"))
+                elif _inside(folder, _absolute(path)) and other not in REPLACED_WHOLE:  # else reported from the other side
+                    problems.append((key, f"{outputs[key]} is inside {other}={path} ({what}); choose a folder outside it"))
+        check(problems)
+        return self
+
     @model_validator(mode="after")
     def _tokenizer_matches_model(self):
         if not self.model.is_scratch and self.tokenize.kind != "hf":
@@ -404,3 +461,13 @@ class Params(Section):
 
 
 SECTIONS = tuple(Params.model_fields)
+# Folders a stage builds beside their place and swaps in whole (files.building_dir).
+REPLACED_WHOLE = ("prepare.out_dir", "tokenize.out_dir", "train.export_dir")
+
+
+def _absolute(path: str) -> str:
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)

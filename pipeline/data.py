@@ -156,12 +156,27 @@ def verify_tokens(file: TokenFile) -> None:
         raise UserError(f"{file.path}: holds token id {top}, not below the header's vocab_size {file.vocab_size}")
 
 
+def open_verified(tokens: TokensDir, split: str, meta: dict) -> TokenFile:
+    """A split's token file, its CRC and ids checked, agreeing with meta.json on the vocabulary."""
+    file = open_tokens(tokens.split(split), verify=True)
+    if (file.vocab_size, file.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
+        raise UserError(f"{file.path}: the header says vocab_size={file.vocab_size}, eot_id={file.eot_id} but {tokens.meta} "
+                        f"says {meta.get('vocab_size')}, {meta.get('eot_id')}: the folder mixes two tokenize runs; rerun tokenize")
+    return file
+
+
 def read_meta(tokens_dir: str | Path) -> dict:
     """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
     path = TokensDir(tokens_dir).meta
     if not path.is_file():
         raise UserError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON; rerun the tokenize stage") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not the tokenize stage's meta.json; rerun the tokenize stage")
+    return meta
 
 
 # --------------------------------------------------------------------------------------------- batches

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import shlex
 import shutil
 import socket
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.engine import parse_hostfile
 from pipeline.errors import UserError
 
 Result = tuple[str, bool, str]  # (check name, ok, detail; a problem's detail says the fix)
@@ -26,8 +26,6 @@ SSH_CONNECT_TIMEOUT = 5  # seconds ssh may spend connecting; the whole call gets
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT}", "-o", "StrictHostKeyChecking=accept-new"]
 # The programs DeepSpeed's multi-node runners start (deepspeed --launcher NAME); pdsh is its default.
 RUNNER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun", "mvapich": "mpirun", "slurm": "srun"}
-HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)\s*(#.*)?$")
-EXPECTED_LINE = "expected `HOSTNAME slots=N`, e.g. `worker-1 slots=8` (see hostfile.example)"
 
 
 def run_checks(train: TrainConfig, hostfile: str | None = None) -> list[Result]:
@@ -137,39 +135,6 @@ def check_master_port(port: int) -> Result:
 
 
 # -------------------------------------------------------------------------------------------- cluster
-
-
-def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
-    """DeepSpeed's hostfile as (host, slots) pairs; UserError listing every bad line as file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: hostfile not found: create it (see hostfile.example) or unset train.hostfile for one machine")
-    hosts: dict[str, tuple[int, int]] = {}  # host -> (slots, line number)
-    problems = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): is this the hostfile?") from None
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = HOSTFILE_LINE.match(line)
-        if not match:
-            problems.append(f"{path}:{number}: {line!r}: {EXPECTED_LINE}")
-            continue
-        host, slots = match["host"], int(match["slots"])
-        if slots < 1:
-            problems.append(f"{path}:{number}: {host} has slots=0: give it at least one slot or remove the line")
-        elif host in hosts:  # the launcher refuses duplicates
-            problems.append(f"{path}:{number}: {host} is already listed on line {hosts[host][1]}: keep one line per host")
-        else:
-            hosts[host] = (slots, number)
-    if not problems and not hosts:
-        problems.append(f"{path}: no hosts: {EXPECTED_LINE}")
-    if problems:
-        raise UserError("\n".join(problems))
-    return [(host, slots) for host, (slots, _) in hosts.items()]
 
 
 def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:

@@ -114,7 +114,7 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
     tok = build_tokenizer(cfg, lambda: iter_prepared(prepared_dir, "train"))
     build_seconds = time.perf_counter() - start
     splits, seconds = {}, {}
-    with building_dir(cfg.out_dir) as tmp:
+    with building_dir(cfg.out_dir, "tokenize.out_dir") as tmp:
         out = TokensDir(tmp)
         for split in SPLITS:
             splits[split], seconds[split] = tokenize_split(tok, iter_prepared(prepared_dir, split), out.split(split), cfg,

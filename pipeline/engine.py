@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import pickle
+import re
 import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -54,10 +60,11 @@ def default_device() -> torch.device:
     return torch.device("cuda", local_rank() or 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_distributed(single_process_group: bool = True) -> Dist:
+def init_distributed(single_process_group: bool = True, timeout_s: int = 600) -> Dist:
     """Join the launcher's process group, or (single_process_group) create a group of one as DeepSpeed needs.
 
     Without single_process_group, a process no launcher started gets a world of one and no group (evaluate).
+    A collective that waits more than timeout_s for another process raises instead of hanging forever.
     """
     if not is_launched() and not single_process_group:
         return Dist(0, 1, 0, default_device())
@@ -71,7 +78,7 @@ def init_distributed(single_process_group: bool = True) -> Dist:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False)
     device = default_device()
     if cuda:
         torch.cuda.set_device(device)
@@ -155,6 +162,21 @@ def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
     return out
 
 
+def check_precision(train: TrainConfig) -> None:
+    """UserError, before anything is written, when this machine's accelerator lacks train.precision."""
+    if train.precision == "fp32":
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    supported = accel.is_bf16_supported() if train.precision == "bf16" else accel.is_fp16_supported()
+    if not supported:
+        raise UserError(f"train.precision={train.precision} is not supported on this machine's {accel._name} accelerator:"
+                        " use fp32 (or bf16 where supported; `gptpipe doctor` shows which)")
+
+
 def build_engine(model: torch.nn.Module, train: TrainConfig, batch: Batch, echo: Echo = silent) -> tuple[object, dict]:
     """(engine, the DeepSpeed config it runs): the config generated from train.*, a user JSON merged on top.
 
@@ -162,6 +184,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, batch: Batch, echo:
     """
     import deepspeed
 
+    check_precision(train)
     ds_config, changed = merge_user_config(deepspeed_config(train, batch), train.deepspeed_config)
     for change in changed:
         echo(f"train: {train.deepspeed_config} overrides {change}")
@@ -200,6 +223,28 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when flag is true on at least one: all ranks then take the same branch."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def broadcast(obj, src: int = 0):
+    """rank src's obj on every rank."""
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a failed collective means for the user ("frozen" or "gone"), or None when e is something else."""
+    text = str(e)
+    if isinstance(e, RuntimeError) and re.search(r"[Tt]imed out|[Tt]imeout", text):
+        return "frozen"
+    if isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset)|Broken pipe|connection refused", text, re.I):
+        return "gone"
+    return None
+
+
 def barrier() -> None:
     torch_dist.barrier()
 
@@ -210,9 +255,53 @@ def save_engine(engine, folder: Path, tag: str) -> None:
 
 
 def load_engine(engine, folder: Path, tag: str) -> None:
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    with safe_unpickling():
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"checkpoint {folder / tag} could not be loaded by DeepSpeed (incomplete or from another setup)")
+
+
+def _checkpoint_classes() -> list:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and containers (found by loading every file
+    of ZeRO 0-3, fp32 and bf16 with weights_only=True): plain values, whose unpickling runs none of the file's code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def safe_unpickling() -> Iterator[None]:
+    """Every torch.load inside refuses a pickle that would run code, DeepSpeed's own loads included (they ask for
+    weights_only=False): TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that, and only DeepSpeed's value classes are allowed."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_checkpoint_classes()):
+            yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def check_loadable(path: Path) -> str | None:
+    """Why torch must not or cannot load path (code in its pickle, a broken archive), or None when it loads safely.
+
+    Memory-maps the tensors, so only the pickled structure is read: cheap even for a large file.
+    """
+    try:
+        with safe_unpickling():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|global: ([\w.]+)", str(e))
+        what = next(g for g in found.groups() if g) if found else "an object gptpipe does not load"
+        return f"it holds {what}, which loading would run as code: refused"
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        return f"not a readable torch file ({str(e).splitlines()[0][:120]})"
+    return None
 
 
 def full_state_dict(engine) -> dict | None:
@@ -237,6 +326,61 @@ def peak_tflops(train: TrainConfig, device: torch.device) -> float:
     return CPU_PEAK_TFLOPS[train.precision]
 
 
+# ------------------------------------------------------------------------------------------- launcher
+
+HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)\s*(#.*)?$")
+EXPECTED_LINE = "expected `HOSTNAME slots=N`, e.g. `worker-1 slots=8` (see hostfile.example)"
+HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def valid_host(host: str) -> bool:
+    """A DNS host name (RFC 1123 labels; `_` allowed, as some clusters use it) or an IP address."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return len(host) <= 253 and all(HOST_LABEL.match(label) for label in host.rstrip(".").split("."))
+
+
+def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """DeepSpeed's hostfile as (host, slots) pairs; UserError listing every bad line as file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: hostfile not found: create it (see hostfile.example) or unset train.hostfile for one machine")
+    hosts: dict[str, tuple[int, int]] = {}  # host -> (slots, line number)
+    problems = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}): is this the hostfile?") from None
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = HOSTFILE_LINE.match(line)
+        if not match:
+            problems.append(f"{path}:{number}: {line!r}: {EXPECTED_LINE}")
+            continue
+        host, slots = match["host"], int(match["slots"])
+        if not valid_host(host):
+            # The launcher hands host names to ssh and pdsh: `-oProxyCommand=...` would be an option, not a host.
+            problems.append(f"{path}:{number}: {host!r} is not a host name or IP address (letters, digits, '-' and '.',"
+                            " not starting with '-')")
+        elif slots < 1:
+            problems.append(f"{path}:{number}: {host} has slots=0: give it at least one slot or remove the line")
+        elif host in hosts:  # the launcher refuses duplicates
+            problems.append(f"{path}:{number}: {host} is already listed on line {hosts[host][1]}: keep one line per host")
+        else:
+            hosts[host] = (slots, number)
+    if not problems and not hosts:
+        problems.append(f"{path}: no hosts: {EXPECTED_LINE}")
+    if problems:
+        raise UserError("\n".join(problems))
+    return [(host, slots) for host, (slots, _) in hosts.items()]
+
+
+
 def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[str]:
     """The `deepspeed` launcher command line that runs script on every node and process of train.*."""
     exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
@@ -244,6 +388,10 @@ def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[s
     if train.hostfile:
         if not Path(train.hostfile).is_file():
             raise UserError(f"train.hostfile: {train.hostfile} not found")
+        try:
+            parse_hostfile(train.hostfile)
+        except UserError as e:
+            raise UserError(f"train.hostfile: {e}") from None
         cmd += ["--hostfile", train.hostfile]
     if train.num_nodes:
         cmd += ["--num_nodes", str(train.num_nodes)]
@@ -268,9 +416,7 @@ def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], 
 def checkpoint_weights(folder: Path, tag: str, zero_stage: int) -> dict:
     """A saved checkpoint's full model weights, read from disk without an engine (ZeRO-3: consolidated)."""
     if zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]

@@ -274,7 +274,7 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
     notes = []
 
     tokens_dir = TokensDir(p.tokenize.out_dir)
-    val = open_tokens(tokens_dir.split("val"))
+    val = open_tokens(tokens_dir.split("val"), verify=True)
     if (val.vocab_size, val.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise UserError(f"{val.path} was tokenized with vocab_size={val.vocab_size}, eot_id={val.eot_id} but the model in "
                         f"{ref.path} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "

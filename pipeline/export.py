@@ -6,24 +6,36 @@ from transformers import GenerationConfig
 
 from pipeline import engine as ds
 from pipeline.config import Params
-from pipeline.files import building_dir, write_json_atomic
+from pipeline.errors import UserError
+from pipeline.files import building_dir, write_failure, write_json_atomic
 from pipeline.layout import ExportDir
 from pipeline.tokenizers import Tokenizer
 
 
 def export_model(engine, p: Params, state: dict, dist: ds.Dist, tokenizer: Tokenizer) -> None:
-    """Consolidate the weights (ZeRO-3 included; call on every rank) and write train.export_dir on rank 0."""
+    """Consolidate the weights (ZeRO-3 included; call on every rank) and write train.export_dir on rank 0.
+
+    A failed write (a full disk) leaves the previous export in place and ends every rank with one message.
+    """
     weights = ds.full_state_dict(engine)
+    failure = None
     if dist.is_main:
-        write_hf_folder(engine.module, weights, p, state, tokenizer)
-    ds.barrier()
+        try:
+            write_hf_folder(engine.module, weights, p, state, tokenizer)
+        except Exception as e:  # noqa: BLE001 - narrowed by write_failure: anything else re-raises unchanged
+            failure = write_failure(e, p.train.export_dir)
+            if failure is None:
+                raise
+    if ds.any_rank(failure is not None, dist.device):
+        raise UserError(f"train: {failure or 'rank 0 could not write the export'} while exporting to train.export_dir; the"
+                        " previous export (if any) is unchanged and the last checkpoint is complete: rerun to export")
 
 
 def write_hf_folder(model, weights: dict, p: Params, state: dict, tokenizer: Tokenizer) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one small folder: no "Writing model shards" bar in the train log
-    with building_dir(p.train.export_dir) as tmp:
+    with building_dir(p.train.export_dir, "train.export_dir") as tmp:
         out = ExportDir(tmp)
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.eot_id
         model.save_pretrained(out.root, state_dict=weights, safe_serialization=True)

@@ -1,7 +1,9 @@
-"""Writing outputs so that an interrupted run never leaves a half-written file or folder behind."""
+"""Writing outputs so that an interrupted run never leaves a half-written file or folder behind, a folder is
+replaced only when gptpipe wrote it, and a full disk is one message."""
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -10,6 +12,18 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from pipeline.errors import UserError
+
+# Written into every folder a stage builds: only a folder holding it (or an older gptpipe's signature file)
+# is ever replaced, so a mistyped out_dir pointing at the corpus or at data/ is refused, not deleted.
+MARKER = ".gptpipe-output"
+SIGNATURES = ("manifest.json", "meta.json", "gptpipe.json")  # what earlier gptpipe versions left, before the marker
+
+# Errors a user fixes on the machine (space, quota, permissions), not bugs.
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+                errno.EFBIG: "file too large for this file system or limit"}
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -33,19 +47,64 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 
 @contextmanager
-def building_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside out_dir; on success it replaces out_dir, on failure it goes."""
+def building_dir(out_dir: str | Path, key: str) -> Iterator[Path]:
+    """Yield an empty temporary folder beside out_dir; on success it replaces out_dir, on failure it goes.
+
+    key names the param that chose out_dir: an existing out_dir that gptpipe did not write is refused with it.
+    """
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, key)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)  # of a run that was killed; the name is ours
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
+        (tmp / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_dir(tmp, out_dir)
+
+
+def check_replaceable(out_dir: Path, key: str) -> None:
+    """UserError unless out_dir is absent, empty, or a folder gptpipe wrote."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{key}: {out_dir} is a file, expected a folder")
+    names = {p.name for p in out_dir.iterdir()}
+    if names and MARKER not in names and not names & set(SIGNATURES):
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise UserError(f"{key}: {out_dir} holds files gptpipe did not write ({shown}); it would be replaced whole."
+                        f" Point {key} at a new folder (or empty this one yourself)")
+
+
+def write_failure(e: BaseException, path: str | Path) -> UserError | None:
+    """The one-line message for an error writing path that the user fixes (a full disk...), else None (a bug).
+
+    torch's C++ writer reports a full disk as RuntimeError("... basic_ios::clear ...") and safetensors as its
+    own error, with no errno: then the free space decides.
+    """
+    reason = WRITE_ERRNOS.get(getattr(e, "errno", None))
+    if reason is None and not isinstance(e, OSError):
+        text = str(e)
+        if not any(s in text for s in ("basic_ios", "failed writing", "No space", "Disk quota", "unexpected pos")):
+            return None
+        reason = "no space left on the device" if free_bytes(path) < 64 << 20 else f"the write failed ({text.splitlines()[0][:120]})"
+    if reason is None:
+        return None
+    return UserError(f"could not write {path}: {reason}")
+
+
+def free_bytes(path: str | Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
 
 
 def swap_dir(new: Path, out_dir: Path) -> None:

@@ -27,7 +27,7 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
 
     hf_logging.disable_progress_bar()  # the stage shows its own progress
     folder = Path(source)
-    ckpt = find_checkpoint(folder)
+    ckpt = find_checkpoint(folder, key)
     if ckpt is not None:
         for needed in (ckpt.model_config, ckpt.tokenizer):
             if not needed.exists():

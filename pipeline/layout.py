@@ -3,7 +3,8 @@
     PreparedDir   prepare.out_dir     train.jsonl, val.jsonl, manifest.json
     TokensDir     tokenize.out_dir    train.bin, val.bin, meta.json, tokenizer/
     RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/
-    CheckpointDir run-*/step-*        state.json, config.json, tokenizer/, metrics/, rng-rank<r>.pt, DeepSpeed's files
+    CheckpointDir run-*/step-*        DeepSpeed's files, rng-rank<r>.pt, config.json, tokenizer/, metrics/, state.json,
+                                      checksums.json (last)
     ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
     TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves)
     SamplesDir    sample.out_dir      samples.jsonl, samples.md
@@ -66,8 +67,13 @@ class CheckpointDir(Folder):
 
     @property
     def state(self) -> Path:
-        """Written last: a checkpoint without it is incomplete."""
+        """Where the run stands: step, tokens seen, best so far, the resolved params."""
         return self.root / "state.json"
+
+    @property
+    def checksums(self) -> Path:
+        """sha256 of every other file; written last, so a folder without it is incomplete."""
+        return self.root / "checksums.json"
 
     @property
     def model_config(self) -> Path:

@@ -23,6 +23,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise UserError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise UserError(f"override {text[:40]!r}...: the value is nested too deeply") from None
     return [p.strip() for p in parts], value
 
 
@@ -52,6 +54,8 @@ def read_yaml(path: Path) -> dict:
         raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a params file (sections are two or three levels deep)") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -69,6 +73,8 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 def validate_params(raw: dict, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be params (sections are two or three levels deep)") from None
     except ValidationError as e:
         lines = format_errors(e)
         head = f"{source}: {len(lines)} problem{'s' if len(lines) > 1 else ''}"

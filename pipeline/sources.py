@@ -17,15 +17,7 @@ from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.downloads import cached_path, download
 from pipeline.errors import UserError
 from pipeline.files import building_dir, write_json_atomic
-from pipeline.formats import (
-    DATA_EXTRA,
-    SourceStats,
-    as_text,
-    decode,
-    iter_file,
-    missing_column,
-    unify_newlines,
-)
+from pipeline.formats import DATA_EXTRA, SourceStats, as_text, decode, iter_file, missing_column, unify_newlines
 from pipeline.layout import SPLITS, PreparedDir
 from pipeline.output import ProgressFactory, no_progress
 
@@ -176,10 +168,7 @@ def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = 
 
     progress(n) is called as n more input bytes are read (source_size gives the total). Returns the manifest.
     """
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"prepare.out_dir: {out} is a file, expected a folder")
-    with building_dir(out) as tmp:
+    with building_dir(cfg.out_dir, "prepare.out_dir") as tmp:
         stats = SourceStats(progress=progress)
         manifest = _write_splits(cfg, PreparedDir(tmp), stats, download_progress)
         write_json_atomic(PreparedDir(tmp).manifest, manifest)

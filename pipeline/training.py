@@ -13,13 +13,7 @@ import torch.nn.functional as F
 from pipeline import checkpoints as ckpt
 from pipeline import engine as ds
 from pipeline.config import Batch, Params, TrainConfig
-from pipeline.data import (
-    WindowSampler,
-    fixed_windows,
-    open_tokens,
-    read_meta,
-    window_batch,
-)
+from pipeline.data import WindowSampler, fixed_windows, open_verified, read_meta, window_batch
 from pipeline.errors import UserError
 from pipeline.export import export_model
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
@@ -64,9 +58,12 @@ class Run:
 
 def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print) -> dict | None:
     """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
-    dist = ds.init_distributed()
+    dist = ds.init_distributed(timeout_s=p.train.collective_timeout)
     run = setup(p, dist, echo if dist.is_main else silent)
-    fit(run, progress)
+    try:
+        fit(run, progress)
+    except RuntimeError as e:
+        raise collective_error(e, run) or e
     export_model(run.engine, p, run.state.__dict__, dist, run.tokenizer)
     run.log.close()
     if not dist.is_main:
@@ -82,20 +79,35 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     }
 
 
+def collective_error(e: RuntimeError, run: Run) -> UserError | None:
+    """One message for a collective that failed because another process froze or died, else None."""
+    cause = ds.collective_failure(e)
+    if cause is None:
+        return None
+    t, latest = run.p.train, ckpt.latest_tag(run.run_dir)
+    why = (f"waited more than train.collective_timeout={t.collective_timeout} s for the other processes: one of them is frozen"
+           if cause == "frozen" else "lost another process: it ended (see its log)")
+    resume = f"; a rerun resumes from {run.run_dir.root / latest}" if latest else ""
+    return UserError(f"train: rank {run.dist.rank} {why}, at step {run.state.step + 1}{resume}")
+
+
 def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
+    # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
     meta = read_meta(tokens.root)
-    train_tokens, val_tokens = open_tokens(tokens.split("train")), open_tokens(tokens.split("val"))
-    tokenizer = load_tokenizer(tokens.tokenizer)  # now, not at export after hours of training
+    train_tokens, val_tokens = (open_verified(tokens, split, meta) for split in ("train", "val"))
+    tokenizer = load_tokenizer(tokens.tokenizer)
     batch = t.batch(dist.world_size, p.model.block_size)
 
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
     identity = ckpt.run_identity(p, data, dist.world_size, batch.grad_accum)
     run_dir = ckpt.run_folder(t.out_dir, identity)
-    tag = ckpt.latest_tag(run_dir)
+    tag = ckpt.resume_point(run_dir, dist, echo)
     reason = ckpt.why_fresh(t.out_dir, identity) if tag is None else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
+    if p.model.trust_remote_code:
+        echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
 
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
     model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing)

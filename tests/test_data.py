@@ -178,7 +178,7 @@ def test_tokenize_corpus_end_to_end(tmp_path, docs, kind):
     meta, throughput = tokenize_corpus(cfg, prepared, progress=seen.append)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]  # no temporary leftovers
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".gptpipe-output", "meta.json", "tokenizer", "train.bin", "val.bin"]
     assert json.loads((out / "meta.json").read_text()) == meta
     tok = load_tokenizer(out / "tokenizer")
     assert (meta["vocab_size"], meta["eot_id"], meta["tokenizer"]["kind"]) == (tok.vocab_size, tok.eot_id, kind)
@@ -223,12 +223,13 @@ def test_tokenize_corpus_failure_keeps_old_output(tmp_path, docs):
     prepared = write_prepared(tmp_path / "prepared", docs[:50], ["a character unseen in train: ☃"])
     out = tmp_path / "tokens"
     out.mkdir()
+    (out / ".gptpipe-output").write_text("an earlier run's output")
     (out / "old.txt").write_text("previous run")
     cfg = TokenizeConfig(kind="char", out_dir=str(out), unknown_chars="error")
     with pytest.raises(UserError, match=r"val\.jsonl: character '☃' \(U\+2603\) is absent from the train split"):
         tokenize_corpus(cfg, prepared)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".gptpipe-output", "old.txt"]
 
 
 def test_tokenize_corpus_without_prepared_data(tmp_path):

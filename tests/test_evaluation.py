@@ -110,6 +110,7 @@ def test_covered_text_bytes_counts_utf8_bytes_and_no_end_of_text():
 
 def write_tokens_dir(folder: Path, tok, docs: list[str]) -> Path:
     """val.bin and the part of meta.json evaluate reads."""
+    folder.mkdir(parents=True, exist_ok=True)
     ids = tok.encode_documents(docs)
     write_tokens(folder / "val.bin", ids, tok.vocab_size, tok.eot_id)
     meta = {"splits": {"val": {"tokens": len(ids), "text_bytes": sum(len(d.encode()) for d in docs)}}}
@@ -120,7 +121,7 @@ def write_tokens_dir(folder: Path, tok, docs: list[str]) -> Path:
 def test_evaluate_stage_writes_numeric_metrics_and_notes(tmp_path):
     tok = char_tokenizer()
     model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok, n_positions=32), tok)
-    tokens_dir = write_tokens_dir(tmp_path, tok, [SENTENCE] * 10)  # 25 ids per document
+    tokens_dir = write_tokens_dir(tmp_path / "tokens", tok, [SENTENCE] * 10)  # 25 ids per document
     hellaswag = tmp_path / "hs.jsonl"
     item = {"ctx": "the cat", "endings": ["sat", "dog", "mat"]}
     hellaswag.write_text("".join(json.dumps({**item, "label": i % 3}) + "\n" for i in range(5)))

@@ -287,7 +287,7 @@ def test_prepare_output_manifest_and_rerun(tmp_path):
     cfg, done = PrepareConfig(source=source, min_chars=2, out_dir=str(tmp_path / "out")), []
     manifest = prepare_corpus(cfg, progress=done.append)
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["manifest.json", "train.jsonl", "val.jsonl"]
+    assert sorted(os.listdir(out)) == [".gptpipe-output", "manifest.json", "train.jsonl", "val.jsonl"]
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "out"]  # no temp folders left behind
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["dropped"] == {"short": 1, "duplicate": 2}
