@@ -181,7 +181,7 @@ class ModelConfig(Section):
     @classmethod
     def _apply_preset(cls, data):
         """A preset fills n_layer, n_head, n_embd and block_size, so every reader sees the real shape."""
-        if not isinstance(data, dict) or data.get("preset") not in GPT2_PRESETS:
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str) or data["preset"] not in GPT2_PRESETS:
             return data  # no preset, or an unknown one (the field's own check names it)
         name, shape = data["preset"], GPT2_PRESETS[data["preset"]]
         problems = []

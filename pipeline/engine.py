@@ -45,10 +45,14 @@ class Dist:
         return self.rank == 0
 
 
+# Set when init_distributed made a world of one itself: the variables it sets are not a launcher's.
+_own_world = False
+
+
 def local_rank() -> int | None:
     """This process's index on its node when a launcher started it (LOCAL_RANK), else None."""
     value = os.environ.get("LOCAL_RANK")
-    return int(value) if value is not None else None
+    return int(value) if value is not None and not _own_world else None
 
 
 def is_launched() -> bool:
@@ -74,9 +78,16 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
 
     # The deepspeed launcher sets these; a plain `python stages/train.py` gets a world of one.
     if "RANK" not in os.environ:
+        global _own_world
+        _own_world = True
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
+    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default (30 minutes for gloo),
+    # not the world's timeout: every group of this process gets the same one, so no collective hangs longer.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False)
     device = default_device()
@@ -296,8 +307,8 @@ def check_loadable(path: Path) -> str | None:
         with safe_unpickling():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)|global: ([\w.]+)", str(e))
-        what = next(g for g in found.groups() if g) if found else "an object gptpipe does not load"
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else "an object gptpipe does not load"
         return f"it holds {what}, which loading would run as code: refused"
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         return f"not a readable torch file ({str(e).splitlines()[0][:120]})"

@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from pipeline import config, params
 from pipeline.errors import UserError
-
-from conftest import ROOT
 
 
 def shipped_params_files() -> list[Path]:

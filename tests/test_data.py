@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
 from pipeline.config import TokenizeConfig
 from pipeline.data import HEADER, HEADER_BYTES, TokenWriter, open_tokens, write_tokens
 from pipeline.encoding import chunk_documents, encode_chunks, tokenize_corpus
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, build_tokenizer, load_tokenizer
-
-from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT
+from conftest import ROOT, clean_env
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 STAGES = ("prepare", "tokenize", "train", "evaluate", "sample", "report")
@@ -73,7 +72,7 @@ def test_each_stage_depends_on_exactly_the_code_it_imports(stage):
 
 
 def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "COLUMNS": "200"}
+    env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "COLUMNS": "200"}
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout + out.stderr

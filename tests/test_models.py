@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_TRAIN, logged
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
@@ -13,7 +14,6 @@ from pipeline.errors import UserError
 from pipeline.models import build_model, count_params, padded_vocab
 from pipeline.sources import prepare_corpus
 from pipeline.training import train
-from test_training import TINY_TRAIN, logged
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

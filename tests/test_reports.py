@@ -4,7 +4,7 @@ import json
 
 from dvclive import Live
 
-from pipeline import config, params
+from pipeline import params
 from pipeline.reports import build_report, read_history
 
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from test_evaluation import char_tokenizer, save_model_dir, tiny_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import config, params
+from pipeline import params
 from pipeline.errors import UserError
 from pipeline.models import context_length
 from pipeline.sampling import filter_logits, generate_samples, sample_tokens, write_samples
-from test_evaluation import char_tokenizer, save_model_dir, tiny_gpt2
 
 INF = float("-inf")
 

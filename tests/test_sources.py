@@ -13,11 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import formats, sources
+from pipeline import formats
 from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
-from pipeline.sources import (SourceStats, split_of, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size,
-                              source_size)
+from pipeline.sources import SourceStats, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size, source_size, split_of
 
 
 def read(errors="strict", stats=None, download_dir="data/cache/downloads", **source):

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, CharTokenizer, HfTokenizer, TiktokenTokenizer, build_tokenizer, load_tokenizer
 
-from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 SAMPLE = "Hello world!  Ünïcödé → 日本語 😀\n\n\tTabs,   spaces\r\nand 123 numbers.\n"
 
 

@@ -1,71 +1,18 @@
 """Training through real DeepSpeed on CPU: ZeRO stages, precision, data parallel equivalence, resume, export."""
 
-import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, run_training, tiny_params
 
-from conftest import ROOT
 from pipeline import config, params
-from pipeline.encoding import tokenize_corpus
 from pipeline.errors import UserError
-from pipeline.sources import prepare_corpus
 from pipeline.training import lr_at, train
-
-TINY_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32}
-TINY_TRAIN = {
-    "max_steps": 16, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "log_interval": 4,
-    "eval_interval": 8, "save_interval": 8, "eval_batches": 2, "keep_last": 5,
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tokens_dir(tmp_path_factory, shared_data) -> Path:
-    """Char-level tokens of the first ~100 KB of tiny Shakespeare, split at blank lines."""
-    root = tmp_path_factory.mktemp("corpus")
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
-    (root / "corpus.txt").write_text(text)
-    prepared = config.PrepareConfig.model_validate(
-        {"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"}, "out_dir": str(root / "prepared")}
-    )
-    prepare_corpus(prepared)
-    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(root / "tokens")), root / "prepared")
-    return root / "tokens"
-
-
-def tiny_params(tokens_dir: Path, run_dir: Path, model: dict | None = None, tokenize: dict | None = None, **train) -> dict:
-    return {
-        "tokenize": tokenize or {"kind": "char", "out_dir": str(tokens_dir)},
-        "model": {**TINY_MODEL, **(model or {})},
-        "train": {
-            **TINY_TRAIN,
-            "out_dir": str(run_dir / "checkpoints"),
-            "export_dir": str(run_dir / "final"),
-            "metrics_dir": str(run_dir / "metrics"),
-            **train,
-        },
-    }
-
-
-def run_training(raw: dict) -> dict:
-    return train(params.validate_params(raw))
-
-
-def logged(run_dir: Path, name: str) -> list[float]:
-    with open(run_dir / "metrics" / "plots" / "metrics" / f"{name}.tsv") as f:
-        return [float(row[name.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
-
-
-def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "final" / "model.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -164,24 +111,6 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 # ------------------------------------------------------------------------------------- the launcher
-
-
-def clean_env() -> dict:
-    """This process's environment without the distributed variables that in-process training set."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-
-
-def launch(args: list[str], params: dict, cwd: Path, script: str = "train", **kw) -> subprocess.Popen:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), *args, str(ROOT / "stages" / f"{script}.py"), "--params", str(cwd / "params.yaml")]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(), **kw)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 @pytest.mark.slow
