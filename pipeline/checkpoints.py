@@ -22,13 +22,14 @@ import hashlib
 import json
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import engine as ds
-from pipeline.config import Params
+from pipeline.config import Params, TrainConfig
 from pipeline.engine import Dist
 from pipeline.errors import UserError
 from pipeline.files import write_failure, write_json_atomic, write_text_atomic
@@ -36,10 +37,13 @@ from pipeline.layout import CheckpointDir, RunDir, TrainMetrics, step_tag
 from pipeline.output import Echo, silent
 from pipeline.tokenizers import Tokenizer
 
-# Changing these keeps the run: they say how long to train and how often to log, not what to learn.
+# Changing these keeps the run: they say how long to train, how often to look and where things go, not what to learn.
 RESUME_SAFE = {
-    "max_steps", "log_interval", "eval_interval", "eval_batches", "save_interval", "keep_last", "peak_tflops",
-    "launcher", "hostfile", "num_gpus", "num_nodes", "master_port", "launcher_args", "out_dir", "export_dir", "metrics_dir",
+    "max_steps", "epochs", "decay_steps", "log_interval", "eval_interval", "eval_batches", "eval_at_start",
+    "early_stopping_patience", "early_stopping_min_delta", "hellaswag_interval", "hellaswag_limit", "sample_interval",
+    "sample_prompts", "sample_max_new_tokens", "save_interval", "keep_last", "run_name", "resume", "export", "export_dtype",
+    "loggers", "wandb_project", "peak_tflops", "launcher", "hostfile", "num_gpus", "num_nodes", "include", "exclude",
+    "master_port", "launcher_args", "collective_timeout", "out_dir", "export_dir", "metrics_dir",
 }  # fmt: skip
 
 
@@ -69,12 +73,71 @@ def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
     if not others:
         return None
     previous = json.loads(others[-1].read_text())
-    changed = [f"{k} {previous.get(k)!r} -> {identity.get(k)!r}" for k in sorted(set(previous) | set(identity)) if previous.get(k) != identity.get(k)]
-    return f"{', '.join(changed)} since {others[-1].parent} (kept there)"
+    return f"{differences(previous, identity)} since {others[-1].parent} (kept there)"
+
+
+def differences(saved: dict, identity: dict) -> str:
+    keys = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in keys)
+
+
+def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent) -> tuple[RunDir, str | None]:
+    """(the run folder, the checkpoint to resume or None), decided on rank 0 and the same on every rank.
+
+    train.resume: auto resumes the newest intact checkpoint; never moves an existing folder aside to
+    <folder>.previous and starts over; a checkpoint folder resumes that step (a later branch is moved aside).
+    """
+    answer = None
+    if dist.is_main:
+        try:
+            run, tag = _open_run(t, identity, echo)
+            answer = ("ok", (str(run.root), tag))
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = ds.broadcast(answer) if dist.world_size > 1 else answer
+    if kind == "error":
+        raise UserError(value)
+    return RunDir(value[0]), value[1]
+
+
+def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str | None]:
+    if t.resume not in ("auto", "never"):
+        ckpt = find_checkpoint(t.resume, "train.resume")
+        if ckpt is None:
+            raise UserError(f"train.resume: {t.resume} is not a checkpoint (run-*/step-*) nor a run folder")
+        run = RunDir(ckpt.root.parent)
+        saved = json.loads(run.identity.read_text()) if run.identity.is_file() else {}
+        if saved != identity:
+            raise UserError(f"train.resume: {ckpt.root} was trained with other settings ({differences(saved, identity)}); resuming"
+                            " needs the same model, data and optimizer settings")
+        later = [c for c in run.steps() if c.tag > ckpt.tag]
+        if later:
+            aside = run.root / f"abandoned-after-{ckpt.tag}"
+            aside.mkdir(exist_ok=True)
+            for c in later:
+                c.root.rename(aside / c.tag)
+            echo(f"train: resuming {ckpt.tag} as asked; the later {', '.join(c.tag for c in later)} moved to {aside}")
+        return run, ckpt.tag
+
+    run = RunDir(Path(t.out_dir) / t.run_name) if t.run_name else run_folder(t.out_dir, identity)
+    if t.resume == "never" and run.root.exists():
+        aside = run.root.with_name(run.root.name + ".previous")
+        shutil.rmtree(aside, ignore_errors=True)
+        run.root.rename(aside)
+        echo(f"train: train.resume=never: starting over; the earlier {run.root} is now {aside}")
+        return run, None
+    if t.run_name and run.identity.is_file():
+        saved = json.loads(run.identity.read_text())
+        if saved != identity:
+            raise UserError(f"train.run_name={t.run_name}: {run.root} holds a run with other settings ({differences(saved, identity)});"
+                            " choose another run_name, or set train.resume=never to start it over (the old folder is kept as"
+                            f" {run.root.name}.previous)")
+    return run, choose_resume(run, echo)
 
 
 def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
-    """Create the run folder (rank 0) with what identifies it and the DeepSpeed config that runs."""
+    """Create the run folder (rank 0) with what identifies it and the DeepSpeed config that runs; then every rank
+    checks it sees the folder, since rank 0 reads every rank's checkpoint files (out_dir must be shared)."""
     if dist.is_main:
         try:
             run.root.mkdir(parents=True, exist_ok=True)
@@ -82,6 +145,12 @@ def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
             write_json_atomic(run.ds_config, ds_config)
         except OSError as e:
             raise write_failure(e, run.root) or e from None
+    ds.barrier()
+    unseen = not run.identity.is_file()
+    if ds.any_rank(unseen, dist.device):
+        where = f"rank {dist.rank} on {socket.gethostname()} cannot see {run.identity}" if unseen else "another rank cannot see it"
+        raise UserError(f"train.out_dir={run.root.parent} must be on storage every node sees (a shared file system): {where},"
+                        " which rank 0 wrote")
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -127,20 +196,6 @@ def verify(ckpt: CheckpointDir) -> str | None:
 def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def resume_point(run: RunDir, dist: Dist, echo: Echo = silent) -> str | None:
-    """choose_resume on rank 0 (it reads every rank's files), the same answer or error on every rank."""
-    answer = None
-    if dist.is_main:
-        try:
-            answer = ("tag", choose_resume(run, echo))
-        except UserError as e:
-            answer = ("error", str(e))
-    kind, value = ds.broadcast(answer) if dist.world_size > 1 else answer
-    if kind == "error":
-        raise UserError(value)
-    return value
 
 
 def choose_resume(run: RunDir, echo: Echo = silent) -> str | None:
@@ -260,15 +315,16 @@ def load(engine, run: RunDir, tag: str, dist: Dist) -> dict:
 def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
     """The training curves and summary so far: saved with a checkpoint, put back when a run resumes from it,
     so the curves continue exactly from the resumed step (no rows of steps trained again, none of another run)."""
-    for path in (dst.curves, dst.summary):
+    for path in (dst.curves, dst.summary, dst.samples):
         if path.is_dir():
             shutil.rmtree(path)
         path.unlink(missing_ok=True)
     dst.root.mkdir(parents=True, exist_ok=True)
     if src.curves.is_dir():
         shutil.copytree(src.curves, dst.curves)
-    if src.summary.is_file():
-        shutil.copy2(src.summary, dst.summary)
+    for name in ("summary", "samples"):
+        if getattr(src, name).is_file():
+            shutil.copy2(getattr(src, name), getattr(dst, name))
 
 
 def capture_rng() -> dict:

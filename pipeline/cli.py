@@ -180,11 +180,13 @@ def run_stage(name: str) -> None:
 def train(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = [],  # noqa: B006
+    fresh: Annotated[bool, typer.Option("--fresh", help="start over instead of resuming (the same as -S train.resume=never)")] = False,
     local_rank: Annotated[int, typer.Option("--local_rank", "--local-rank", hidden=True, help="set by the deepspeed launcher")] = -1,
 ):
     """Train with DeepSpeed (resuming a compatible checkpoint) and export a Hugging Face folder."""
     from pipeline import engine
 
+    set_ = [*set_, "train.resume=never"] if fresh else set_
     p = load_params(params, set_)
     if p.train.launcher == "deepspeed" and not engine.is_launched():
         raise typer.Exit(engine.relaunch(p.train, params, set_, echo))

@@ -173,6 +173,14 @@ def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
     return out
 
 
+def inference_dtype(train: TrainConfig) -> torch.dtype:
+    """What evaluate and sample run in: the training precision on a GPU; fp32 on a CPU, where bf16 gains little
+    outside matmuls and changes the numbers."""
+    if torch.cuda.is_available() and train.precision != "fp32":
+        return torch.bfloat16 if train.precision == "bf16" else torch.float16
+    return torch.float32
+
+
 def check_precision(train: TrainConfig) -> None:
     """UserError, before anything is written, when this machine's accelerator lacks train.precision."""
     if train.precision == "fp32":
@@ -315,14 +323,39 @@ def check_loadable(path: Path) -> str | None:
     return None
 
 
-def full_state_dict(engine) -> dict | None:
-    """The whole model's weights on rank 0 (None elsewhere); call on every rank (ZeRO-3 gathers)."""
+def full_state_dict(engine, dtype: torch.dtype) -> dict | None:
+    """The whole model's weights in dtype on rank 0 (None elsewhere); call on every rank (ZeRO-3 gathers).
+
+    With bf16/fp16 training these are the fp32 master weights the optimizer holds, cast once to dtype, not the
+    low-precision copies the forward pass used.
+    """
+    module = engine.module
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return state if torch_dist.get_rank() == 0 else None
+        state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
+    else:
+        state = module.state_dict() if torch_dist.get_rank() == 0 else None
+    masters = _master_weights(engine) if engine.bfloat16_enabled() or engine.fp16_enabled() else {}
     if torch_dist.get_rank() != 0:
         return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {name: masters.get(name, tensor).detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+            for name, tensor in state.items()}
+
+
+def _master_weights(engine) -> dict[str, torch.Tensor]:
+    """name -> fp32 master copy of each parameter (tied names included); ZeRO-3 gathers, so every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    optimizer, masters = engine.optimizer, {}
+    # ZeRO 0 in bf16/fp16 runs DeepSpeed's unfused optimizer: fp32 copies side by side with the module's groups.
+    by_id = {id(low): high for lows, highs in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+             for low, high in zip(lows, highs)}
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        master = by_id.get(id(param))
+        if master is None:
+            master = safe_get_full_fp32_param(param)
+        if master is not None:
+            masters[name] = master.view(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+    return masters
 
 
 def peak_tflops(train: TrainConfig, device: torch.device) -> float:
@@ -408,6 +441,10 @@ def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[s
         cmd += ["--num_nodes", str(train.num_nodes)]
     if train.num_gpus:
         cmd += ["--num_gpus", str(train.num_gpus)]
+    if train.include:
+        cmd += ["--include", train.include]
+    if train.exclude:
+        cmd += ["--exclude", train.exclude]
     cmd += ["--master_port", str(train.master_port), *train.launcher_args, script, *args]
     return cmd
 

@@ -177,6 +177,14 @@ def _parse_item(line: str, where: str) -> Item:
     return Item(doc["ctx"], endings, label)
 
 
+def load_hellaswag(p: Params, limit: int | None, progress: ProgressFactory = no_progress) -> list[Item]:
+    """The items of evaluate.hellaswag (or evaluate.hellaswag_url, downloaded once), the first `limit` of them."""
+    if not (p.evaluate.hellaswag or p.evaluate.hellaswag_url):
+        raise UserError("train.hellaswag_interval needs the items: set evaluate.hellaswag (a JSONL file) or evaluate.hellaswag_url")
+    path = p.evaluate.hellaswag or fetch_hellaswag(p.evaluate.hellaswag_url, p.prepare.download_dir, progress)
+    return parse_hellaswag(path)[: limit or p.evaluate.hellaswag_limit]
+
+
 def fetch_hellaswag(url: str, cache_dir: str | Path, progress: ProgressFactory = no_progress) -> Path:
     """The HellaSwag JSONL at url, downloaded once into cache_dir."""
     try:
@@ -197,39 +205,54 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
-        return [tokenizer.eot_id], tokenizer.encode(continuation)
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+        return [tokenizer.bos_id], tokenizer.encode(continuation)
+    whole = tokenizer.encode_prompt(context + continuation)  # a BOS first where documents start with one
+    context_ids = tokenizer.encode_prompt(context)
     return context_ids, whole[len(context_ids) :]
 
 
 @torch.no_grad()
-def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: int,
-                   progress: Callable[[int], None] | None = None) -> list[list[float]]:
-    """Summed log-likelihood of each item's endings (as the continuation " " + ending of its query)."""
-    max_len = model_context(model) or 1 << 30
+def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: int, progress: Callable[[int], None] | None = None,
+                   dist: engine.Dist | None = None, max_len: int | None = None) -> list[list[float]]:
+    """Summed log-likelihood of each item's endings (as the continuation " " + ending of its query).
+
+    With dist, rank r scores requests r, r + world_size, ... and every rank gets them all back; every rank runs
+    the same number of forward passes (ZeRO-3 gathers parameters inside each), a short one scoring a placeholder.
+    model may be a DeepSpeed engine (training) or a plain module; max_len defaults to the model's context.
+    """
+    max_len = max_len or model_context(model) or 1 << 30
     requests = []  # (item, ending, input ids, continuation ids)
     for i, item in enumerate(items):
         for j, ending in enumerate(item.endings):
             context_ids, cont_ids = encode_pair(tokenizer, item.query, " " + ending)
             ids = (context_ids + cont_ids)[-(max_len + 1) :][:-1]  # truncated from the left, like lm-eval
             requests.append((i, j, ids, cont_ids[-len(ids) :]))
-    device = next(model.parameters()).device
-    out = [[0.0] * len(item.endings) for item in items]
     requests.sort(key=lambda r: -len(r[2]))  # similar lengths together: less padding
-    for first in range(0, len(requests), batch_size):
-        batch = requests[first : first + batch_size]
+    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+    mine = requests[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(requests) / world_size) / batch_size)
+    device = next(model.parameters()).device
+    found = torch.zeros(len(requests), dtype=torch.float64, device=device)  # by position in requests
+    for b in range(n_batches):
+        batch = mine[b * batch_size : (b + 1) * batch_size] or requests[:1]
         x = torch.zeros(len(batch), len(batch[0][2]), dtype=torch.long)
         for row, (_, _, ids, _) in enumerate(batch):
             x[row, : len(ids)] = torch.tensor(ids)
         logprobs = F.log_softmax(model(input_ids=x.to(device), use_cache=False).logits.float(), dim=-1)  # (B, T, V)
-        for row, (i, j, ids, cont) in enumerate(batch):
+        if not mine[b * batch_size : (b + 1) * batch_size]:
+            continue  # the placeholder: this rank had nothing left
+        for row, (_, _, ids, cont) in enumerate(batch):
             # The logits at position t predict token t + 1, so the last len(cont) positions predict the continuation.
             at = torch.arange(len(ids) - len(cont), len(ids), device=device)
             target = torch.tensor(cont, device=device)
-            out[i][j] = logprobs[row, at, target].sum().item()
+            found[(b * batch_size + row) * world_size + rank] = logprobs[row, at, target].sum()
         if progress:
             progress(len(batch))
+    if world_size > 1:
+        torch.distributed.all_reduce(found)
+    out = [[0.0] * len(item.endings) for item in items]
+    for (i, j, _, _), value in zip(requests, found.tolist()):
+        out[i][j] = value
     return out
 
 
@@ -270,7 +293,7 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
     cfg = p.evaluate
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     ref = p.model_for("evaluate")
-    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, key=ref.key)
+    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, engine.inference_dtype(p.train), key=ref.key)
     notes = []
 
     tokens_dir = TokensDir(p.tokenize.out_dir)
@@ -305,16 +328,11 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
     }
 
     if cfg.hellaswag or cfg.hellaswag_url:
-        path = cfg.hellaswag or fetch_hellaswag(cfg.hellaswag_url, p.prepare.download_dir, progress)
-        items = parse_hellaswag(path)[: cfg.hellaswag_limit]
-        mine = items[rank::world_size]
-        with progress("HellaSwag endings", sum(len(i.endings) for i in mine)) as advance:
-            counts = accuracy_counts(mine, choice_logliks(model, tokenizer, mine, cfg.batch_size, advance))
-        if world_size > 1:
-            keys = ("correct", "correct_norm", "n")
-            summed = engine.all_reduce_sum([counts[k] for k in keys], next(model.parameters()).device)
-            counts = {k: round(s) for k, s in zip(keys, summed)}
-        metrics["hellaswag"] = scores_from_counts(counts)
+        items = load_hellaswag(p, cfg.hellaswag_limit, progress)
+        endings = sum(len(i.endings) for i in items)
+        with progress("HellaSwag endings", len(range(rank, endings, world_size))) as advance:
+            logliks = choice_logliks(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
+        metrics["hellaswag"] = scores_from_counts(accuracy_counts(items, logliks))
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
 

@@ -3,6 +3,7 @@ Hugging Face causal-LM folder. evaluate and sample both come here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -14,10 +15,14 @@ from pipeline.layout import ExportDir
 from pipeline.models import context_length, load_pretrained, model_from_config
 from pipeline.tokenizers import HfTokenizer, Tokenizer, load_tokenizer
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
 
 def load_for_inference(source: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                        key: str = "evaluate.model_dir") -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode on device, its tokenizer); `key` names the param that chose source, for errors.
+
+    source is a local folder, or a hub id (downloaded once, or read from the cache offline).
 
     A training checkpoint (run-*/step-*, or a run folder for its latest) is rebuilt from the config and tokenizer
     it carries; an export or any Hugging Face folder loads with from_pretrained, with gptpipe's own tokenizer
@@ -40,6 +45,9 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
         model = load_pretrained(str(folder), dtype, key=key)
         own = ExportDir(folder).tokenizer
         tokenizer = load_tokenizer(own) if own.is_dir() else HfTokenizer(str(folder), key=key)
+    elif not folder.exists() and HUB_ID.match(str(source)):  # e.g. gpt2, google/gemma-3-270m: the hub or its cache
+        model = load_pretrained(str(source), dtype, key=key)
+        tokenizer = HfTokenizer(str(source), key=key)
     else:
         what = "not found" if not folder.is_dir() else "is not a model folder (no config.json)"
         raise UserError(f"{key}: {folder} {what}; run the train stage first (dvc repro train), or point {key} at a "

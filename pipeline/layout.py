@@ -6,7 +6,7 @@
     CheckpointDir run-*/step-*        DeepSpeed's files, rng-rank<r>.pt, config.json, tokenizer/, metrics/, state.json,
                                       checksums.json (last)
     ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
-    TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves)
+    TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves), samples.jsonl
     SamplesDir    sample.out_dir      samples.jsonl, samples.md
     ReportDir     report.out_dir      report.md, report.html, plots/*.png
 """
@@ -150,6 +150,15 @@ class TrainMetrics(Folder):
     def curves(self) -> Path:
         """One TSV per metric (step, value), e.g. train/loss.tsv."""
         return self.root / "plots" / "metrics"
+
+    @property
+    def samples(self) -> Path:
+        """Text generated during training: one {"step", "prompt", "text"} per line."""
+        return self.root / "samples.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
 
 
 class SamplesDir(Folder):

@@ -1,11 +1,14 @@
-"""Rank 0's record of training: metrics through DVCLive (DVC plots, `dvc exp show`), log lines and progress."""
+"""Rank 0's record of training: metrics through DVCLive (DVC plots, `dvc exp show`) and the loggers users already
+watch (TensorBoard, Weights & Biases), samples, log lines and progress."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import ExitStack
 
 from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 from pipeline.layout import TrainMetrics
 from pipeline.output import Echo, ProgressFactory, no_progress
 
@@ -14,12 +17,14 @@ class MetricsLog:
     """What training reports, on rank 0 only; other ranks get a log that does nothing.
 
     Curves go to DVCLive's files under train.metrics_dir (dvc.yaml declares them as plots), the summary to its
-    metrics.json; log lines go to echo, and the step count to a progress bar the caller provides.
+    metrics.json, and each metric also to TensorBoard / W&B when train.loggers names them; samples go to
+    samples.jsonl there; log lines go to echo, and the step count to a progress bar the caller provides.
     """
 
-    def __init__(self, t: TrainConfig, is_main: bool, resume: bool, echo: Echo):
+    def __init__(self, t: TrainConfig, is_main: bool, resume: bool, echo: Echo, run_name: str, config: dict):
         self.enabled, self.echo = is_main, echo
-        self.live = None
+        self.live = self.tensorboard = self.wandb = None
+        self.files = TrainMetrics(t.metrics_dir)
         self._bar = ExitStack()
         self._advance = lambda n: None
         if not self.enabled:
@@ -28,48 +33,97 @@ class MetricsLog:
 
         # dvcyaml=False: dvc.yaml is ours, DVCLive must not rewrite it.
         self.live = Live(dir=t.metrics_dir, resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
-        # dvc.yaml declares the curves folder as an output: it must exist even when a resumed run has no step left.
-        TrainMetrics(t.metrics_dir).curves.mkdir(parents=True, exist_ok=True)
+        # dvc.yaml declares these as outputs: they exist even when a resumed run has no step left or samples are off.
+        self.files.curves.mkdir(parents=True, exist_ok=True)
+        if not resume or not self.files.samples.exists():
+            self.files.samples.write_text("")
+        if "tensorboard" in t.loggers:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("train.loggers names tensorboard, which is not installed: pip install 'gptpipe[tensorboard]'") from None
+            self.tensorboard = SummaryWriter(log_dir=str(self.files.tensorboard / run_name))
+        if "wandb" in t.loggers:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("train.loggers names wandb, which is not installed: pip install 'gptpipe[wandb]'") from None
+            # WANDB_MODE=offline (or `wandb offline`) logs to files without network; `wandb sync` uploads them later.
+            self.files.root.mkdir(parents=True, exist_ok=True)
+            self.wandb = wandb.init(project=t.wandb_project, name=run_name, config=config, dir=str(self.files.root),
+                                    resume="allow" if resume else None, id=run_name if resume else None)
 
     def start(self, step: int, max_steps: int, progress: ProgressFactory = no_progress) -> None:
         if self.enabled:
             self._advance = self._bar.enter_context(progress("train steps", max_steps - step))
 
     def _metrics(self, step: int, tokens_seen: int, values: dict) -> None:
+        values = {name: value for name, value in values.items() if value is not None}
         self.live.step = step
         for name, value in values.items():
-            if value is not None:
-                self.live.log_metric(name, value)
+            self.live.log_metric(name, value)
         self.live.log_metric("tokens", tokens_seen)
+        if self.tensorboard:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log({**values, "tokens": tokens_seen}, step=step)
 
     def train(self, step: int, tokens_seen: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float,
-              mfu: float) -> None:
+              ms_per_step: float, mfu: float) -> None:
         if not self.enabled:
             return
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s, "train/mfu": mfu}
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s,
+                  "train/ms_per_step": ms_per_step, "train/mfu": mfu}
         self._metrics(step, tokens_seen, values)
         norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
-        self.echo(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}%")
+        self.echo(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {ms_per_step:,.1f} ms | {tokens_per_s:,.0f} tok/s"
+                  f" | MFU {100 * mfu:.1f}%")
 
     def val(self, step: int, tokens_seen: int, val_loss: float, best_val_loss: float) -> None:
         if not self.enabled:
             return
         self._metrics(step, tokens_seen, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
-        self.echo(f"step {step:>6} | val loss {val_loss:.4f} (best {best_val_loss:.4f})")
+        best = f" (best {best_val_loss:.4f})" if math.isfinite(best_val_loss) else ""
+        self.echo(f"step {step:>6} | val loss {val_loss:.4f}{best}")
 
-    def write_summary(self) -> None:
-        """metrics.json as of now (a checkpoint keeps a copy; DVCLive resumes from it)."""
+    def hellaswag(self, step: int, tokens_seen: int, scores: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics(step, tokens_seen, {"hellaswag/acc": scores["acc"], "hellaswag/acc_norm": scores["acc_norm"]})
+        self.echo(f"step {step:>6} | HellaSwag acc_norm {scores['acc_norm']:.4f} ({scores['n']} items)")
+
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Text generated from fixed prompts: into samples.jsonl (the report shows them) and the log."""
+        if not self.enabled:
+            return
+        with open(self.files.samples, "a", encoding="utf-8") as f:
+            for prompt, text in samples:
+                f.write(json.dumps({"step": step, "prompt": prompt, "text": text}, ensure_ascii=False) + "\n")
+                self.echo(f"step {step:>6} | sample {prompt + text!r}")
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "text"], data=[[step, p, t] for p, t in samples])}, step=step)
+
+    def write_summary(self, extra: dict | None = None) -> None:
+        """metrics.json as of now, plus extra entries (wall times, why the run stopped); a checkpoint keeps a copy."""
         if self.enabled:
+            self.live.summary.update(extra or {})
             self.live.make_summary()
 
     def advance(self, steps: int = 1) -> None:
         self._advance(steps)
 
-    def finish(self) -> None:
+    def finish(self, extra: dict | None = None) -> None:
         if self.enabled:
             self._bar.close()
-            self.live.make_summary()
+            self.write_summary(extra)
 
     def close(self) -> None:
         if self.enabled:
             self.live.end()
+            if self.tensorboard:
+                self.tensorboard.close()
+            if self.wandb:
+                self.wandb.finish()

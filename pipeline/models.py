@@ -35,9 +35,9 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
             n_head=n_head,
             n_embd=n_embd,
             n_positions=block_size,
-            resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout,
+            resid_pdrop=cfg.dropout or 0.0,
+            embd_pdrop=cfg.dropout or 0.0,
+            attn_pdrop=cfg.dropout or 0.0,
             **common,
         )
     # Llama's MLP has three matrices, so 2/3 of GPT-2's 4x width keeps the parameter count comparable.
@@ -49,7 +49,7 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
         hidden_size=n_embd,
         intermediate_size=intermediate,
         max_position_embeddings=block_size,
-        attention_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout or 0.0,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         **common,
     )
@@ -66,7 +66,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
         config = scratch_config(cfg, vocab_size, eot_id)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     else:
-        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code)
+        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
         max_positions = context_length(model.config)
         if max_positions and cfg.block_size > max_positions:
             raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
@@ -83,18 +83,59 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     return model
 
 
+def check_vocabulary(model: PreTrainedModel, init: str, tokenizer) -> None:
+    """A pretrained model must speak the tokenizer's ids. An hf tokenizer is the checkpoint's own (its added tokens
+    got rows in build_model); tiktoken's gpt2 encoding fits GPT-2 checkpoints only, so check that it is one."""
+    if init == "scratch" or tokenizer.kind == "hf":
+        return
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < tokenizer.vocab_size or model.config.eos_token_id != tokenizer.eot_id:
+        raise UserError(f"model.init={init!r} does not use the ids of tokenize.kind={tokenizer.kind} ({rows} embedding rows, end-of-text"
+                        f" {model.config.eos_token_id}; the tokenizer has {tokenizer.vocab_size} ids, end-of-text {tokenizer.eot_id}):"
+                        f" use tokenize.kind=hf with tokenize.pretrained={init!r}")
+
+
+def export_dtype(choice: str, cfg: ModelConfig) -> torch.dtype:
+    """train.export_dtype resolved: auto = fp32 for a model trained from scratch, the checkpoint's own dtype for a fine-tune."""
+    if choice != "auto":
+        return TORCH_DTYPES[choice]
+    if cfg.is_scratch:
+        return torch.float32
+    config = AutoConfig.from_pretrained(cfg.init, trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into."""
     config = AutoConfig.from_pretrained(config_dir)
     return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw))
 
 
-def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init") -> PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had."""
+# The config keys that hold a dropout probability, by architecture family (GPT-2's three; Llama, Gemma, Mistral
+# and Qwen's attention_dropout; BERT-style names some causal LMs reuse).
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "embed_dropout", "resid_dropout", "dropout")
+
+
+def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init",
+                    dropout: float | None = None) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had.
+
+    dropout, when given, replaces every dropout probability the checkpoint's config has.
+    """
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
     try:
-        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if dropout is not None:
+            for attr in DROPOUT_KEYS:
+                if isinstance(getattr(config, attr, None), (int, float)):
+                    setattr(config, attr, dropout)
+        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(
+            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
     except OSError as e:
         reason = str(e).splitlines()[0]
         if Path(name).exists():
@@ -104,7 +145,7 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
             " or download it once with network access (HF_HOME caches it)."
         ) from None
     except ValueError as e:
-        if "trust_remote_code" in str(e):
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise UserError(f"{key}={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
         raise UserError(f"{key}={name!r}: cannot load this model ({str(e).splitlines()[0]})") from None
 

@@ -27,6 +27,7 @@ CURVES = [
     ("train/tokens_per_s", "throughput", "tokens/s"),
     ("train/mfu", "mfu", "model FLOPs utilisation"),
     ("train/grad_norm", "grad_norm", "gradient norm (before clipping)"),
+    ("hellaswag/acc_norm", "hellaswag", "HellaSwag acc_norm"),
 ]
 
 
@@ -114,12 +115,16 @@ def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
     for group in ("val", "hellaswag"):
         for key, value in (metrics.get(group) or {}).items():
             rows.append((f"{group} {key}", format_value(value)))
-    for key in ("train/loss", "train/tokens_per_s", "train/mfu"):
+    for key in ("train/loss", "train/tokens_per_s", "train/ms_per_step", "train/mfu", "hellaswag/acc_norm"):
         value = _dig(train_summary, key.split("/"))
         if value is not None:
             rows.append((key.replace("/", " "), format_value(value)))
     if "step" in train_summary:
         rows.append(("train steps", format_value(train_summary["step"])))
+    if train_summary.get("stopped"):
+        rows.append(("train stopped", str(train_summary["stopped"])))
+    for phase, seconds in (train_summary.get("time") or {}).items():
+        rows.append((f"train seconds {phase}", format_value(float(seconds))))
     return rows
 
 
@@ -140,6 +145,7 @@ def build_report(p: Params) -> Path:
     metrics = _read_json(Path(p.evaluate.metrics_file))
     train_summary = _read_json(TrainMetrics(p.train.metrics_dir).summary)
     samples = _read_jsonl(SamplesDir(p.sample.out_dir).jsonl)
+    during = _read_jsonl(TrainMetrics(p.train.metrics_dir).samples)  # generated along the way, by step
     rows = metric_rows(metrics, train_summary)
     config_yaml = yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False)
     hw = hardware()
@@ -148,6 +154,10 @@ def build_report(p: Params) -> Path:
     md += [f"| {k} | {v} |" for k, v in rows]
     md += [f"\n_{note}_" for note in metrics.get("notes", [])]
     md += ["", "## Training curves", ""] + [f"![{png.stem}](plots/{png.name})" for png in pngs]
+    if during:
+        md += ["", "## Samples during training", ""]
+        for s in during:
+            md += [f"**step {s['step']}**, prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["text"], "```", ""]
     md += ["", "## Samples", ""]
     for s in samples:
         md += [f"**prompt** `{s['prompt']!r}` (sample {s.get('index', 0) + 1})", "", "```", s["text"], "```", ""]
@@ -155,11 +165,11 @@ def build_report(p: Params) -> Path:
     md += [f"- {k}: {v}" for k, v in hw.items()]
     write_text_atomic(out.markdown, "\n".join(md) + "\n")
 
-    write_text_atomic(out.html, _html(rows, metrics.get("notes", []), pngs, samples, config_yaml, hw))
+    write_text_atomic(out.html, _html(rows, metrics.get("notes", []), pngs, during, samples, config_yaml, hw))
     return out.html
 
 
-def _html(rows, notes, pngs, samples, config_yaml, hw) -> str:
+def _html(rows, notes, pngs, during, samples, config_yaml, hw) -> str:
     """One self-contained page: images inlined, no scripts or fonts to fetch, so it reads offline."""
     e = html.escape
     parts = [
@@ -176,7 +186,12 @@ def _html(rows, notes, pngs, samples, config_yaml, hw) -> str:
     for png in pngs:
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f"<img alt='{e(png.stem)}' src='data:image/png;base64,{data}'>")
-    parts += ["</div><h2>Samples</h2>"]
+    parts += ["</div>"]
+    if during:
+        parts += ["<h2>Samples during training</h2>"]
+        for s in during:
+            parts.append(f"<p><b>step {s['step']}</b>, prompt <code>{e(repr(s['prompt']))}</code></p><pre>{e(s['prompt'] + s['text'])}</pre>")
+    parts += ["<h2>Samples</h2>"]
     for s in samples:
         parts.append(f"<p><b>prompt</b> <code>{e(repr(s['prompt']))}</code> (sample {s.get('index', 0) + 1})</p><pre>{e(s['text'])}</pre>")
     parts += [f"<h2>Configuration</h2><pre>{e(config_yaml)}</pre><h2>Hardware</h2><ul>"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Params
+from pipeline.engine import inference_dtype
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
 from pipeline.inference import load_for_inference, model_context
@@ -101,11 +102,11 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
     """sample.num_samples texts per prompt; one seeded generator for the run, so the same settings give the same text."""
     cfg = p.sample
     ref = p.model_for("sample")
-    model, tokenizer = load_for_inference(model_dir or ref.path, device, key="--model" if model_dir else ref.key)
+    model, tokenizer = load_for_inference(model_dir or ref.path, device, inference_dtype(p.train), key="--model" if model_dir else ref.key)
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = []
     for prompt in prompts if prompts is not None else read_prompts(p):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode_prompt(prompt)
         for index in range(cfg.num_samples):
             start = time.perf_counter()
             new = sample_tokens(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,

@@ -19,11 +19,20 @@ META_FILE = "tokenizer_meta.json"
 
 
 class Tokenizer:
-    """Ordinary text <-> ids in [0, vocab_size). Special-token strings in the text are plain text."""
+    """Ordinary text <-> ids in [0, vocab_size). Special-token strings in the text are plain text (hf: see parse_special).
+
+    Each document is encoded as [bos] ids [eot], the BOS only when add_bos (Llama- and Gemma-style models expect
+    it; for the other kinds the BOS is the end-of-text id, as build-nanogpt writes its shards).
+    """
 
     kind: str
     vocab_size: int
     eot_id: int
+    add_bos: bool = False
+
+    @property
+    def bos_id(self) -> int:
+        return self.eot_id
     # True where encode_batch already spreads over every core (HF tokenizers' own thread pool, sized by
     # RAYON_NUM_THREADS): tokenize_corpus then feeds it from one thread instead of oversubscribing.
     parallel_inside = False
@@ -35,12 +44,24 @@ class Tokenizer:
         return [self.encode(t) for t in texts]
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
-        """The ids of every text, each followed by eot_id, as one uint32 array (doc1 EOT doc2 EOT ...)."""
+        """The ids of every text, each followed by eot_id (and led by bos_id when add_bos), as one uint32 array."""
+        ids = self._encode_documents(texts)
+        if self.add_bos and ids.size:
+            ends = np.flatnonzero(ids == self.eot_id)
+            ids = np.insert(ids, np.concatenate([[0], ends[:-1] + 1]), self.bos_id)
+        return ids
+
+    def _encode_documents(self, texts: list[str]) -> np.ndarray:
+        """doc1 EOT doc2 EOT ...; kinds that can do it in fewer calls override this."""
         ids: list[int] = []
         for row in self.encode_batch(texts):
             ids += row
             ids.append(self.eot_id)
         return np.array(ids, dtype=np.uint32)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as a document starts: BOS first when add_bos."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -51,14 +72,14 @@ class Tokenizer:
 
     def describe(self) -> dict:
         """For meta.json."""
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.settings()}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "add_bos": self.add_bos, **self.settings()}
 
     def save(self, folder: str | Path) -> None:
         """Write a folder that load_tokenizer() reads back with no corpus."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._save(folder)
-        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.settings()}
+        meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "add_bos": self.add_bos, **self.settings()}
         write_json_atomic(folder / META_FILE, meta)  # last: a folder with it is complete
 
     def save_for_transformers(self, folder: str | Path) -> bool:
@@ -124,7 +145,7 @@ class TiktokenTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
-    def encode_documents(self, texts: list[str]) -> np.ndarray:
+    def _encode_documents(self, texts: list[str]) -> np.ndarray:
         # One native call per chunk instead of one per document: tiktoken splits at allowed specials and
         # encodes each piece on its own, so this equals encode_ordinary per document with EOT between, and
         # the GIL is released for the whole chunk (per-document calls contend for it: 1.2x on 2 cores, not 2x).
@@ -203,7 +224,7 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._ids(text)[0].tolist()
 
-    def encode_documents(self, texts: list[str]) -> np.ndarray:
+    def _encode_documents(self, texts: list[str]) -> np.ndarray:
         # The whole chunk in a few numpy calls (per-document calls would be Python overhead under the GIL).
         ids, kept = self._ids("".join(texts))
         ends = np.cumsum([len(t) for t in texts], dtype=np.int64)  # len() counts code points, as the table does
@@ -300,7 +321,7 @@ class HfTokenizer(Tokenizer):
     kind = "hf"
     parallel_inside = True
 
-    def __init__(self, pretrained: str, key: str = "tokenize.pretrained"):
+    def __init__(self, pretrained: str, key: str = "tokenize.pretrained", add_bos: bool | str = "auto", parse_special: bool = True):
         from transformers import AutoTokenizer
 
         path = Path(pretrained).expanduser()
@@ -319,26 +340,34 @@ class HfTokenizer(Tokenizer):
         self.pretrained = pretrained
         self.vocab_size = len(self.tok)
         self.eot_id = self.tok.eos_token_id
+        self.parse_special = parse_special
+        # auto: what the tokenizer does itself when it encodes a text with its special tokens (Llama, Gemma: a BOS).
+        adds_bos = self.tok.bos_token_id is not None and self.tok("a").get("input_ids", [None])[0] == self.tok.bos_token_id
+        self.add_bos = adds_bos if add_bos == "auto" else bool(add_bos)
+
+    @property
+    def bos_id(self) -> int:
+        return self.tok.bos_token_id if self.tok.bos_token_id is not None else self.eot_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=True, verbose=False)
+        return self.tok.encode(text, add_special_tokens=False, split_special_tokens=not self.parse_special, verbose=False)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out = self.tok(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)
+        out = self.tok(texts, add_special_tokens=False, split_special_tokens=not self.parse_special, verbose=False)
         return out["input_ids"]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(as_list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def settings(self) -> dict:
-        return {"pretrained": self.pretrained, "eot_token": self.tok.eos_token}
+        return {"pretrained": self.pretrained, "eot_token": self.tok.eos_token, "parse_special": self.parse_special}
 
     def _save(self, folder: Path) -> None:
         self.tok.save_pretrained(str(folder))
 
     @classmethod
     def _load(cls, folder: Path, meta: dict) -> HfTokenizer:
-        tok = cls(str(folder), key=str(folder))
+        tok = cls(str(folder), key=str(folder), add_bos=meta.get("add_bos", False), parse_special=meta.get("parse_special", False))
         tok.pretrained = meta.get("pretrained", str(folder))
         return tok
 
@@ -351,13 +380,16 @@ KINDS: dict[str, type[Tokenizer]] = {c.kind: c for c in (TiktokenTokenizer, Char
 
 def build_tokenizer(cfg: TokenizeConfig, train_docs: Callable[[], Iterable[str]]) -> Tokenizer:
     """Load (tiktoken, hf) or train (char, bpe) the tokenizer; train_docs() streams the train split afresh."""
+    if cfg.kind == "hf":
+        return HfTokenizer(cfg.pretrained, add_bos=cfg.add_bos, parse_special=cfg.parse_special)
     if cfg.kind == "tiktoken":
-        return TiktokenTokenizer(cfg.encoding)
-    if cfg.kind == "char":
-        return CharTokenizer.train(train_docs(), cfg.unknown_chars)
-    if cfg.kind == "bpe":
-        return BpeTokenizer.train(train_docs(), cfg.vocab_size, cfg.min_frequency)
-    return HfTokenizer(cfg.pretrained)
+        tok = TiktokenTokenizer(cfg.encoding)
+    elif cfg.kind == "char":
+        tok = CharTokenizer.train(train_docs(), cfg.unknown_chars)
+    else:
+        tok = BpeTokenizer.train(train_docs(), cfg.vocab_size, cfg.min_frequency)
+    tok.add_bos = cfg.add_bos is True  # these kinds add none of their own: auto = no
+    return tok
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -372,6 +404,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{meta_path}: malformed tokenizer metadata ({type(e).__name__}: {e})") from None
     tok = cls._load(folder, meta)
+    tok.add_bos = bool(meta.get("add_bos", False))
     if (tok.vocab_size, tok.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
         raise UserError(f"{folder}: the tokenizer files give vocab_size={tok.vocab_size}, eot_id={tok.eot_id} but "
                         f"{META_FILE} says {meta.get('vocab_size')}, {meta.get('eot_id')}; rerun the tokenize stage")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -12,14 +14,17 @@ import torch.nn.functional as F
 
 from pipeline import checkpoints as ckpt
 from pipeline import engine as ds
-from pipeline.config import Batch, Params, TrainConfig
-from pipeline.data import WindowSampler, fixed_windows, open_verified, read_meta, window_batch
+from pipeline.config import Batch, Params
+from pipeline.data import WindowSampler, fixed_windows, full_windows, open_verified, read_meta, window_batch
 from pipeline.errors import UserError
+from pipeline.evaluation import Item, accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
 from pipeline.export import export_model
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
 from pipeline.metrics import MetricsLog
-from pipeline.models import build_model, count_params, flops_per_token
+from pipeline.models import build_model, check_vocabulary, count_params, export_dtype, flops_per_token
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
+from pipeline.sampling import sample_tokens
+from pipeline.schedules import decay_end, lr_at
 from pipeline.tokenizers import Tokenizer, load_tokenizer
 
 
@@ -32,10 +37,12 @@ class State:
     best_val_loss: float = math.inf
     best_tag: str | None = None
     val_loss: float | None = None
+    evals_without_improvement: int = 0  # toward train.early_stopping_patience
+    decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
 
     @classmethod
     def from_saved(cls, saved: dict) -> State:
-        return cls(**{k: saved[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
 
 
 @dataclass
@@ -45,50 +52,51 @@ class Run:
     engine: object
     tokenizer: Tokenizer
     batch: Batch
+    total_steps: int
     train_data: WindowSampler
     val_tokens: np.ndarray
     val_starts: np.ndarray  # the fixed val windows, the same for every world size
+    hellaswag: list[Item]
     run_dir: RunDir
     n_params: int
     flops_per_token: float
     peak_flops: float
+    export_dtype: torch.dtype
     log: MetricsLog
     state: State = field(default_factory=State)
+    stop_reason: str | None = None
+    seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time by phase
 
 
 def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print) -> dict | None:
     """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
+    start = time.perf_counter()
     dist = ds.init_distributed(timeout_s=p.train.collective_timeout)
     run = setup(p, dist, echo if dist.is_main else silent)
+    run.seconds["setup"] = time.perf_counter() - start
     try:
         fit(run, progress)
     except RuntimeError as e:
         raise collective_error(e, run) or e
-    export_model(run.engine, p, run.state.__dict__, dist, run.tokenizer)
+    with timed(run, "export"):
+        exported = export(run)
+    run.seconds["total"] = time.perf_counter() - start
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": run.stop_reason or "max_steps"})
     run.log.close()
     if not dist.is_main:
         return None
+    s = run.state
     return {
         "run": str(run.run_dir.root),
-        "steps": run.state.step,
-        "tokens seen": run.state.tokens_seen,
+        "steps": s.step,
+        "tokens seen": s.tokens_seen,
         "parameters": run.n_params,
-        "val loss": run.state.val_loss,
-        "best val loss": run.state.best_val_loss,
-        "exported to": p.train.export_dir,
+        "val loss": s.val_loss,
+        "best val loss": s.best_val_loss,
+        "stopped": run.stop_reason or f"at train.max_steps ({run.total_steps})",
+        "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
+        **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
     }
-
-
-def collective_error(e: RuntimeError, run: Run) -> UserError | None:
-    """One message for a collective that failed because another process froze or died, else None."""
-    cause = ds.collective_failure(e)
-    if cause is None:
-        return None
-    t, latest = run.p.train, ckpt.latest_tag(run.run_dir)
-    why = (f"waited more than train.collective_timeout={t.collective_timeout} s for the other processes: one of them is frozen"
-           if cause == "frozen" else "lost another process: it ended (see its log)")
-    resume = f"; a rerun resumes from {run.run_dir.root / latest}" if latest else ""
-    return UserError(f"train: rank {run.dist.rank} {why}, at step {run.state.step + 1}{resume}")
 
 
 def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
@@ -97,20 +105,22 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     meta = read_meta(tokens.root)
     train_tokens, val_tokens = (open_verified(tokens, split, meta) for split in ("train", "val"))
     tokenizer = load_tokenizer(tokens.tokenizer)
+    hellaswag = load_hellaswag(p, t.hellaswag_limit) if t.hellaswag_interval else []
     batch = t.batch(dist.world_size, p.model.block_size)
+    total_steps = t.total_steps(full_windows(train_tokens.tokens, batch.block_size), batch)
 
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
     identity = ckpt.run_identity(p, data, dist.world_size, batch.grad_accum)
-    run_dir = ckpt.run_folder(t.out_dir, identity)
-    tag = ckpt.resume_point(run_dir, dist, echo)
-    reason = ckpt.why_fresh(t.out_dir, identity) if tag is None else None
+    run_dir, tag = ckpt.open_run(t, identity, dist, echo)
+    reason = ckpt.why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
 
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
     model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing)
+    check_vocabulary(model, p.model.init, tokenizer)
     n_params = count_params(model)
     engine, ds_config = ds.build_engine(model, t, batch, echo)
     ckpt.start_run(run_dir, identity, ds_config, dist)
@@ -119,27 +129,53 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
     elif dist.is_main and run_dir.step(tag).metrics.is_dir():
         ckpt.copy_metrics(TrainMetrics(run_dir.step(tag).metrics), TrainMetrics(t.metrics_dir))
+    state.decay_end, note = decay_end(t, total_steps, state.decay_end)
+    echo(describe_run(p, batch, total_steps, n_params, run_dir) + (f"\ntrain: {note}" if note else ""))
 
     return Run(
-        p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch,
+        p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch, total_steps=total_steps,
         train_data=WindowSampler(train_tokens.tokens, batch=batch, seed=t.seed, rank=dist.rank),
         val_tokens=val_tokens.tokens,
         val_starts=fixed_windows(val_tokens.tokens, batch.block_size, t.eval_windows, seed=t.seed + 1),
-        run_dir=run_dir, n_params=n_params,
+        hellaswag=hellaswag, run_dir=run_dir, n_params=n_params,
         flops_per_token=flops_per_token(model, n_params, batch.block_size),
         peak_flops=ds.peak_tflops(t, dist.device) * 1e12 * dist.world_size,
-        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo),
+        export_dtype=export_dtype(t.export_dtype, p.model),
+        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo, run_name=run_dir.root.name, config=p.model_dump(mode="json")),
         state=state,
     )  # fmt: skip
+
+
+def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_dir: RunDir) -> str:
+    """The resolved configuration, one compact block at the start of the log."""
+    m, t = p.model, p.train
+    model = f"{m.init} (fine-tune)" if not m.is_scratch else f"{m.arch} {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads"
+    length = f"{total_steps:,} steps" + (f" ({t.epochs:g} epochs)" if t.epochs is not None else "")
+    schedule = "constant" if t.schedule == "constant" else f"{t.schedule} to {t.final_lr:.2e}"
+    return "\n".join([
+        f"train: model     {model}, context {m.block_size}, {n_params:,} parameters",
+        f"train: batch     {batch.micro_batch_size} x {batch.grad_accum} accumulation x {batch.world_size} processes"
+        f" = {batch.global_size:,} sequences = {batch.tokens_per_step:,} tokens per step",
+        f"train: length    {length}, {total_steps * batch.tokens_per_step:,} tokens",
+        f"train: optimizer AdamW lr {t.lr:.2e}, warmup {t.warmup_steps}, {schedule}, weight decay {t.weight_decay}, clip {t.grad_clip}",
+        f"train: engine    {t.precision}, ZeRO {t.zero_stage}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
+    ])  # fmt: skip
 
 
 def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
     t, s, engine, dist, batch = run.p.train, run.state, run.engine, run.dist, run.batch
     engine.train()
-    run.log.start(s.step, t.max_steps, progress)
-    clock, tokens_at_clock = time.perf_counter(), s.tokens_seen
-    while s.step < t.max_steps:
-        lr = lr_at(s.step, t)
+    if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
+        run.stop_reason = early_stop_reason(run)  # stopped before this resume: nothing more to do
+        return
+    if t.eval_at_start and s.step == 0:
+        with timed(run, "eval"):
+            run.log.val(0, 0, evaluate(run), math.inf)  # the starting point; not a candidate for the best
+    run.log.start(s.step, run.total_steps, progress)
+    window_seconds, window_steps = 0.0, 0  # training time alone since the last log line: evals and saves excluded
+    while s.step < run.total_steps:
+        step_start = time.perf_counter()
+        lr = lr_at(s.step, t, s.decay_end)
         ds.set_lr(engine, lr)
         loss_sum = 0.0
         for micro in range(batch.grad_accum):
@@ -158,43 +194,86 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
             )
         s.step += 1
         s.tokens_seen += batch.tokens_per_step
+        last = s.step == run.total_steps
+        step_seconds = time.perf_counter() - step_start
+        run.seconds["train"] += step_seconds
+        window_seconds, window_steps = window_seconds + step_seconds, window_steps + 1
 
-        if should_log(s.step, t):
-            elapsed = time.perf_counter() - clock
-            tokens_per_s = (s.tokens_seen - tokens_at_clock) / elapsed
-            run.log.train(s.step, s.tokens_seen, train_loss, lr, grad_norm, tokens_per_s, tokens_per_s * run.flops_per_token / run.peak_flops)
-            clock, tokens_at_clock = time.perf_counter(), s.tokens_seen
-        if should_eval(s.step, t) or should_save(s.step, t):
-            s.val_loss = evaluate(run)
-            if s.val_loss < s.best_val_loss:
-                s.best_val_loss, s.best_tag = s.val_loss, step_tag(s.step)
-            run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss)
-        if should_save(s.step, t):
-            run.log.write_summary()
-            saved = {**s.__dict__, "params": run.p.model_dump()}
-            ckpt.save(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
+        if should(s.step, t.log_interval, last):
+            tokens_per_s = window_steps * batch.tokens_per_step / window_seconds
+            run.log.train(s.step, s.tokens_seen, train_loss, lr, grad_norm, tokens_per_s, 1000 * window_seconds / window_steps,
+                          tokens_per_s * run.flops_per_token / run.peak_flops)
+            window_seconds, window_steps = 0.0, 0
+        save = should(s.step, t.save_interval, last)
+        if should(s.step, t.eval_interval, last) or save:
+            with timed(run, "eval"):
+                improved = record_eval(run, evaluate(run))
+            # The best weights must be on disk to be exported: an improvement is saved, as nanoGPT does.
+            save = save or (improved and t.export == "best")
+            if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
+                run.stop_reason = early_stop_reason(run)
+        if t.hellaswag_interval and should(s.step, t.hellaswag_interval, last):
+            with timed(run, "eval"):
+                run.log.hellaswag(s.step, s.tokens_seen, score_hellaswag(run))
+        if t.sample_interval and should(s.step, t.sample_interval, last):
+            with timed(run, "eval"):
+                run.log.samples(s.step, generate(run))
+        if save or run.stop_reason:
+            with timed(run, "save"):
+                run.log.write_summary()
+                saved = {**asdict(s), "params": run.p.model_dump()}
+                ckpt.save(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
         run.log.advance()
-    run.log.finish()
+        if run.stop_reason:
+            run.log.echo(f"train: {run.stop_reason}")
+            break
 
 
-def should_log(step: int, t: TrainConfig) -> bool:
-    return step % t.log_interval == 0 or step == t.max_steps
+def should(step: int, interval: int, last: bool) -> bool:
+    return step % interval == 0 or last
 
 
-def should_eval(step: int, t: TrainConfig) -> bool:
-    return step % t.eval_interval == 0 or step == t.max_steps
+def record_eval(run: Run, val_loss: float) -> bool:
+    """Log a val loss and track the best and early stopping; True when it is a new best."""
+    t, s = run.p.train, run.state
+    improved = val_loss < s.best_val_loss
+    if val_loss <= s.best_val_loss - t.early_stopping_min_delta:
+        s.evals_without_improvement = 0
+    else:
+        s.evals_without_improvement += 1
+    s.val_loss = val_loss
+    if improved:
+        s.best_val_loss, s.best_tag = val_loss, step_tag(s.step)
+    run.log.val(s.step, s.tokens_seen, val_loss, s.best_val_loss)
+    return improved
 
 
-def should_save(step: int, t: TrainConfig) -> bool:
-    return step % t.save_interval == 0 or step == t.max_steps
+def early_stop_reason(run: Run) -> str:
+    t, s = run.p.train, run.state
+    return (f"stopped early at step {s.step}: {s.evals_without_improvement} evaluations without a val loss improvement of"
+            f" {t.early_stopping_min_delta} or more (train.early_stopping_patience={t.early_stopping_patience}); best"
+            f" {s.best_val_loss:.4f} at {s.best_tag}")
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr (default lr / 10) at max_steps."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / (t.warmup_steps + 1)
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    return t.final_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (t.lr - t.final_lr)
+@contextmanager
+def timed(run: Run, phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.seconds[phase] += time.perf_counter() - start
+
+
+def collective_error(e: RuntimeError, run: Run) -> UserError | None:
+    """One message for a collective that failed because another process froze or died, else None."""
+    cause = ds.collective_failure(e)
+    if cause is None:
+        return None
+    t, latest = run.p.train, ckpt.latest_tag(run.run_dir)
+    why = (f"waited more than train.collective_timeout={t.collective_timeout} s for the other processes: one of them is frozen"
+           if cause == "frozen" else "lost another process: it ended (see its log)")
+    resume = f"; a rerun resumes from {run.run_dir.root / latest}" if latest else ""
+    return UserError(f"train: rank {run.dist.rank} {why}, at step {run.state.step + 1}{resume}")
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -225,3 +304,43 @@ def evaluate(run: Run) -> float:
     run.engine.train()
     loss_sum, tokens = ds.all_reduce_sum([loss_sum, tokens], dist.device)
     return loss_sum / tokens
+
+
+def score_hellaswag(run: Run) -> dict:
+    """HellaSwag acc and acc_norm of the model now, the items split over the ranks."""
+    run.engine.eval()
+    logliks = choice_logliks(run.engine, run.tokenizer, run.hellaswag, run.batch.micro_batch_size,
+                             dist=run.dist if run.dist.world_size > 1 else None, max_len=run.batch.block_size)
+    run.engine.train()
+    return scores_from_counts(accuracy_counts(run.hellaswag, logliks))
+
+
+def generate(run: Run) -> list[tuple[str, str]]:
+    """(prompt, text) for each of train.sample_prompts, top-k 50 with a fixed seed, so the steps compare.
+
+    Every rank generates (ZeRO-3 needs all of them in each forward pass); the same seed gives each the same text.
+    """
+    t, tok = run.p.train, run.tokenizer
+    generator = torch.Generator().manual_seed(t.seed)
+    run.engine.eval()
+    out = []
+    for prompt in t.sample_prompts:
+        ids = sample_tokens(run.engine.module, tok.encode_prompt(prompt), t.sample_max_new_tokens, temperature=1.0, top_k=50,
+                            top_p=1.0, generator=generator, eot_id=tok.eot_id, stop_at_eot=True, vocab_size=tok.vocab_size)
+        out.append((prompt, tok.decode(ids)))
+    run.engine.train()
+    return out
+
+
+def export(run: Run) -> dict:
+    """Export the best checkpoint's weights (train.export: best) or the last ones; what was exported."""
+    t, s = run.p.train, run.state
+    which, tag, val_loss = "last", step_tag(s.step), s.val_loss
+    if t.export == "best" and s.best_tag and s.best_tag != tag and run.run_dir.step(s.best_tag).checksums.is_file():
+        which, tag, val_loss = "best", s.best_tag, s.best_val_loss
+        ckpt.load(run.engine, run.run_dir, tag, run.dist)  # the best weights (and their fp32 masters) into the engine
+    elif t.export == "best":
+        which = "best"  # the last step is the best
+    info = {"exported": which, "step": int(tag.removeprefix("step-")), "tag": tag, "val_loss": val_loss, "tokens_seen": s.tokens_seen}
+    export_model(run.engine, run.p, info, run.dist, run.tokenizer, run.export_dtype)
+    return {"which": which, "tag": tag, "val_loss": val_loss if val_loss is not None else math.nan}

@@ -27,19 +27,27 @@ def bpe(shakespeare):
     return build_tokenizer(TokenizeConfig(kind="bpe", vocab_size=512), lambda: iter(docs))
 
 
-def hf_folder(tmp_path: Path, eos: str | None = "</s>") -> Path:
-    """A tiny transformers tokenizer folder: byte-level BPE trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def hf_folder(tmp_path: Path, eos: str | None = "</s>", bos: bool = False, added: list[str] = ()) -> Path:
+    """A tiny transformers tokenizer folder: byte-level BPE trained on a few sentences.
+
+    bos: it starts every text with <s>, as Llama's and Gemma's do; added: extra special tokens a user added.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<s>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     folder = tmp_path / "hf_tok"
-    PreTrainedTokenizerFast(tokenizer_object=tok, **({"eos_token": eos} if eos else {})).save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **({"eos_token": eos} if eos else {}), **({"bos_token": "<s>"} if bos else {}))
+    if added:
+        fast.add_special_tokens({"additional_special_tokens": list(added)})
+    fast.save_pretrained(folder)
     return folder
 
 
@@ -184,13 +192,49 @@ def test_bpe_folder_loads_in_transformers(bpe, tmp_path):
 
 
 def test_hf_round_trip(tmp_path):
-    tok = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(hf_folder(tmp_path))), lambda: iter(()))
+    tok = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(hf_folder(tmp_path)), parse_special=False), lambda: iter(()))
     assert tok.kind == "hf" and tok.eot_id == 0 and 257 < tok.vocab_size == len(tok.tok) <= 300
     text = "the lazy fox, 日本 </s> jumps"
     ids = tok.encode(text)
-    assert tok.eot_id not in ids  # the eos string in text stays text, and no BOS/EOS is added
+    assert tok.eot_id not in ids  # parse_special=false: the eos string in text stays text, and no BOS/EOS is added
     assert tok.decode(ids) == text
     assert tok.encode_batch([text, "dog"]) == [ids, tok.encode("dog")]
+
+
+def test_an_added_special_token_is_one_id_unless_the_text_is_untrusted(tmp_path):
+    folder = hf_folder(tmp_path, added=["<sep>"])
+    tok = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(folder)), lambda: iter(()))
+    sep = tok.tok.convert_tokens_to_ids("<sep>")
+    ids = tok.encode("the fox<sep>the dog")
+    assert ids.count(sep) == 1 and tok.decode(ids) == "the fox<sep>the dog"  # as AutoTokenizer reads run_clm's data
+    plain = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(folder), parse_special=False), lambda: iter(()))
+    assert sep not in plain.encode("the fox<sep>the dog")
+    assert load_tokenizer(save(tok, tmp_path / "a")).encode("x<sep>y") == tok.encode("x<sep>y")
+    assert load_tokenizer(save(plain, tmp_path / "b")).encode("x<sep>y") == plain.encode("x<sep>y")
+
+
+def save(tok, folder: Path) -> Path:
+    tok.save(folder)
+    return folder
+
+
+def test_documents_start_with_bos_where_the_tokenizer_adds_one(tmp_path):
+    tok = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(hf_folder(tmp_path, bos=True))), lambda: iter(()))
+    bos = tok.tok.bos_token_id
+    assert tok.add_bos and tok.bos_id == bos
+    ids = tok.encode_documents(["the fox", "the dog", "lazy"]).tolist()
+    assert ids == [bos, *tok.encode("the fox"), tok.eot_id, bos, *tok.encode("the dog"), tok.eot_id, bos, *tok.encode("lazy"), tok.eot_id]
+    assert tok.encode_prompt("the") == [bos, *tok.encode("the")]
+    assert load_tokenizer(save(tok, tmp_path / "saved")).encode_documents(["the fox"]).tolist() == ids[: ids.index(tok.eot_id) + 1]
+    off = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(hf_folder(tmp_path, bos=True)), add_bos=False), lambda: iter(()))
+    assert bos not in off.encode_documents(["the fox"]).tolist()
+    gpt2_style = build_tokenizer(TokenizeConfig(kind="hf", pretrained=str(hf_folder(tmp_path / "g"))), lambda: iter(()))
+    assert not gpt2_style.add_bos  # auto: only where the tokenizer adds one itself
+
+
+def test_add_bos_true_on_a_kind_without_one_uses_end_of_text(tmp_path):
+    tok = build_tokenizer(TokenizeConfig(kind="char", add_bos=True), lambda: iter(["ab"]))
+    assert tok.encode_documents(["ab", "b"]).tolist() == [2, 0, 1, 2, 2, 1, 2]  # EOT a b EOT EOT b EOT, as build-nanogpt's shards
 
 
 def test_hf_without_eos(tmp_path):

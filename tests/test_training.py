@@ -12,7 +12,7 @@ from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, 
 
 from pipeline import config, params
 from pipeline.errors import UserError
-from pipeline.training import lr_at, train
+from pipeline.training import train
 
 
 @pytest.mark.parametrize(
@@ -99,15 +99,6 @@ def test_exported_folder_reloads_in_plain_transformers_with_identical_logits(tok
     )  # fmt: skip
     assert out.stdout.strip() == "[]"
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
-
-
-def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    t = config.TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
-    lrs = [lr_at(s, t) for s in range(100)]
-    assert lrs[0] < lrs[5] < lrs[9] < 1e-3
-    assert lrs[10] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert lr_at(100, t) == pytest.approx(1e-4)
 
 
 # ------------------------------------------------------------------------------------- the launcher
