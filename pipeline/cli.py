@@ -274,7 +274,7 @@ def doctor(
     except UserError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         raise typer.Exit(2) from None
-    results = run_checks(p.train, hostfile or p.train.hostfile)
+    results = run_checks(p, hostfile or p.train.hostfile)
     table = Table(title="gptpipe doctor", title_justify="left")
     for column in ("check", "status", "detail"):
         table.add_column(column)

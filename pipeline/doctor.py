@@ -10,13 +10,15 @@ import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import Params, TrainConfig
 from pipeline.engine import parse_hostfile
 from pipeline.errors import UserError
+from pipeline.files import free_bytes
 
 Result = tuple[str, bool, str]  # (check name, ok, detail; a problem's detail says the fix)
 
@@ -28,9 +30,11 @@ SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOU
 RUNNER_PROGRAMS = {"pdsh": "pdsh", "openmpi": "mpirun", "mpich": "mpirun", "impi": "mpirun", "mvapich": "mpirun", "slurm": "srun"}
 
 
-def run_checks(train: TrainConfig, hostfile: str | None = None) -> list[Result]:
-    """Every check for this machine, then for each host of the hostfile when one is given."""
-    results = [check_python(), *check_torch(train), *check_deepspeed(train), check_backend(), check_master_port(train.master_port)]
+def run_checks(p: Params, hostfile: str | None = None) -> list[Result]:
+    """Every check for this machine and these params, then for each host of the hostfile when one is given."""
+    train = p.train
+    results = [check_python(), *check_torch(train), *check_deepspeed(train), check_backend(), check_master_port(train.master_port),
+               check_packages(), *check_sources(p), check_disk(p)]
     if hostfile:
         results += check_cluster(train, hostfile)
     return results
@@ -134,21 +138,118 @@ def check_master_port(port: int) -> Result:
     return "master port", True, f"{port} is free on this machine"
 
 
+def check_packages() -> Result:
+    names = ("transformers", "tokenizers", "datasets", "dvc", "dvclive", "tiktoken")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing" + (" (optional: pip install 'gptpipe[data]')" if name == "datasets" else ""))
+    missing = [f for f in found if f.endswith("missing")]
+    return "packages", not missing, ", ".join(found) + (": reinstall with scripts/setup.sh" if missing else "")
+
+
+def check_sources(p: Params) -> list[Result]:
+    """Whether model.init and tokenize.pretrained can be had: a local folder, the Hugging Face cache, or the hub."""
+    results = []
+    for key, name in (("model.init", None if p.model.is_scratch else p.model.init), ("tokenize.pretrained", p.tokenize.pretrained)):
+        if name:
+            results.append(reachable(key, name))
+    return results
+
+
+def reachable(key: str, name: str) -> Result:
+    if Path(name).exists():
+        ok = Path(name).is_dir() and any((Path(name) / f).is_file() for f in ("config.json", "tokenizer.json", "tokenizer_config.json"))
+        return key, ok, f"{name}: a local folder" + ("" if ok else " without config.json or tokenizer files: save one there with save_pretrained")
+    from huggingface_hub import try_to_load_from_cache
+
+    for file in ("config.json", "tokenizer_config.json"):
+        if isinstance(try_to_load_from_cache(name, file), str):
+            return key, True, f"{name}: in the Hugging Face cache (works offline)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return key, False, f"{name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set: download it once with network access"
+    gated = " Gated models (Gemma, Llama) need their licence accepted on the hub and HF_TOKEN set (huggingface-cli login)."
+    try:
+        from huggingface_hub import model_info
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        model_info(name, timeout=10)
+        return key, True, f"{name}: on the hub; it downloads on first use (set HF_HOME to cache it somewhere roomy)"
+    except GatedRepoError:
+        return key, False, f"{name}: gated on the hub.{gated}"
+    except RepositoryNotFoundError:
+        return key, False, f"{name}: no such model on the hub (or private: set HF_TOKEN).{gated}"
+    except Exception as e:  # noqa: BLE001 - any network failure is the same answer: not reachable from here
+        return key, False, f"{name}: the hub is unreachable ({type(e).__name__}); use a local folder, or download it once elsewhere.{gated}"
+
+
+def check_disk(p: Params) -> Result:
+    """Free space where checkpoints go, against what the run keeps: weights, Adam's two moments (and fp32 masters)."""
+    folder = Path(p.train.out_dir)
+    free = free_bytes(folder)
+    n = estimated_parameters(p)
+    if n is None:
+        return "disk", True, f"{free / 1e9:,.1f} GB free for train.out_dir ({folder}); model size unknown here"
+    per_checkpoint = n * (16 if p.train.precision == "fp32" else 18)  # weights 4 (or 2 + 4 master) + Adam 8 + rounding
+    kept = p.train.keep_last + 2  # plus the best and the one being written
+    need = per_checkpoint * kept + n * 4
+    detail = (f"{free / 1e9:,.1f} GB free for train.out_dir ({folder}); a checkpoint of {n / 1e6:,.1f}M parameters is about"
+              f" {per_checkpoint / 1e9:,.2f} GB, {kept} kept at once about {need / 1e9:,.2f} GB")
+    return "disk", free >= need, detail + ("" if free >= need else ": free space, lower train.keep_last, or move train.out_dir")
+
+
+def estimated_parameters(p: Params) -> int | None:
+    """The model's parameter count from its config alone (built on the meta device: no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.models import scratch_config
+
+    try:
+        if p.model.is_scratch:
+            vocab = p.tokenize.vocab_size if p.tokenize.kind == "bpe" else 50257
+            config = scratch_config(p.model, vocab, 0)
+        elif Path(p.model.init).is_dir():
+            config = AutoConfig.from_pretrained(p.model.init)
+        else:
+            return None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+    except (OSError, ValueError):
+        return None
+
+
 # -------------------------------------------------------------------------------------------- cluster
 
 
 def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:
+    """The hostfile, then what the launcher will do with it: its runner, ssh to each host, the same code there.
+
+    train.launcher_args stands for the flags given to the launcher (in params, or by hand on its command line).
+    """
     try:
         hosts = parse_hostfile(hostfile)
     except UserError as e:
         return [("hostfile", False, str(e))]
     summary = ", ".join(f"{host} ({slots})" for host, slots in hosts)
     results: list[Result] = [("hostfile", True, f"{hostfile}: {len(hosts)} host(s), {sum(s for _, s in hosts)} slots: {summary}")]
+    args = " ".join(train.launcher_args).replace("=", " ").split()
+    no_ssh, no_ssh_check, master_addr = "--no_ssh" in args, "--no_ssh_check" in args, "--master_addr" in args
     launcher = runner_name(train.launcher_args)
-    if len(hosts) > 1 and "--no_ssh" not in train.launcher_args:
+    if len(hosts) > 1 and not no_ssh:
         results.append(check_runner(launcher))
     if train.launcher != "deepspeed":
-        results.append(("launcher", False, "a hostfile is only used by the deepspeed launcher: set train.launcher: deepspeed"))
+        results.append(("launcher", True, "dvc repro and `gptpipe train` run one process: set train.launcher: deepspeed for them to"
+                        f" use the hostfile; by hand, `deepspeed --hostfile {hostfile} ... stages/train.py` needs no setting"))
+    if no_ssh_check and not no_ssh and not master_addr:
+        # The launcher skips its ssh check but still asks the first host for its address over ssh.
+        results.append(("master address", False, f"--no_ssh_check still leaves the launcher running `ssh {hosts[0][0]} hostname -I`"
+                        " to find the rendezvous address: add --master_addr <first host's address> (127.0.0.1 on one machine)"))
+    if no_ssh or no_ssh_check:
+        results.append(("ssh", True, "not needed: " + ("--no_ssh starts each node by hand" if no_ssh else "--no_ssh_check is set")))
+        return results
     if shutil.which("ssh") is None:
         results.append(("ssh", False, "no ssh client on PATH: apt-get install openssh-client (the launcher reaches every host by ssh)"))
         return results

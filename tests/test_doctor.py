@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import TrainConfig
+from pipeline.config import Params
 from pipeline.doctor import parse_hostfile, run_checks
 from pipeline.errors import UserError
 
@@ -19,11 +19,11 @@ def by_name(results):
 
 
 def test_run_checks_without_hostfile_checks_this_machine():
-    results = run_checks(TrainConfig())
+    results = run_checks(Params())
     for name, ok, detail in results:
         assert isinstance(name, str) and isinstance(ok, bool) and detail, (name, ok, detail)
     checks = by_name(results)
-    assert {"python", "torch", "deepspeed", "deepspeed ops", "backend", "master port"} <= set(checks)
+    assert {"python", "torch", "deepspeed", "deepspeed ops", "backend", "master port", "packages", "disk"} <= set(checks)
     assert checks["torch"][0] and checks["python"][0]
     assert not any(name.startswith(("hostfile", "ssh")) for name in checks)
 
@@ -33,7 +33,7 @@ def test_run_checks_on_cpu_says_gloo():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    checks = by_name(run_checks(TrainConfig()))
+    checks = by_name(run_checks(Params()))
     assert checks["backend"] == (True, "gloo (CPU)")
     assert "CPU" in checks["devices"][1] and "gloo" in checks["devices"][1]
 
@@ -43,7 +43,7 @@ def test_master_port_in_use_is_a_problem_with_a_fix():
         held.bind(("0.0.0.0", 0))
         held.listen()
         port = held.getsockname()[1]
-        ok, detail = by_name(run_checks(TrainConfig(master_port=port)))["master port"]
+        ok, detail = by_name(run_checks(Params(train={'master_port': port})))["master port"]
     assert not ok
     assert str(port) in detail and "train.master_port" in detail
 
@@ -85,7 +85,7 @@ def test_unreachable_host_is_a_problem_with_a_fix(tmp_path):
     # No sshd runs here, so ssh to this machine is refused: exactly what an unprepared node looks like.
     path = tmp_path / "hostfile"
     path.write_text("127.0.0.1 slots=1\n")
-    checks = by_name(run_checks(TrainConfig(launcher="deepspeed"), str(path)))
+    checks = by_name(run_checks(Params(train={'launcher': 'deepspeed'}), str(path)))
     assert checks["hostfile"][0]
     assert "pdsh" not in checks  # one host: the launcher runs locally, no pdsh needed
     ok, detail = next(value for name, value in checks.items() if name.startswith("ssh"))
@@ -97,7 +97,7 @@ def test_unreachable_host_is_a_problem_with_a_fix(tmp_path):
 def test_several_hosts_need_a_multi_node_runner(tmp_path):
     path = tmp_path / "hostfile"
     path.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
-    checks = by_name(run_checks(TrainConfig(launcher="deepspeed"), str(path)))
+    checks = by_name(run_checks(Params(train={'launcher': 'deepspeed'}), str(path)))
     ok, detail = checks["pdsh"]
     assert ok or "apt-get install pdsh" in detail
     assert {"ssh 127.0.0.1", "ssh 127.0.0.2"} <= set(checks)
@@ -113,3 +113,38 @@ def test_cli_doctor_with_bad_hostfile_exits_1(tmp_path):
     assert result.exit_code == 1, result.output
     assert "problem" in result.output
     assert f"{hostfile}:2: 'worker-2 eight': expected `HOSTNAME slots=N`" in result.output
+
+
+def test_no_ssh_check_needs_a_master_address_and_then_no_ssh_probe_runs(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("localhost slots=2\n")
+    checks = by_name(run_checks(Params(train={"launcher": "deepspeed", "launcher_args": ["--no_ssh_check"]}), str(path)))
+    ok, detail = checks["master address"]
+    assert not ok and "ssh localhost hostname -I" in detail and "--master_addr" in detail
+    checks = by_name(run_checks(Params(train={"launcher": "deepspeed", "launcher_args": ["--no_ssh_check", "--master_addr", "127.0.0.1"]}), str(path)))
+    assert "master address" not in checks and checks["ssh"] == (True, "not needed: --no_ssh_check is set")
+    assert not any(name.startswith("ssh ") for name in checks)  # no probe of localhost, which has no sshd here
+
+
+def test_a_hostfile_without_train_launcher_is_the_by_hand_path_not_a_problem(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("localhost slots=2\n")
+    ok, detail = by_name(run_checks(Params(train={"launcher_args": ["--no_ssh"]}), str(path)))["launcher"]
+    assert ok and "needs no setting" in detail
+
+
+def test_packages_model_sources_and_disk_are_reported(tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "local")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = Params(model={"init": str(tmp_path / "local")}, tokenize={"kind": "hf", "pretrained": "no-such-org/no-such-model"})
+    checks = by_name(run_checks(p))
+    assert checks["packages"][0] and "transformers " in checks["packages"][1] and "dvc " in checks["packages"][1]
+    assert checks["model.init"] == (True, f"{tmp_path / 'local'}: a local folder")
+    ok, detail = checks["tokenize.pretrained"]
+    assert not ok and "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in detail
+    ok, detail = checks["disk"]
+    assert ok and "GB free for train.out_dir" in detail
+    ok, detail = by_name(run_checks(Params(train={"keep_last": 10**6})))["disk"]  # a million kept checkpoints fit nowhere
+    assert not ok and "lower train.keep_last" in detail

@@ -76,3 +76,12 @@ def test_launcher_command_from_params(tmp_path):
     ]  # fmt: skip
     with pytest.raises(UserError, match="train.hostfile: .* not found"):
         engine.launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), "stages/train.py", [])
+
+
+def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts():
+    cmd = engine.launcher_command(config.TrainConfig(include="localhost:2,3", master_port=29600), "stages/train.py", [])
+    assert cmd[1:5] == ["--include", "localhost:2,3", "--master_port", "29600"]
+    cmd = engine.launcher_command(config.TrainConfig(exclude="worker-2:0"), "stages/train.py", [])
+    assert "--exclude" in cmd and "worker-2:0" in cmd
+    with pytest.raises(UserError, match="train.include: cannot be combined with train.num_gpus"):
+        params.validate_params({"train": {"include": "localhost:0", "num_gpus": 2}})

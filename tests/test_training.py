@@ -143,6 +143,52 @@ def test_two_simulated_nodes_on_localhost_match_one_process(tokens_dir, tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_readme_hostfile_command_runs_on_one_machine_without_sshd(tokens_dir, tmp_path):
+    """`deepspeed --hostfile hostfile --no_ssh_check --master_addr 127.0.0.1 stages/train.py` with `localhost slots=2`."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    run_training(tiny_params(tokens_dir, one, max_steps=4, grad_accum=2))
+    (two / "hostfile").write_text("localhost slots=2\n")
+    args = ["--hostfile", str(two / "hostfile"), "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", "29701"]
+    finish(launch(args, tiny_params(tokens_dir, two, max_steps=4, grad_accum=1), two))
+    a, b = exported_weights(one), exported_weights(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_hostfile_from_params_with_include_launches_the_same_run(tokens_dir, tmp_path):
+    """The same through params: train.launcher=deepspeed, train.hostfile, train.include and the launcher flags."""
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=4, grad_accum=1, launcher="deepspeed", hostfile=str(tmp_path / "hostfile"),
+                      include="localhost:0,1", master_port=29711, launcher_args=["--no_ssh_check", "--master_addr", "127.0.0.1"])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "--params", "params.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, env=clean_env())
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "--include localhost:0,1" in out.stderr
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_node_local_out_dir_stops_the_run_with_a_message(tokens_dir, tmp_path):
+    """Two simulated nodes each in its own directory, so `checkpoints` is a different folder on each: node-local."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+        (node / "hostfile").write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=4, grad_accum=1)
+    raw["train"]["out_dir"] = "checkpoints"  # relative: each node's own
+    common = ["--hostfile", "hostfile", "--no_ssh", "--num_nodes", "2", "--master_addr", "127.0.0.1", "--master_port", "29721"]
+    procs = [launch([*common, "--node_rank", str(r)], raw, node) for r, node in enumerate(nodes)]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert all(proc.returncode != 0 for proc in procs)
+    assert "train.out_dir=checkpoints must be on storage every node sees (a shared file system): rank 1 on" in outs[1]
+    assert not (nodes[1] / "checkpoints" / "run.json").exists()
+
+
 def test_inconsistent_batch_keys_are_one_clear_error(tokens_dir, tmp_path):
     with pytest.raises(UserError, match=r"train.global_batch_tokens=1000 must equal train.micro_batch_size \(4\)"):
         run_training(tiny_params(tokens_dir, tmp_path, global_batch_tokens=1000))

@@ -1,0 +1,263 @@
+"""What users of run_clm.py, the HF Trainer, nanoGPT and build-nanogpt rely on while training, on tiny models:
+best-model export, epochs, early stopping, evaluation and samples along the way, runs a user names and resumes,
+fine-tuning a pretrained checkpoint, the loggers they watch, and the log lines they compare."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import exported_weights, finish, launch, logged, run_training, tiny_params
+from pipeline import config, params
+from pipeline.checkpoints import checkpoint_weights
+from pipeline.data import open_tokens
+from pipeline.encoding import tokenize_corpus
+from pipeline.errors import UserError
+from pipeline.layout import RunDir
+from pipeline.reports import build_report
+from pipeline.sources import prepare_corpus
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory, shared_data) -> Path:
+    """3 KB of text to train on and 20 KB to validate on: a model overfits it within 150 steps."""
+    root = tmp_path_factory.mktemp("small")
+    text = (shared_data / "tinyshakespeare.txt").read_text()
+    (root / "train.txt").write_text(text[:3000])
+    (root / "val.txt").write_text(text[100_000:120_000])
+    prepared = config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "train.txt")},
+                                                    "val_source": {"kind": "files", "path": str(root / "val.txt")},
+                                                    "out_dir": str(root / "prepared")})
+    prepare_corpus(prepared)
+    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(root / "tokens"), unknown_chars="unk"), root / "prepared")
+    return root / "tokens"
+
+
+def run_of(root: Path) -> RunDir:
+    (run,) = (root / "checkpoints").glob("run-*")
+    return RunDir(run)
+
+
+OVERFIT = dict(model={"n_layer": 2, "n_head": 2, "n_embd": 64}, max_steps=150, micro_batch_size=8, warmup_steps=5,
+               lr=3e-3, eval_interval=10, save_interval=1000, log_interval=50, eval_batches=4)  # fmt: skip
+
+
+def test_export_best_writes_the_weights_with_the_lowest_val_loss(small_train, tmp_path):
+    summary = run_training(tiny_params(small_train, tmp_path, **OVERFIT))
+    val = logged(tmp_path, "val/loss")
+    best_step = 10 * (1 + min(range(len(val)), key=val.__getitem__))
+    assert val[-1] > min(val) and best_step < 150  # it overfits: the last evaluation is not the best
+    assert summary["exported"].startswith(f"best (step-{best_step:06d}")
+    run = run_of(tmp_path)
+    best = checkpoint_weights(run.step(f"step-{best_step:06d}"))
+    last = checkpoint_weights(run.step("step-000150"))
+    exported = exported_weights(tmp_path)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, best[name]), name
+    assert any(not torch.equal(exported[n], last[n]) for n in exported)
+    info = json.loads((tmp_path / "final" / "gptpipe.json").read_text())
+    assert info["exported"] == "best" and info["step"] == best_step and info["val_loss"] == pytest.approx(min(val))
+
+    run_training(tiny_params(small_train, tmp_path / "last", **OVERFIT, export="last"))
+    assert json.loads((tmp_path / "last" / "final" / "gptpipe.json").read_text())["step"] == 150
+
+
+def test_early_stopping_stops_at_the_predicted_evaluation_and_stays_stopped(small_train, tmp_path):
+    # No evaluation can improve by 10 nats: the first sets the best, the next two do not improve, patience 2 stops.
+    raw = tiny_params(small_train, tmp_path, max_steps=100, eval_interval=5, save_interval=1000,
+                      early_stopping_patience=2, early_stopping_min_delta=10.0)
+    summary = run_training(raw)
+    assert summary["steps"] == 15 and summary["stopped"].startswith("stopped early at step 15")
+    run = run_of(tmp_path)
+    assert run.latest.read_text() == "step-000015"
+    assert json.loads((tmp_path / "metrics" / "metrics.json").read_text())["stopped"].startswith("stopped early")
+    again = run_training(raw)  # what `dvc exp run` does once more: a stopped run is complete
+    assert again["steps"] == 15 and again["stopped"].startswith("stopped early")
+
+
+def test_hellaswag_and_samples_during_training_reach_the_metrics_and_the_report(tokens_dir, tmp_path, shared_data):
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=8, hellaswag_interval=4, hellaswag_limit=6, sample_interval=4,
+                      sample_prompts=["ROMEO:"], sample_max_new_tokens=12, eval_at_start=True)
+    raw["evaluate"] = {"hellaswag": str(shared_data / "hellaswag_val_sample.jsonl"), "metrics_file": str(tmp_path / "m.json")}
+    raw["sample"] = {"out_dir": str(tmp_path / "reports")}
+    raw["report"] = {"out_dir": str(tmp_path / "reports")}
+    run_training(raw)
+    acc = logged(tmp_path, "hellaswag/acc_norm")
+    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
+    assert len(logged(tmp_path, "val/loss")) == 2  # step 0 (eval_at_start), then step 8
+    samples = [json.loads(line) for line in (tmp_path / "metrics" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [4, 8] and all(s["prompt"] == "ROMEO:" and s["text"] for s in samples)
+    build_report(params.validate_params(raw))
+    md = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Samples during training" in md and "**step 4**" in md and "ROMEO:" + samples[0]["text"] in md
+    assert (tmp_path / "reports" / "plots" / "hellaswag.png").stat().st_size > 5000
+
+
+def test_resume_never_starts_over_and_a_checkpoint_folder_resumes_that_step(tokens_dir, tmp_path, capfd):
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, save_interval=4))
+    run = run_of(tmp_path)
+    capfd.readouterr()
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, save_interval=4, resume=str(run.root / "step-000004")))
+    out = capfd.readouterr().out
+    assert f"resuming {run.root}/step-000004" in out and "step-000008, step-000012 moved to" in out
+    assert (run.root / "abandoned-after-step-000004" / "step-000012").is_dir()
+    reference = exported_weights(tmp_path)
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, save_interval=4, resume="never"))
+    out = capfd.readouterr().out
+    assert "starting over" in out and "starting fresh" in out
+    assert (run.root.parent / f"{run.root.name}.previous" / "step-000012").is_dir()
+    for name, tensor in exported_weights(tmp_path).items():  # a resumed run and a fresh one end the same
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_fresh_is_a_shortcut_for_resume_never(tokens_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tokens_dir, tmp_path, max_steps=4)))
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["train"]).exit_code == 0
+    result = CliRunner().invoke(app, ["train", "--fresh"])
+    assert result.exit_code == 0 and "starting over" in result.output
+
+
+def test_a_run_name_names_the_folder_and_refuses_other_settings(tokens_dir, tmp_path):
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, run_name="baseline"))
+    run = RunDir(tmp_path / "checkpoints" / "baseline")
+    assert run.latest.read_text() == "step-000004" and "world_size" in json.loads(run.identity.read_text())
+    with pytest.raises(UserError, match=r"train.run_name=baseline: .* holds a run with other settings \(train.lr 0.003 -> 0.001\)"):
+        run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, run_name="baseline", lr=1e-3))
+    with pytest.raises(UserError, match=r"train.run_name: '\.\./x': letters, digits"):
+        params.validate_params({"train": {"run_name": "../x"}})
+
+
+def test_epochs_become_steps_from_the_token_count(tokens_dir, tmp_path):
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=None, epochs=0.05, save_interval=1000, eval_interval=1000)
+    windows = (len(open_tokens(tokens_dir / "train.bin")) - 1) // 32
+    summary = run_training(raw)
+    assert summary["steps"] == math.ceil(0.05 * windows / 4)
+    with pytest.raises(UserError, match="exactly one must be set"):
+        params.validate_params({"train": {"epochs": 2}})
+
+
+@pytest.mark.slow
+def test_epochs_give_the_same_steps_on_two_processes_under_zero3_with_evals_and_samples(tokens_dir, tmp_path, shared_data):
+    """One launcher run: epochs with a global batch in tokens give the same step count on 2 processes; HellaSwag and
+    samples along the way under ZeRO-3 (every rank in every forward pass) do not hang."""
+    windows = (len(open_tokens(tokens_dir / "train.bin")) - 1) // 32
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=None, epochs=0.02, global_batch_tokens=4 * 32 * 2, micro_batch_size=4,
+                      zero_stage=3, hellaswag_interval=3, hellaswag_limit=5, sample_interval=3, save_interval=1000, eval_interval=3)
+    raw["evaluate"] = {"hellaswag": str(shared_data / "hellaswag_val_sample.jsonl")}
+    finish(launch(["--num_gpus", "2", "--master_port", "29691"], raw, tmp_path))
+    expected = math.ceil(0.02 * windows / 8)  # the global batch is 8 sequences whatever the world size
+    assert json.loads((tmp_path / "final" / "gptpipe.json").read_text())["tokens_seen"] == expected * 8 * 32
+    assert len(logged(tmp_path, "hellaswag/acc_norm")) == len([s for s in range(1, expected + 1) if s % 3 == 0 or s == expected])
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory) -> Path:
+    """A tiny GPT-2-shaped pretrained checkpoint with GPT-2's vocabulary (so tiktoken's gpt2 ids fit), in bf16."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=50256, eos_token_id=50256)
+    GPT2LMHeadModel(cfg).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokens(tmp_path_factory, shared_data) -> Path:
+    root = tmp_path_factory.mktemp("gpt2tok")
+    (root / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:40_000])
+    prepared = config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"},
+                                                    "out_dir": str(root / "prepared")})
+    prepare_corpus(prepared)
+    tokenize_corpus(config.TokenizeConfig(kind="tiktoken", out_dir=str(root / "tokens")), root / "prepared")
+    return root / "tokens"
+
+
+def test_a_gpt2_checkpoint_fine_tunes_on_tiktoken_ids_with_the_dropout_asked(gpt2_checkpoint, gpt2_tokens, tmp_path):
+    raw = tiny_params(gpt2_tokens, tmp_path, model={"init": str(gpt2_checkpoint), "block_size": 32, "dropout": 0.2},
+                      tokenize={"kind": "tiktoken", "encoding": "gpt2", "out_dir": str(gpt2_tokens)}, max_steps=4, eval_at_start=True)
+    del raw["model"]["n_layer"], raw["model"]["n_head"], raw["model"]["n_embd"]
+    run_training(raw)
+    exported = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert exported["resid_pdrop"] == exported["embd_pdrop"] == exported["attn_pdrop"] == 0.2
+    # export_dtype auto: the checkpoint's own bf16, the fp32 master weights rounded once
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "final" / "model.safetensors").values())
+    assert len(logged(tmp_path, "val/loss")) >= 2  # step 0 first: the pretrained model's val loss before fine-tuning
+
+
+def test_a_checkpoint_with_other_ids_is_refused_for_tiktoken(gpt2_tokens, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 eos_token_id=2)).save_pretrained(tmp_path / "llama")
+    raw = tiny_params(gpt2_tokens, tmp_path, model={"init": str(tmp_path / "llama"), "block_size": 32},
+                      tokenize={"kind": "tiktoken", "out_dir": str(gpt2_tokens)}, max_steps=2)
+    del raw["model"]["n_layer"], raw["model"]["n_head"], raw["model"]["n_embd"]
+    with pytest.raises(UserError, match=r"does not use the ids of tokenize.kind=tiktoken .*use tokenize.kind=hf"):
+        run_training(raw)
+
+
+def test_bf16_training_exports_fp32_master_weights_or_bf16_when_asked(tokens_dir, tmp_path):
+    run_training(tiny_params(tokens_dir, tmp_path / "auto", max_steps=4, precision="bf16", zero_stage=1))
+    weights = exported_weights(tmp_path / "auto")
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in weights.values())  # not bf16 values widened
+    run_training(tiny_params(tokens_dir, tmp_path / "bf16", max_steps=4, precision="bf16", export_dtype="bf16"))
+    assert all(t.dtype == torch.bfloat16 for t in exported_weights(tmp_path / "bf16").values())
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+def test_tensorboard_and_offline_wandb_hold_the_loss(tokens_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=8, loggers=["dvclive", "tensorboard", "wandb"], run_name="logged"))
+    losses = logged(tmp_path, "train/loss")
+    events = EventAccumulator(str(tmp_path / "metrics" / "tensorboard" / "logged"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
+    (record,) = (tmp_path / "metrics" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert b"train/loss" in data and json.dumps(losses[-1]).encode() in data
+
+
+def test_a_logger_that_is_not_installed_is_one_message(tokens_dir, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(UserError, match=r"train.loggers names wandb, which is not installed: pip install 'gptpipe\[wandb\]'"):
+        run_training(tiny_params(tokens_dir, tmp_path, max_steps=2, loggers=["wandb"]))
+
+
+def test_the_log_has_ms_per_step_wall_times_and_the_resolved_configuration(tokens_dir, tmp_path, capfd):
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=8))
+    out = capfd.readouterr().out
+    assert "train: batch     4 x 1 accumulation x 1 processes = 4 sequences = 128 tokens per step" in out
+    assert "train: length    8 steps, 1,024 tokens" in out and "train: optimizer AdamW lr 3.00e-03, warmup 2, cosine to 3.00e-04" in out
+    assert " ms | " in out and len(logged(tmp_path, "train/ms_per_step")) == 2
+    times = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["time"]
+    assert {"setup", "train", "eval", "save", "export", "total"} <= set(times)
+    assert times["total"] >= times["train"] > 0 and summary["seconds total"] > 0
