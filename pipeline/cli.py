@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Callable, Iterator
@@ -64,8 +66,12 @@ def stage_command(*sections: str) -> Callable:
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(*args, **kwargs):
+            start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+                    echo(f"{fn.__name__}: {time.perf_counter() - start:,.1f} s")
+                return result
             except UserError as e:
                 console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
@@ -258,6 +264,68 @@ def report(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  #
     p = load_params(params, set_)
     page = build_report(p)
     print_summary(f"report -> {p.report.out_dir}", {"report": str(page)})
+
+
+recipe_app = typer.Typer(help="Complete params files for common workflows: list them, show one, use one as params.yaml.",
+                         no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("list")
+def recipe_list():
+    """The recipes, each with what it reproduces."""
+    from pipeline import recipes
+
+    table = Table(show_header=False)
+    for name in recipes.names():
+        table.add_row(f"[cyan]{name}[/cyan]", recipes.summary(name))
+    Console().print(table)
+
+
+@recipe_app.command("show")
+def recipe_show(name: Annotated[str, typer.Argument(help="a recipe (gptpipe recipe list)")]):
+    """Print a recipe: its header says what it reproduces, what it needs and what it reached."""
+    from pipeline import recipes
+
+    with user_errors():
+        typer.echo(recipes.text(name), nl=False)
+
+
+@recipe_app.command("use")
+def recipe_use(
+    name: Annotated[str, typer.Argument(help="a recipe (gptpipe recipe list)")],
+    set_: SetOption = [],  # noqa: B006
+    params: ParamsOption = Path("params.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="replace a params file holding changes of your own")] = False,
+):
+    """Write a recipe (with -S overrides) to params.yaml, so that `dvc repro` and `dvc exp run` use it."""
+    from pipeline import recipes
+
+    with user_errors():
+        path = recipes.use(name, set_, params, force)
+    echo(f"recipe: {name} written to {path}" + (f" with {' '.join(set_)}" if set_ else "") + "; next: dvc repro")
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="the new project's folder (must not exist, or be empty)")],
+    recipe: Annotated[str | None, typer.Option(help="start from this recipe instead of every default")] = None,
+):
+    """Make a new git + DVC project whose stages call the installed gptpipe: dvc.yaml, params.yaml, data/raw/, a README."""
+    from pipeline.scaffold import init_project
+
+    with user_errors():
+        init_project(folder, recipe, echo)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A UserError in a command that is not a stage: one line and exit code 2, as stages do."""
+    try:
+        yield
+    except UserError as e:
+        console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -56,7 +56,7 @@ class SourceConfig(Section):
         "pydoc_topics", description="builtin only: pydoc_topics (Python's help topics, ~0.5 MB) or stdlib (its .py sources, ~5 MB)"
     )
     path: str | None = Field(None, description="files only: a file, a folder or a glob such as data/raw/*.jsonl")
-    url: str | None = Field(None, description="url only: an http(s) address, downloaded once into data/cache/")
+    url: str | None = Field(None, description="url only: an http(s) address, downloaded once into prepare.download_dir")
     dataset: str | None = Field(None, description="hf only: dataset name on the hub or a local dataset script/folder")
     config: str | None = Field(None, description="hf only: dataset configuration name")
     data_files: str | None = Field(
@@ -90,7 +90,10 @@ class PrepareConfig(Section):
 
     source: SourceConfig = Field(default_factory=SourceConfig, description="the corpus")
     val_source: SourceConfig | None = Field(None, description="a separate validation corpus; null = split val_fraction off source")
-    val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="fraction of documents held out for validation (seeded, by document)")
+    val_fraction: float = Field(0.1, ge=0.0, le=0.5, description="fraction held out for validation: of the documents (split: hash) or of the text (split: tail)")
+    split: Literal["hash", "tail"] = Field(
+        "hash", description="hash: each document goes to val by a seeded hash of its text; tail: the last val_fraction of the text, cut at that character (nanoGPT's split)"
+    )
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of the train/val split")
     dedup: bool = Field(True, description="drop exact duplicate documents (after normalisation)")
     nfc: bool = Field(True, description="normalise Unicode to NFC")

@@ -425,8 +425,9 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
 
 
 
-def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[str]:
-    """The `deepspeed` launcher command line that runs script on every node and process of train.*."""
+def launcher_command(train: TrainConfig, script: str, args: list[str], module: bool = False) -> list[str]:
+    """The `deepspeed` launcher command line that runs script (or, with module, `python -m script`) on every node
+    and process of train.*."""
     exe = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
     cmd = [exe]
     if train.hostfile:
@@ -445,18 +446,24 @@ def launcher_command(train: TrainConfig, script: str, args: list[str]) -> list[s
         cmd += ["--include", train.include]
     if train.exclude:
         cmd += ["--exclude", train.exclude]
-    cmd += ["--master_port", str(train.master_port), *train.launcher_args, script, *args]
-    return cmd
+    cmd += ["--master_port", str(train.master_port), *train.launcher_args]
+    # A module's command line is ours (`pipeline.cli train ...`): the launcher must not put --local_rank before it.
+    cmd += ["--no_local_rank", "--module", script] if module else [script]
+    return cmd + args
 
 
 def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], echo: Echo = silent) -> int:
-    """Run the train stage again under the deepspeed launcher (train.launcher=deepspeed); its exit code."""
-    # Every node runs this same script, so the repository must sit at the same path on each.
+    """Run the train stage again under the deepspeed launcher (train.launcher=deepspeed); its exit code.
+
+    Every node runs the same command, so it must exist at the same place on each: this repository's
+    stages/train.py when gptpipe runs from a checkout, else the installed package as a module.
+    """
     script = Path(__file__).resolve().parents[1] / "stages" / "train.py"
-    if not script.is_file():
-        raise UserError("train.launcher=deepspeed runs stages/train.py of the gptpipe repository, which this install lacks")
     args = ["--params", str(Path(params_file).resolve()), *[f"--set={s}" for s in overrides]]
-    cmd = launcher_command(train, str(script), args)
+    if script.is_file():
+        cmd = launcher_command(train, str(script), args)
+    else:  # an installed gptpipe (a project made by `gptpipe init`): LOCAL_RANK comes from the environment
+        cmd = launcher_command(train, "pipeline.cli", ["train", *args], module=True)
     echo(f"train: launching {' '.join(cmd)}")
     return subprocess.call(cmd)
 

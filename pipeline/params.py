@@ -138,3 +138,42 @@ def describe(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
         default = field.get_default(call_default_factory=True)
         rows.append((key, "null" if default is None else repr(default), field.description or ""))
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/params.md: every param with its type, default and description, from the schemas themselves."""
+    from pipeline.config import SECTIONS
+
+    lines = ["# Params reference", "",
+             "Every key of `params.yaml`, generated from the schemas in `pipeline/config.py` by",
+             "`python scripts/params_reference.py` (a test fails when this page is out of date). Each stage's",
+             "`--help` lists the same. A key left out takes its default.", ""]
+    for section in SECTIONS:
+        model = Params.model_fields[section].annotation
+        lines += [f"## {section}", "", model.__doc__.strip().splitlines()[0], "", "| key | type | default | description |", "|---|---|---|---|"]
+        for key, default, description in describe(model, section):
+            field = _field_at(key)
+            kind = _type_name(field.annotation).replace("|", "or")
+            lines.append(f"| `{key}` | {kind} | `{default}` | {description.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _field_at(dotted: str):
+    model, field = Params, None
+    for part in dotted.split("."):
+        field = model.model_fields[part]
+        model = _model_in(field.annotation) or model
+    return field
+
+
+def _type_name(annotation) -> str:
+    args = getattr(annotation, "__args__", None)
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and str(origin).endswith("Literal"):
+        return " / ".join(repr(a) for a in args)
+    if args and origin is list:
+        return f"list of {_type_name(args[0])}"
+    if args:
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))

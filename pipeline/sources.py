@@ -201,7 +201,7 @@ def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, down
                         continue
                     seen.add(digest)
                 split = target
-                if cfg.val_source is None:
+                if cfg.val_source is None and cfg.split == "hash":
                     split, position = split_of(data, cfg.seed, cfg.val_fraction)
                     distance = position if split == "train" else -position
                     if split not in nearest or distance < nearest[split][0]:
@@ -217,7 +217,9 @@ def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, down
                                 f"{dropped['short'] - before['short']} shorter than prepare.min_chars={cfg.min_chars}, "
                                 f"{dropped['duplicate'] - before['duplicate']} duplicates)")
     moved = None
-    if cfg.val_source is None:
+    if cfg.val_source is None and cfg.split == "tail":
+        documents, nbytes = _split_tail(out, cfg.val_fraction)
+    elif cfg.val_source is None:
         if sum(documents.values()) == 1:
             raise UserError('prepare.val_fraction: the corpus is one document; set prepare.source.separator '
                             '(e.g. "\\n\\n") or prepare.val_source')
@@ -231,6 +233,32 @@ def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, down
     return {"documents": documents, "bytes": nbytes, "dropped": dropped, "replaced": stats.replaced, "moved": moved,
             "inputs": stats.inputs, "input_hash": hashlib.sha256(combined).hexdigest(),
             "params": cfg.model_dump(mode="json", exclude={"out_dir", "download_dir"})}
+
+
+def _split_tail(out: PreparedDir, val_fraction: float) -> tuple[dict, dict]:
+    """Move the last val_fraction of the text (all in train.jsonl, in order) to val.jsonl, cutting the document that
+    straddles the boundary at the boundary character; streams, so memory stays flat. Returns counts and bytes."""
+    train = out.split("train")
+    total = sum(len(json.loads(line)["text"]) for line in open(train, encoding="utf-8"))
+    boundary = int(total * (1 - val_fraction))  # characters kept in train, as nanoGPT cuts data[:int(n * 0.9)]
+    if boundary in (0, total):
+        raise UserError(f"prepare.val_fraction: {val_fraction} of {total} characters leaves a split empty; raise it or use more text")
+    documents, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    rest = train.with_name(train.name + ".rest")
+    seen = 0
+    with open(train, encoding="utf-8") as lines, open(rest, "w", encoding="utf-8", newline="\n") as keep, \
+            open(out.split("val"), "w", encoding="utf-8", newline="\n") as val:
+        for line in lines:
+            text = json.loads(line)["text"]
+            head = text[: max(0, boundary - seen)]
+            for part, split, f in ((head, "train", keep), (text[len(head):], "val", val)):
+                if part:
+                    f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
+                    documents[split] += 1
+                    nbytes[split] += len(part.encode("utf-8"))
+            seen += len(text)
+    os.replace(rest, train)
+    return documents, nbytes
 
 
 def _move_line(out: PreparedDir, src: str, dst: str, index: int) -> int:

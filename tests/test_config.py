@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 
 
 def shipped_params_files() -> list[Path]:
-    return [ROOT / "params.yaml", *sorted((ROOT / "examples").glob("**/*.yaml"))]
+    return [ROOT / "params.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))]
 
 
 @pytest.mark.parametrize("path", shipped_params_files(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -89,3 +89,4 @@ def test_every_field_has_a_description():
         model = config.Params.model_fields[section].annotation
         for key, _, description in params.describe(model, section):
             assert description, f"{key} has no description"
+

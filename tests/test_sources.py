@@ -366,3 +366,17 @@ def test_val_source(tmp_path):
 def test_iter_prepared_missing(tmp_path):
     with pytest.raises(UserError, match="run the prepare stage first"):
         list(iter_prepared(tmp_path, "train"))
+
+
+def test_tail_split_holds_out_the_last_fraction_of_the_text_cut_at_that_character(tmp_path):
+    text = "".join(f"line {i} of the play\n" for i in range(500)).strip()
+    (tmp_path / "play.txt").write_text(text)
+    manifest = prepare(tmp_path, source={"kind": "files", "path": str(tmp_path / "play.txt"), "separator": "\n"}, split="tail")
+    train = list(iter_prepared(tmp_path / "prepared", "train"))
+    val = list(iter_prepared(tmp_path / "prepared", "val"))
+    joined = "".join(train) + "".join(val)
+    assert joined == text.replace("\n", "")  # every character once, in order (documents were the lines)
+    assert len("".join(train)) == int(len(joined) * 0.9)  # nanoGPT's data[:int(n * 0.9)]
+    assert manifest["documents"] == {"train": len(train), "val": len(val)}
+    whole = prepare(tmp_path, source={"kind": "files", "path": str(tmp_path / "play.txt")}, split="tail", out_dir=str(tmp_path / "one"))
+    assert whole["documents"] == {"train": 1, "val": 1}  # one document, cut in two

@@ -1,0 +1,80 @@
+"""Recipes: complete params files for the workflows users come from (nanoGPT, run_clm.py, build-nanogpt, ...).
+
+They live in the repository's recipes/ folder, installed as the gptpipe_recipes package so that
+`gptpipe recipe` and `gptpipe init --recipe` work wherever gptpipe is installed.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from importlib import resources
+from pathlib import Path
+
+import yaml as safe_yaml
+
+from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
+from pipeline.params import parse_override, validate_params
+
+
+def names() -> list[str]:
+    return sorted(f.name.removesuffix(".yaml") for f in resources.files("gptpipe_recipes").iterdir() if f.name.endswith(".yaml"))
+
+
+def text(name: str) -> str:
+    """The recipe's file, comments included."""
+    if name not in names():
+        raise UserError(f"no recipe {name!r}; the recipes are: {', '.join(names())} (gptpipe recipe list)")
+    return resources.files("gptpipe_recipes").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def summary(name: str) -> str:
+    """The first line of the recipe's header comment, after its name."""
+    first = text(name).splitlines()[0]
+    return first.removeprefix("#").strip().removeprefix(f"{name}:").strip()
+
+
+def render(name: str, overrides: list[str]) -> str:
+    """The recipe with -S overrides applied, its comments kept, checked against the schema."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    yaml = YAML()  # round trip: comments and key order survive
+    yaml.width = 4096
+    doc = yaml.load(text(name))
+    for override in overrides:
+        parts, value = parse_override(override)
+        node = doc
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = CommentedMap()
+            node = node[part]
+        node[parts[-1]] = value
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    rendered = out.getvalue()
+    validate_params(safe_yaml.safe_load(rendered) or {}, source=f"recipe {name} with {' '.join(overrides) or 'no overrides'}")
+    return rendered
+
+
+def use(name: str, overrides: list[str], dest: str | Path = "params.yaml", force: bool = False) -> Path:
+    """Write the recipe (with overrides) to dest; refuse to replace a params file holding changes of the user's own."""
+    dest = Path(dest)
+    rendered = render(name, overrides)
+    if dest.exists() and not force and not replaceable(dest):
+        raise UserError(f"{dest} holds changes of your own (it is not a shipped recipe, nor committed to git): commit it,"
+                        " or add --force to replace it")
+    write_text_atomic(dest, rendered)
+    return dest
+
+
+def replaceable(path: Path) -> bool:
+    """A params file that loses nothing when replaced: a shipped recipe as written, or one git has committed as it is."""
+    current = path.read_text(encoding="utf-8", errors="replace")
+    if any(current == text(n) for n in names()):
+        return True
+    folder = path.resolve().parent
+    tracked = subprocess.run(["git", "-C", str(folder), "ls-files", "--error-unmatch", path.name], capture_output=True)
+    clean = subprocess.run(["git", "-C", str(folder), "diff", "--quiet", "HEAD", "--", path.name], capture_output=True)
+    return tracked.returncode == 0 and clean.returncode == 0
