@@ -13,4 +13,4 @@ test: setup
 	python -m pytest
 
 bench: setup
-	python bench/tokenize.py
+	python bench/tokenize_stage.py

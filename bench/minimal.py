@@ -68,12 +68,13 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    """AdamW with decay on matrices only, as nanoGPT's configure_optimizers (fused where torch has it)."""
+def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only, as nanoGPT's configure_optimizers (which fuses on CUDA only: on a CPU
+    torch's default, the foreach implementation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def get_batch(data: np.ndarray, block_size: int, batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,6 +83,23 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, rng: np.random
     x = torch.from_numpy(np.stack([data[i : i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block_size] for i in ix]).astype(np.int64))
     return x, y
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, train: np.ndarray, val: np.ndarray, block_size: int, batch_size: int, iters: int,
+                  rng: np.random.Generator) -> dict:
+    """nanoGPT's periodic estimate: the mean loss of `iters` random batches of each split."""
+    model.eval()
+    out = {}
+    for name, data in (("train", train), ("val", val)):
+        losses = []
+        for _ in range(iters):
+            x, y = get_batch(data, block_size, batch_size, rng)
+            logits = model(x)
+            losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
 
 
 @torch.no_grad()
@@ -107,6 +125,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--eval-interval", type=int, default=250, help="nanoGPT's estimate_loss every N steps (0 = never)")
+    parser.add_argument("--eval-iters", type=int, default=20, help="batches per split in each estimate_loss")
+    parser.add_argument("--fused", action="store_true", help="fused AdamW (nanoGPT uses it on CUDA only)")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -119,11 +140,13 @@ def main() -> None:
     train, val = ids[:n], ids[n:]
     c = GPTConfig(vocab_size=len(chars))
     model = GPT(c)
-    opt = adamw(model, args.lr, 0.1, (0.9, 0.99))
+    opt = adamw(model, args.lr, 0.1, (0.9, 0.99), args.fused)
     rng = np.random.default_rng(args.seed)
     warmup, min_lr = 100, args.lr / 10
     loop_start = time.perf_counter()
     for step in range(args.steps):
+        if args.eval_interval and step % args.eval_interval == 0:
+            estimate_loss(model, train, val, c.block_size, args.batch, args.eval_iters, rng)
         # nanoGPT's schedule: linear warmup, cosine to min_lr at lr_decay_iters = max_iters
         if step < warmup:
             lr = args.lr * (step + 1) / (warmup + 1)

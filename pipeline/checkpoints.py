@@ -43,13 +43,18 @@ RESUME_SAFE = {
     "early_stopping_patience", "early_stopping_min_delta", "hellaswag_interval", "hellaswag_limit", "sample_interval",
     "sample_prompts", "sample_max_new_tokens", "save_interval", "keep_last", "run_name", "resume", "export", "export_dtype",
     "loggers", "wandb_project", "peak_tflops", "launcher", "hostfile", "num_gpus", "num_nodes", "include", "exclude",
-    "master_port", "launcher_args", "collective_timeout", "out_dir", "export_dir", "metrics_dir",
+    "master_port", "launcher_args", "collective_timeout", "compile", "out_dir", "export_dir", "metrics_dir",
 }  # fmt: skip
+
+
+# Raised when gptpipe changes what it builds from the same params (a model's activation or vocabulary padding),
+# so a checkpoint of an earlier gptpipe is not resumed into a different model.
+RUN_FORMAT = 2
 
 
 def run_identity(p: Params, data: dict, world_size: int, grad_accum: int) -> dict:
     """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens."""
-    identity = {f"model.{k}": v for k, v in p.model.model_dump().items()}
+    identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
     identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k not in RESUME_SAFE})
     identity.update({f"data.{k}": v for k, v in data.items()})
     identity["world_size"] = world_size
@@ -113,10 +118,15 @@ def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str |
         later = [c for c in run.steps() if c.tag > ckpt.tag]
         if later:
             aside = run.root / f"abandoned-after-{ckpt.tag}"
-            aside.mkdir(exist_ok=True)
+            n = 1
+            while aside.exists():  # train.resume left in params.yaml: each rerun branches off the same step again
+                n += 1
+                aside = run.root / f"abandoned-after-{ckpt.tag}.{n}"
+            aside.mkdir()
             for c in later:
                 c.root.rename(aside / c.tag)
-            echo(f"train: resuming {ckpt.tag} as asked; the later {', '.join(c.tag for c in later)} moved to {aside}")
+            echo(f"train: resuming {ckpt.tag} as asked; the later {', '.join(c.tag for c in later)} moved to {aside}."
+                 " Set train.resume back to auto, or every run starts again from this checkpoint")
         return run, ckpt.tag
 
     run = RunDir(Path(t.out_dir) / t.run_name) if t.run_name else run_folder(t.out_dir, identity)

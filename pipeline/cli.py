@@ -200,6 +200,7 @@ def train(
     from pipeline.training import train as run_training
 
     summary = run_training(p, progress=count_progress, echo=echo)
+    engine.leave_process_group()
     if summary:
         print_summary(f"train -> {p.train.export_dir}", summary)
 
@@ -215,8 +216,10 @@ def evaluate(
     from pipeline.evaluation import evaluate as run_evaluation
 
     p = load_params(params, set_)
-    dist = engine.init_distributed(single_process_group=False)  # started by a launcher: split the work across ranks
+    # Started by a launcher: the work is split across ranks, which wait for each other no longer than training does.
+    dist = engine.init_distributed(single_process_group=False, timeout_s=p.train.collective_timeout)
     metrics = run_evaluation(p, dist, progress=count_progress)
+    engine.leave_process_group()
     if dist.is_main:
         rows = {f"{group} {k}": v for group in ("val", "hellaswag") for k, v in (metrics.get(group) or {}).items()}
         print_summary(f"evaluate -> {p.evaluate.metrics_file}", rows)
@@ -229,7 +232,7 @@ def sample(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = [],  # noqa: B006
     prompt: Annotated[list[str], typer.Option("--prompt", help="ad hoc: sample these prompts and print, writing no files")] = [],  # noqa: B006
-    model: Annotated[str | None, typer.Option("--model", help="a model folder, a training checkpoint or run folder, any HF folder")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="a model folder, a training checkpoint or run folder, any HF folder or hub id")] = None,
 ):
     """Generate samples into sample.out_dir (samples.md, samples.jsonl), or with --prompt just print them."""
     from pipeline.sampling import generate_samples, sample_summary, write_samples
@@ -333,12 +336,19 @@ def doctor(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = [],  # noqa: B006
     hostfile: Annotated[str | None, typer.Option(help="hostfile to check (default: train.hostfile)")] = None,
+    launcher_args: Annotated[str | None, typer.Option(
+        "--launcher-args", help='the flags you give `deepspeed` by hand, e.g. "--no_ssh_check --master_addr 127.0.0.1" (default: train.launcher_args)'
+    )] = None,
 ):
     """Check this machine and the cluster in the hostfile before a (multi-node) training run."""
+    import shlex
+
     from pipeline.doctor import run_checks
 
     try:
         p = load_params(params, set_) if params.exists() else config.Params()
+        if launcher_args is not None:
+            p.train.launcher_args = shlex.split(launcher_args)
     except UserError as e:
         console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         raise typer.Exit(2) from None

@@ -175,7 +175,10 @@ def reachable(key: str, name: str) -> Result:
         from huggingface_hub import model_info
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-        model_info(name, timeout=10)
+        info = model_info(name, timeout=10)
+        # The hub describes a gated repo to anyone; only the download needs the accepted licence and a token.
+        if getattr(info, "gated", False) and not (os.environ.get("HF_TOKEN") or _saved_hf_token()):
+            return key, False, f"{name}: gated on the hub ({info.gated} approval) and no HF_TOKEN is set.{gated}"
         return key, True, f"{name}: on the hub; it downloads on first use (set HF_HOME to cache it somewhere roomy)"
     except GatedRepoError:
         return key, False, f"{name}: gated on the hub.{gated}"
@@ -183,6 +186,16 @@ def reachable(key: str, name: str) -> Result:
         return key, False, f"{name}: no such model on the hub (or private: set HF_TOKEN).{gated}"
     except Exception as e:  # noqa: BLE001 - any network failure is the same answer: not reachable from here
         return key, False, f"{name}: the hub is unreachable ({type(e).__name__}); use a local folder, or download it once elsewhere.{gated}"
+
+
+def _saved_hf_token() -> str | None:
+    """The token `huggingface-cli login` saved, if any."""
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except ImportError:
+        return None
 
 
 def check_disk(p: Params) -> Result:
@@ -243,10 +256,17 @@ def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:
     if train.launcher != "deepspeed":
         results.append(("launcher", True, "dvc repro and `gptpipe train` run one process: set train.launcher: deepspeed for them to"
                         f" use the hostfile; by hand, `deepspeed --hostfile {hostfile} ... stages/train.py` needs no setting"))
-    if no_ssh_check and not no_ssh and not master_addr:
-        # The launcher skips its ssh check but still asks the first host for its address over ssh.
-        results.append(("master address", False, f"--no_ssh_check still leaves the launcher running `ssh {hosts[0][0]} hostname -I`"
-                        " to find the rendezvous address: add --master_addr <first host's address> (127.0.0.1 on one machine)"))
+    if (no_ssh_check or no_ssh) and not master_addr:
+        # The launcher skips its ssh check but, given a hostfile, still asks the first host for its address over ssh.
+        first = hosts[0][0]
+        code, out = ssh(first, "hostname -I") if shutil.which("ssh") else (1, "no ssh client")
+        flag = "--no_ssh" if no_ssh else "--no_ssh_check"
+        if code == 0 and out.split():
+            results.append(("master address", True, f"`ssh {first} hostname -I` answers {out.split()[0]}: the launcher uses it"))
+        else:
+            results.append(("master address", False, f"{flag} still leaves the launcher running `ssh {first} hostname -I` to find the"
+                            f" rendezvous address, which fails here ({out or 'no answer'}): add --master_addr <first host's address>"
+                            " (127.0.0.1 on one machine)"))
     if no_ssh or no_ssh_check:
         results.append(("ssh", True, "not needed: " + ("--no_ssh starts each node by hand" if no_ssh else "--no_ssh_check is set")))
         return results
@@ -283,7 +303,8 @@ def check_host(host: str, local: tuple[str | None, str]) -> list[Result]:
     if code != 0:
         fix = (
             f"set up passwordless ssh keys (ssh-keygen; ssh-copy-id {host}) until `ssh {host} true` works without a prompt;"
-            " on a single machine unset train.hostfile, or add --no_ssh_check (or --no_ssh) to train.launcher_args"
+            " on a single machine unset train.hostfile, or pass --no_ssh_check --master_addr 127.0.0.1 to the launcher"
+            " (train.launcher_args, or doctor --launcher-args for the flags you type by hand)"
         )
         return [(f"ssh {host}", False, f"{out or 'failed'}: {fix}")]
     results: list[Result] = [(f"ssh {host}", True, "reachable without a password")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import pickle
 import re
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -96,6 +98,14 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank() or 0, device)
 
 
+def leave_process_group() -> None:
+    """End a launched process's part in its group once every rank is done: a process that exits with gloo's
+    threads still running can abort ("terminate called without an active exception", exit -6)."""
+    if is_launched() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,7 +127,8 @@ def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
         "train_batch_size": batch.global_size,
         "train_micro_batch_size_per_gpu": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.grad_accum,
-        "gradient_clipping": train.grad_clip,
+        # ZeRO 0 in fp32: the loop clips (and so learns the norm) in one pass; DeepSpeed would compute it again.
+        "gradient_clipping": 0.0 if clips_in_loop(train) else train.grad_clip,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -125,8 +136,10 @@ def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
                 "betas": [train.beta1, train.beta2],
                 "eps": train.eps,
                 "weight_decay": train.weight_decay,
-                # torch's AdamW needs no compiled op; DeepSpeed's CPU Adam is used when offloading.
+                # torch's AdamW needs no compiled op, and its fused kernel (CPU and GPU) beats the foreach one;
+                # DeepSpeed's CPU Adam is used when offloading.
                 "torch_adam": not train.offload_optimizer,
+                **({"fused": True} if not train.offload_optimizer else {}),
                 "adam_w_mode": True,
             },
         },
@@ -211,6 +224,11 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, batch: Batch, echo:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if batch.world_size == 1 and train.zero_stage == 0:
+        # One process has nothing to all-reduce: skip DeepSpeed's flatten, reduce and unflatten of every gradient.
+        engine.enable_backward_allreduce = False
+    if train.compile:
+        engine.compile()  # torch.compile of the module in place: its parameter names, and so the checkpoints, stay the same
     return engine, ds_config
 
 
@@ -219,16 +237,22 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def step(engine, boundary: bool) -> float | None:
+def clips_in_loop(train: TrainConfig) -> bool:
+    """ZeRO 0 in fp32: DeepSpeed keeps no gradient norm there, so the loop clips (one pass gives the norm too)."""
+    return train.zero_stage == 0 and train.precision == "fp32"
+
+
+def step(engine, boundary: bool, grad_clip: float) -> float | None:
     """engine.step() after a micro step; at an accumulation boundary, return the global gradient norm.
 
-    ZeRO stages keep the norm they clip with; plain data parallelism (stage 0) doesn't, but there every
-    rank holds the full averaged gradients before the step, so the norm is read off the module.
+    ZeRO stages and DeepSpeed's bf16/fp16 optimizers keep the norm they clip with. In plain fp32 data
+    parallelism every rank holds the full averaged gradients before the step, so clipping them here gives
+    the global norm in the same pass (clips_in_loop: DeepSpeed's own clipping is off then).
     """
     norm = None
-    if boundary and engine.zero_optimization_stage() == 0:
-        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-        norm = float(torch.stack(grads).norm()) if grads else 0.0
+    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True))
     engine.step()
     if not boundary:
         return None
@@ -237,6 +261,8 @@ def step(engine, boundary: bool) -> float | None:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if torch_dist.get_world_size() == 1:
+        return [float(v) for v in values]  # a world of one: nothing to add
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(t)
     return t.tolist()
@@ -262,6 +288,29 @@ def collective_failure(e: BaseException) -> str | None:
     if isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset)|Broken pipe|connection refused", text, re.I):
         return "gone"
     return None
+
+
+def unresponsive_ranks(dist: Dist, wait_s: float) -> list[int]:
+    """After a collective failed: the ranks that do not check in within wait_s through the rendezvous store.
+
+    Every live rank writes its key and then waits for the others' keys, so the ones still missing are the frozen
+    or dead ones. Empty when the store itself is gone (the rendezvous host died) or the world is one process.
+    """
+    if dist.world_size == 1:
+        return []
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=max(1.0, wait_s)))  # the store lives in rank 0: it may be the frozen one
+        store.set(f"gptpipe/alive/{dist.rank}", "1")
+        keys = [f"gptpipe/alive/{r}" for r in range(dist.world_size)]
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(keys):
+            time.sleep(0.2)
+        return [r for r, key in enumerate(keys) if not store.check([key])]
+    except (RuntimeError, ValueError, OSError):
+        return []
 
 
 def barrier() -> None:
@@ -455,10 +504,11 @@ def launcher_command(train: TrainConfig, script: str, args: list[str], module: b
 def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], echo: Echo = silent) -> int:
     """Run the train stage again under the deepspeed launcher (train.launcher=deepspeed); its exit code.
 
-    Every node runs the same command, so it must exist at the same place on each: this repository's
-    stages/train.py when gptpipe runs from a checkout, else the installed package as a module.
+    Every node runs the same command in the same directory, so it must exist there on each: stages/train.py in
+    this repository (its checkout on every node), else the installed package as a module (a `gptpipe init` project,
+    gptpipe installed on every node).
     """
-    script = Path(__file__).resolve().parents[1] / "stages" / "train.py"
+    script = Path.cwd() / "stages" / "train.py"
     args = ["--params", str(Path(params_file).resolve()), *[f"--set={s}" for s in overrides]]
     if script.is_file():
         cmd = launcher_command(train, str(script), args)
@@ -469,9 +519,13 @@ def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], 
 
 
 def checkpoint_weights(folder: Path, tag: str, zero_stage: int) -> dict:
-    """A saved checkpoint's full model weights, read from disk without an engine (ZeRO-3: consolidated)."""
-    if zero_stage == 3:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """A saved checkpoint's full model weights, read from disk without an engine (ZeRO-3: consolidated).
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    Loaded safely even though the files were verified first: a file swapped after that check still runs no code.
+    """
+    with safe_unpickling():
+        if zero_stage == 3:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+        return torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pipeline.data import open_tokens, read_meta
 from pipeline.downloads import download
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
+from pipeline.formats import parse_json
 from pipeline.inference import load_for_inference, model_context
 from pipeline.layout import TokensDir
 from pipeline.models import count_params
@@ -152,10 +152,7 @@ def parse_hellaswag(source: str | Path | Iterable[str]) -> list[Item]:
 
 
 def _parse_item(line: str, where: str) -> Item:
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    doc = parse_json(line, where)
     if not isinstance(doc, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     endings = doc.get("endings")

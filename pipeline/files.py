@@ -7,6 +7,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,7 +19,14 @@ from pipeline.errors import UserError
 # Written into every folder a stage builds: only a folder holding it (or an older gptpipe's signature file)
 # is ever replaced, so a mistyped out_dir pointing at the corpus or at data/ is refused, not deleted.
 MARKER = ".gptpipe-output"
-SIGNATURES = ("manifest.json", "meta.json", "gptpipe.json")  # what earlier gptpipe versions left, before the marker
+# Folders of earlier gptpipe versions, written before the marker: one of these signature files and nothing but
+# names such a folder holds (a meta.json beside someone's thesis.tex is not ours).
+SIGNATURES = ("manifest.json", "meta.json", "gptpipe.json")
+OUTPUT_NAMES = re.compile(
+    r"(manifest\.json|meta\.json|gptpipe\.json|(train|val)\.(jsonl|bin)|tokenizer|gptpipe_tokenizer|config\.json"
+    r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|tokenizer(_config)?\.json"
+    r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model|chat_template\.jinja)"
+)
 
 # Errors a user fixes on the machine (space, quota, permissions), not bugs.
 WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -74,7 +82,8 @@ def check_replaceable(out_dir: Path, key: str) -> None:
     if not out_dir.is_dir():
         raise UserError(f"{key}: {out_dir} is a file, expected a folder")
     names = {p.name for p in out_dir.iterdir()}
-    if names and MARKER not in names and not names & set(SIGNATURES):
+    earlier_gptpipe = names & set(SIGNATURES) and all(OUTPUT_NAMES.fullmatch(name) for name in names)
+    if names and MARKER not in names and not earlier_gptpipe:
         shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
         raise UserError(f"{key}: {out_dir} holds files gptpipe did not write ({shown}); it would be replaced whole."
                         f" Point {key} at a new folder (or empty this one yourself)")

@@ -142,14 +142,22 @@ def missing_column(where: str, column: str, names: Iterable) -> UserError:
     return UserError(f"{where}: no {column!r} column (it has: {', '.join(map(str, names)) or 'none'}); set text_column")
 
 
+def parse_json(text: str, where: str):
+    """json.loads with one message naming where for malformed or absurdly nested input (a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise UserError(f"{where}: malformed JSON ({e.msg} at {at})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to be data") from None
+
+
 def _jsonl_docs(src: _Input, column: str) -> Iterator[str]:
     for number, line in src.lines():
         if line.strip():
             where = f"{src.name}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            obj = parse_json(line, where)
             if not isinstance(obj, dict):
                 raise UserError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
             if column not in obj:
@@ -158,10 +166,7 @@ def _jsonl_docs(src: _Input, column: str) -> Iterator[str]:
 
 
 def _json_docs(src: _Input, column: str) -> Iterator[str]:
-    try:
-        value = json.loads(decode(b"".join(src.chunks()), 0, src.name, src.errors, src.stats))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{src.name}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+    value = parse_json(decode(b"".join(src.chunks()), 0, src.name, src.errors, src.stats), src.name)
     if isinstance(value, dict):
         lists = [k for k, v in value.items() if isinstance(v, list)]
         if column not in lists and len(lists) != 1:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from contextlib import ExitStack
+from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
 from pipeline.layout import TrainMetrics
 from pipeline.output import Echo, ProgressFactory, no_progress
 
@@ -21,7 +24,8 @@ class MetricsLog:
     samples.jsonl there; log lines go to echo, and the step count to a progress bar the caller provides.
     """
 
-    def __init__(self, t: TrainConfig, is_main: bool, resume: bool, echo: Echo, run_name: str, config: dict):
+    def __init__(self, t: TrainConfig, is_main: bool, resume: bool, echo: Echo, run_name: str, config: dict,
+                 run_root: Path | None = None, start_step: int = 0):
         self.enabled, self.echo = is_main, echo
         self.live = self.tensorboard = self.wandb = None
         self.files = TrainMetrics(t.metrics_dir)
@@ -42,7 +46,8 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("train.loggers names tensorboard, which is not installed: pip install 'gptpipe[tensorboard]'") from None
-            self.tensorboard = SummaryWriter(log_dir=str(self.files.tensorboard / run_name))
+            # purge_step: a resume drops the events a crashed run wrote after its checkpoint, so no step appears twice.
+            self.tensorboard = SummaryWriter(log_dir=str(self.files.tensorboard / run_name), purge_step=start_step + 1 if resume else None)
         if "wandb" in t.loggers:
             try:
                 import wandb
@@ -51,7 +56,7 @@ class MetricsLog:
             # WANDB_MODE=offline (or `wandb offline`) logs to files without network; `wandb sync` uploads them later.
             self.files.root.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=t.wandb_project, name=run_name, config=config, dir=str(self.files.root),
-                                    resume="allow" if resume else None, id=run_name if resume else None)
+                                    id=wandb_id(run_root, resume), resume="allow" if resume else None)
 
     def start(self, step: int, max_steps: int, progress: ProgressFactory = no_progress) -> None:
         if self.enabled:
@@ -127,3 +132,16 @@ class MetricsLog:
                 self.tensorboard.close()
             if self.wandb:
                 self.wandb.finish()
+
+
+def wandb_id(run_root: Path | None, resume: bool) -> str | None:
+    """The W&B run id of this training run, kept in its checkpoint folder: a resume continues the same W&B run,
+    a fresh start (a new folder, or train.resume=never) gets a new one."""
+    if run_root is None:
+        return None
+    path = Path(run_root) / "wandb_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    write_text_atomic(path, run_id)
+    return run_id

@@ -9,19 +9,22 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# A vocabulary padded to a multiple of 64 makes the embedding and output matmuls faster on GPUs;
-# the extra ids never occur in the data, so training learns to give them no probability.
+# A vocabulary padded to a multiple of 64 makes the embedding and output matmuls faster on GPUs; the extra ids
+# never occur in the data, so training learns to give them no probability. A small vocabulary (characters) is
+# padded to a multiple of 8 only: 65 characters padded to 128 would double the output layer's work for nothing.
 VOCAB_MULTIPLE = 64
+SMALL_VOCAB_MULTIPLE = 8
 
 
-def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+def padded_vocab(vocab_size: int, multiple: int | None = None) -> int:
+    multiple = multiple or (VOCAB_MULTIPLE if vocab_size >= 1024 else SMALL_VOCAB_MULTIPLE)
     return math.ceil(vocab_size / multiple) * multiple
 
 
@@ -29,7 +32,10 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
     """The transformers config of a model trained from scratch on a tokenizer of vocab_size ids."""
     n_layer, n_head, n_embd, block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
     common = dict(vocab_size=padded_vocab(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=cfg.tie_embeddings)
+    # Imported where used: transformers loads each architecture's module on first access (Llama's costs ~1.5 s).
     if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+
         return GPT2Config(
             n_layer=n_layer,
             n_head=n_head,
@@ -38,8 +44,13 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
             resid_pdrop=cfg.dropout or 0.0,
             embd_pdrop=cfg.dropout or 0.0,
             attn_pdrop=cfg.dropout or 0.0,
+            # Exact GELU in one fused kernel, as nanoGPT; GPT-2's tanh approximation ("gelu_new") is six
+            # element-wise ops forward and back, about a fifth of a small model's step on a CPU.
+            activation_function="gelu",
             **common,
         )
+    from transformers import LlamaConfig
+
     # Llama's MLP has three matrices, so 2/3 of GPT-2's 4x width keeps the parameter count comparable.
     intermediate = cfg.intermediate_size or 64 * math.ceil(4 * n_embd * 2 / 3 / 64)
     return LlamaConfig(
@@ -64,6 +75,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
+        check_fits_in_memory(config)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     else:
         model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
@@ -81,6 +93,19 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def check_fits_in_memory(config) -> None:
+    """UserError when a fresh model's fp32 weights alone would not fit in this machine's free memory: a shape
+    such as n_layer=1024, n_embd=65536 is then one message, not an allocation failure or minutes of swapping."""
+    import psutil
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        n = count_params(AutoModelForCausalLM.from_config(config))
+    need, free = 4 * n, psutil.virtual_memory().available
+    if need > free:
+        raise UserError(f"model.n_layer/n_head/n_embd describe {n / 1e9:,.1f}B parameters: their fp32 weights alone need"
+                        f" {need / 1e9:,.1f} GB, and this machine has {free / 1e9:,.1f} GB free. Choose a smaller shape")
 
 
 def check_vocabulary(model: PreTrainedModel, init: str, tokenizer) -> None:

@@ -34,50 +34,64 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator, vocab_size: int) -> int:
-    """One id from the last position's logits (V,); ids >= vocab_size (vocabulary padding) are never chosen."""
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator, vocab_size: int) -> torch.Tensor:
+    """One id per row from the last position's logits (N, V); ids >= vocab_size (vocabulary padding) never come out."""
     logits = logits.float().cpu()  # sampled on the CPU, where the seeded generator lives
-    logits[vocab_size:] = float("-inf")
+    logits[:, vocab_size:] = float("-inf")
     if temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax(dim=-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 @torch.no_grad()
-def sample_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
-                  top_p: float | None, generator: torch.Generator, eot_id: int, stop_at_eot: bool,
-                  vocab_size: int) -> list[int]:
-    """The ids generated after prompt_ids (an empty prompt starts from end-of-text).
+def sample_batch(model, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, generator: torch.Generator, eot_id: int, stop_at_eot: bool, vocab_size: int,
+                 kv_cache: bool = True) -> list[list[int]]:
+    """n continuations of prompt_ids generated together, one batch row each (an empty prompt starts from end-of-text).
 
-    With stop_at_eot, generation ends at end-of-text, which is not returned. The context is cropped to the
-    model's last max-positions tokens once it grows past them: then each step re-reads that window.
+    With stop_at_eot a row ends at end-of-text, which is not returned; the batch stops when every row has. The
+    context is cropped to the model's last max-positions tokens once it grows past them: then each step
+    re-reads that window. kv_cache=False re-reads the whole context every step (the benchmark's baseline).
     """
     device = next(model.parameters()).device
     max_len = model_context(model)
-    context = list(prompt_ids) or [eot_id]
+    context = torch.tensor([list(prompt_ids) or [eot_id]] * n, device=device)  # (N, T)
 
-    def prefill():
-        window = context[-max_len:] if max_len else context
-        return model(input_ids=torch.tensor([window], device=device), use_cache=True), len(window)
+    def read_all():
+        window = context[:, -max_len:] if max_len else context
+        return model(input_ids=window, use_cache=kv_cache), window.shape[1]
 
-    out, cached = prefill()
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        token = next_token(out.logits[0, -1], temperature, top_k, top_p, generator, vocab_size)
-        if stop_at_eot and token == eot_id:
+    out, cached = read_all()
+    new = torch.empty(n, 0, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    while new.shape[1] < max_new_tokens:
+        tokens = next_tokens(out.logits[:, -1], temperature, top_k, top_p, generator, vocab_size)  # (N,)
+        if stop_at_eot:
+            done |= tokens == eot_id
+            if done.all():
+                break
+        new = torch.cat([new, tokens[:, None]], dim=1)
+        context = torch.cat([context, tokens[:, None].to(device)], dim=1)
+        if new.shape[1] == max_new_tokens:
             break
-        new.append(token)
-        context.append(token)
-        if len(new) == max_new_tokens:
-            break
-        if max_len and cached >= max_len:
-            out, cached = prefill()  # learned positions can't slide: recompute the cropped window
+        if not kv_cache or (max_len and cached >= max_len):
+            out, cached = read_all()  # learned positions can't slide: recompute the cropped window
         else:
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values, use_cache=True)
             cached += 1
-    return new
+    rows = new.tolist()
+    if stop_at_eot:  # a row that stopped early keeps what it made before its end-of-text
+        rows = [row[: row.index(eot_id)] if eot_id in row else row for row in rows]
+    return rows
+
+
+def sample_tokens(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, generator: torch.Generator, eot_id: int, stop_at_eot: bool,
+                  vocab_size: int) -> list[int]:
+    """The ids generated after prompt_ids: sample_batch with one row."""
+    return sample_batch(model, prompt_ids, 1, max_new_tokens, temperature, top_k, top_p, generator, eot_id, stop_at_eot, vocab_size)[0]
 
 
 def read_prompts(p: Params) -> list[str]:
@@ -107,16 +121,18 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
     samples = []
     for prompt in prompts if prompts is not None else read_prompts(p):
         ids = tokenizer.encode_prompt(prompt)
-        for index in range(cfg.num_samples):
-            start = time.perf_counter()
-            new = sample_tokens(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
-                                tokenizer.eot_id, cfg.stop_at_eot, tokenizer.vocab_size)
+        start = time.perf_counter()
+        # A prompt's samples are generated together, one batch row each.
+        rows = sample_batch(model, ids, cfg.num_samples, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                            tokenizer.eot_id, cfg.stop_at_eot, tokenizer.vocab_size)
+        seconds = round((time.perf_counter() - start) / cfg.num_samples, 3)
+        for index, new in enumerate(rows):
             samples.append({
                 "prompt": prompt,
                 "index": index,
                 "text": tokenizer.decode(new),
                 "tokens": len(new),
-                "seconds": round(time.perf_counter() - start, 3),
+                "seconds": seconds,
                 # Stopping consumes a step without returning a token, so a stopped sample is always short.
                 "stopped_at_eot": cfg.stop_at_eot and len(new) < cfg.max_new_tokens,
             })

@@ -13,7 +13,7 @@ from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.output import Echo, silent
 
-# The same stages, params, outputs and plots as this repository's dvc.yaml (tests/test_scaffold.py compares
+# The same stages, params, outputs and plots as this repository's dvc.yaml (tests/test_recipes.py compares
 # them), with `gptpipe <stage>` as each command. The code is the installed package, so it is no dependency:
 # after upgrading gptpipe, `dvc repro -f` runs everything again.
 DVC_YAML = """\
@@ -26,7 +26,8 @@ stages:
     params:
       - prepare
     outs:
-      - ${prepare.out_dir}
+      - ${prepare.out_dir}:
+          persist: true
 
   tokenize:
     cmd: gptpipe tokenize
@@ -35,7 +36,8 @@ stages:
     params:
       - tokenize
     outs:
-      - ${tokenize.out_dir}
+      - ${tokenize.out_dir}:
+          persist: true
     metrics:
       - ${tokenize.metrics_file}:
           cache: false
@@ -50,7 +52,8 @@ stages:
     outs:
       - ${train.out_dir}:
           persist: true
-      - ${train.export_dir}
+      - ${train.export_dir}:
+          persist: true
       - ${train.metrics_dir}/plots:
           cache: false
       - ${train.metrics_dir}/samples.jsonl:
@@ -133,10 +136,6 @@ DVCIGNORE = """\
 .venv/
 """
 
-RAW_README = """\
-Put your corpus here: text files (one document per file, or set prepare.source.separator), JSONL, JSON,
-CSV/TSV or Parquet. DVC tracks this folder as the prepare stage's input.
-"""
 
 README = """\
 # {name}
@@ -148,6 +147,10 @@ A language model trained with [gptpipe](https://pypi.org/project/gptpipe/): `par
 dvc repro                         # prepare -> tokenize -> train -> evaluate -> sample -> report
 dvc exp run -S train.lr=3e-4      # an experiment with one param changed; `dvc exp show` compares them
 ```
+
+Your data goes in `data/raw/` (DVC tracks it as the prepare stage's input) when `prepare.source` points there
+(`kind: files`, `path: data/raw/...`): text files (one document per file, or set `prepare.source.separator`),
+JSONL, JSON, CSV/TSV or Parquet. The default params read a corpus every Python carries instead, offline.
 
 Results: `models/final/` (a Hugging Face model folder), `reports/report.html`, `reports/metrics.json`.
 Every param is described in `params.yaml` and by `gptpipe <stage> --help`; `gptpipe recipe list` shows the
@@ -193,7 +196,8 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
     params = recipes.render(recipe, []) if recipe else commented_params()
     folder.mkdir(parents=True, exist_ok=True)
     files = {"dvc.yaml": DVC_YAML, "params.yaml": params, ".gitignore": GITIGNORE, ".dvcignore": DVCIGNORE,
-             "data/raw/README.md": RAW_README, "README.md": README.format(name=folder.resolve().name)}
+             # data/raw must exist (a dependency of prepare); a hidden file keeps it in git without becoming corpus.
+             "data/raw/.gitkeep": "", "README.md": README.format(name=folder.resolve().name)}
     for name, content in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(content, encoding="utf-8")
@@ -204,8 +208,18 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
     if commit.returncode != 0:
         echo(f"init: files staged but not committed ({(commit.stderr.strip().splitlines() or ['git commit failed'])[-1]});"
              " set git's user.name and user.email, then `git commit -m init`")
-    echo(f"init: {folder} is ready" + (f" with recipe {recipe}" if recipe else "") + "; next: put data in data/raw/ and run dvc repro")
+    echo(f"init: {folder} is ready" + (f" with recipe {recipe}" if recipe else "") + f"; next: {next_step(params)}")
     return folder
+
+
+def next_step(params_text: str) -> str:
+    """What the user does next: bring the data the params read, then dvc repro."""
+    import yaml
+
+    source = Params.model_validate(yaml.safe_load(params_text) or {}).prepare.source
+    if source.kind == "files":
+        return f"put your text where prepare.source.path says ({source.path}), then run dvc repro"
+    return f"dvc repro (prepare reads the {source.kind} source {source.url or source.dataset or source.name})"
 
 
 def run(cmd: list[str], cwd: Path) -> None:

@@ -45,4 +45,7 @@ def decay_end(t: TrainConfig, total_steps: int, saved: int | None) -> tuple[int,
     if total_steps > saved:
         return saved, (f"{total_steps} steps now, but the schedule planned {saved}: min_lr holds for the steps after it"
                        " (set train.decay_steps to plan a new decay)")
+    if total_steps < saved:
+        return saved, (f"the run now ends at step {total_steps}, before the end of its planned decay at {saved}: it stops above min_lr"
+                       f" (set train.decay_steps={total_steps} to finish the decay by then)")
     return saved, None

@@ -72,16 +72,21 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
     start = time.perf_counter()
     dist = ds.init_distributed(timeout_s=p.train.collective_timeout)
-    run = setup(p, dist, echo if dist.is_main else silent)
-    run.seconds["setup"] = time.perf_counter() - start
+    run = None
     try:
+        run = setup(p, dist, echo if dist.is_main else silent)
+        run.seconds["setup"] = time.perf_counter() - start
         fit(run, progress)
+        with timed(run, "export"):
+            exported = export(run)
     except RuntimeError as e:
-        raise collective_error(e, run) or e
-    with timed(run, "export"):
-        exported = export(run)
+        failure = collective_error(e, p, dist, run)  # another process froze or died: one message
+        if failure is None:
+            raise
+        raise failure from None
     run.seconds["total"] = time.perf_counter() - start
-    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": run.stop_reason or "max_steps"})
+    stopped = run.stop_reason or ("epochs" if p.train.epochs else "max_steps")
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped})
     run.log.close()
     if not dist.is_main:
         return None
@@ -93,7 +98,8 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
         "parameters": run.n_params,
         "val loss": s.val_loss,
         "best val loss": s.best_val_loss,
-        "stopped": run.stop_reason or f"at train.max_steps ({run.total_steps})",
+        "stopped": run.stop_reason or (f"after train.epochs={p.train.epochs:g} ({run.total_steps} steps)" if p.train.epochs
+                                       else f"at train.max_steps ({run.total_steps})"),
         "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
         **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
     }
@@ -101,6 +107,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
 
 def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
+    ds.check_precision(t)  # before any folder is made or moved
     # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
     meta = read_meta(tokens.root)
     train_tokens, val_tokens = (open_verified(tokens, split, meta) for split in ("train", "val"))
@@ -141,7 +148,8 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
         flops_per_token=flops_per_token(model, n_params, batch.block_size),
         peak_flops=ds.peak_tflops(t, dist.device) * 1e12 * dist.world_size,
         export_dtype=export_dtype(t.export_dtype, p.model),
-        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo, run_name=run_dir.root.name, config=p.model_dump(mode="json")),
+        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo, run_name=run_dir.root.name, config=p.model_dump(mode="json"),
+                       run_root=run_dir.root, start_step=state.step),
         state=state,
     )  # fmt: skip
 
@@ -182,7 +190,7 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
             x, y = run.train_data.micro_batch(s.step, micro, dist.device)
             loss = lm_loss(engine, x, y)
             engine.backward(loss)
-            grad_norm = ds.step(engine, boundary=micro == batch.grad_accum - 1)
+            grad_norm = ds.step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
             loss_sum += loss.item()
         (loss_total,) = ds.all_reduce_sum([loss_sum], dist.device)
         train_loss = loss_total / (batch.grad_accum * batch.world_size)
@@ -264,16 +272,23 @@ def timed(run: Run, phase: str):
         run.seconds[phase] += time.perf_counter() - start
 
 
-def collective_error(e: RuntimeError, run: Run) -> UserError | None:
-    """One message for a collective that failed because another process froze or died, else None."""
+def collective_error(e: RuntimeError, p: Params, dist: ds.Dist, run: Run | None) -> UserError | None:
+    """One message for a collective that failed because another process froze or died, else None.
+
+    The processes still alive say so through the rendezvous store, so the message names the ones that did not.
+    """
     cause = ds.collective_failure(e)
     if cause is None:
         return None
-    t, latest = run.p.train, ckpt.latest_tag(run.run_dir)
-    why = (f"waited more than train.collective_timeout={t.collective_timeout} s for the other processes: one of them is frozen"
-           if cause == "frozen" else "lost another process: it ended (see its log)")
+    t = p.train
+    missing = ds.unresponsive_ranks(dist, wait_s=min(30, t.collective_timeout))
+    who = f"rank {', '.join(map(str, missing))}" if missing else "another process"
+    why = (f"{who} did not answer for more than train.collective_timeout={t.collective_timeout} s: it is frozen (stopped, or stuck"
+           " in I/O)" if cause == "frozen" else f"{who} ended (see its log)")
+    where = f"at step {run.state.step + 1}" if run is not None else "while setting up"
+    latest = ckpt.latest_tag(run.run_dir) if run is not None else None
     resume = f"; a rerun resumes from {run.run_dir.root / latest}" if latest else ""
-    return UserError(f"train: rank {run.dist.rank} {why}, at step {run.state.step + 1}{resume}")
+    return UserError(f"train: {why}, {where} (seen by rank {dist.rank}){resume}")
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -336,11 +351,16 @@ def export(run: Run) -> dict:
     """Export the best checkpoint's weights (train.export: best) or the last ones; what was exported."""
     t, s = run.p.train, run.state
     which, tag, val_loss = "last", step_tag(s.step), s.val_loss
-    if t.export == "best" and s.best_tag and s.best_tag != tag and run.run_dir.step(s.best_tag).checksums.is_file():
-        which, tag, val_loss = "best", s.best_tag, s.best_val_loss
-        ckpt.load(run.engine, run.run_dir, tag, run.dist)  # the best weights (and their fp32 masters) into the engine
-    elif t.export == "best":
+    if t.export == "best" and s.best_tag == tag:
         which = "best"  # the last step is the best
+    elif t.export == "best" and s.best_tag:
+        problem = ckpt.verify(run.run_dir.step(s.best_tag)) if run.dist.is_main else None
+        problem = ds.broadcast(problem) if run.dist.world_size > 1 else problem
+        if problem is None:
+            which, tag, val_loss = "best", s.best_tag, s.best_val_loss
+            ckpt.load(run.engine, run.run_dir, tag, run.dist)  # the best weights (and their fp32 masters) into the engine
+        else:  # e.g. train.export switched to best on a resume, when improvements were not being saved
+            run.log.echo(f"train: exporting the last weights: the best checkpoint {s.best_tag} cannot be used ({problem})")
     info = {"exported": which, "step": int(tag.removeprefix("step-")), "tag": tag, "val_loss": val_loss, "tokens_seen": s.tokens_seen}
     export_model(run.engine, run.p, info, run.dist, run.tokenizer, run.export_dtype)
     return {"which": which, "tag": tag, "val_loss": val_loss if val_loss is not None else math.nan}

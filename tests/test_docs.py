@@ -3,8 +3,8 @@
 import re
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.params import reference_markdown
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

@@ -129,8 +129,24 @@ def test_no_ssh_check_needs_a_master_address_and_then_no_ssh_probe_runs(tmp_path
 def test_a_hostfile_without_train_launcher_is_the_by_hand_path_not_a_problem(tmp_path):
     path = tmp_path / "hostfile"
     path.write_text("localhost slots=2\n")
-    ok, detail = by_name(run_checks(Params(train={"launcher_args": ["--no_ssh"]}), str(path)))["launcher"]
+    checks = by_name(run_checks(Params(train={"launcher_args": ["--no_ssh"]}), str(path)))
+    ok, detail = checks["launcher"]
     assert ok and "needs no setting" in detail
+    # --no_ssh with a hostfile still has the launcher ask the first host for its address over ssh (no sshd here).
+    ok, detail = checks["master address"]
+    assert not ok and "--no_ssh still leaves the launcher running `ssh localhost hostname -I`" in detail
+    checks = by_name(run_checks(Params(train={"launcher_args": ["--no_ssh", "--master_addr=127.0.0.1"]}), str(path)))
+    assert "master address" not in checks
+
+
+def test_the_flags_typed_by_hand_are_given_to_doctor_on_its_command_line(tmp_path, monkeypatch):
+    """hostfile.example's own advice: the by-hand launcher flags make doctor pass on one machine without sshd."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    runner = CliRunner(env={"COLUMNS": "1000"})
+    result = runner.invoke(app, ["doctor", "--hostfile", "hostfile", "--launcher-args", "--no_ssh_check --master_addr 127.0.0.1"])
+    assert result.exit_code == 0, result.output
+    assert "not needed: --no_ssh_check is set" in result.output
 
 
 def test_packages_model_sources_and_disk_are_reported(tmp_path, monkeypatch):

@@ -150,10 +150,24 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     sh(DVC, "exp", "run", "-S", "train.lr=3e-5", cwd=repo)
     runs = _runs(_json(sh(DVC, "exp", "show", "--json", cwd=repo)))
     lrs = {run["lr"] for run in runs}
-    assert 3e-5 in lrs and 1e-3 in lrs, runs
+    assert 3e-5 in lrs and 3e-3 in lrs, runs
     assert all(run["loss"] is not None and run["val_loss"] is not None for run in runs), runs
     table = sh(DVC, "exp", "show", "--csv", cwd=repo)
     assert "val.loss" in table.splitlines()[0] and "3e-05" in table
+
+
+def test_dvc_repro_never_deletes_an_out_dir_gptpipe_did_not_write(repo):
+    """DVC removes a stage's outs before running it unless they persist: gptpipe must get to refuse the folder first."""
+    (repo / "mine").mkdir()
+    (repo / "mine" / "thesis.tex").write_text("three years of work")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["out_dir"] = "mine"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "COLUMNS": "200"}
+    out = subprocess.run([DVC, "repro", "prepare"], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "prepare.out_dir: mine holds files gptpipe did not write (thesis.tex)" in " ".join((out.stdout + out.stderr).split())
+    assert (repo / "mine" / "thesis.tex").read_text() == "three years of work"
 
 
 def _json(text: str):

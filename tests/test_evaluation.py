@@ -34,10 +34,10 @@ def char_tokenizer(text: str = SENTENCE + "dogé"):
     return build_tokenizer(config.TokenizeConfig(kind="char"), lambda: [text])
 
 
-def tiny_gpt2(tok, n_positions: int = 64, n_layer: int = 1, seed: int = 0, **kwargs) -> GPT2LMHeadModel:
-    """A random GPT-2 for tokenizer tok with the vocabulary padded to 64, as the train stage builds it."""
+def tiny_gpt2(tok, n_positions: int = 64, n_layer: int = 1, seed: int = 0, vocab: int | None = None, **kwargs) -> GPT2LMHeadModel:
+    """A random GPT-2 for tokenizer tok with the vocabulary padded as the train stage pads it (or to vocab)."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=padded_vocab(tok.vocab_size),
+    cfg = GPT2Config(n_layer=n_layer, n_head=2, n_embd=32, n_positions=n_positions, vocab_size=vocab or padded_vocab(tok.vocab_size),
                      bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, **kwargs)
     return GPT2LMHeadModel(cfg).eval()
 
@@ -80,7 +80,7 @@ def test_val_metrics_equal_plain_transformers_over_the_same_windows(val_file):
     loss, correct, count = reference_sums(model, tokens, 16)
     assert got["tokens_scored"] == count == 100
     assert got["val_loss"] == pytest.approx(loss / count, rel=1e-5)
-    assert got["val_loss"] == pytest.approx(math.log(64), rel=0.05)  # a fresh model: about uniform over the padded vocab
+    assert got["val_loss"] == pytest.approx(math.log(padded_vocab(tok.vocab_size)), rel=0.05)  # fresh: about uniform over the padded vocab
     assert got["perplexity"] == pytest.approx(math.exp(loss / count), rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(loss / math.log(2) / 250, rel=1e-5)
     assert got["token_accuracy"] == correct / count
@@ -187,7 +187,7 @@ def test_both_formats_parse_to_lm_eval_harness_queries(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("{not json", "not valid JSON"),
+        ("{not json", "malformed JSON"),
         ('{"ctx": "a", "endings": ["b", "c"], "label": 2}', "'label' must be an index"),
         ('{"ctx": "a", "endings": "bc", "label": 0}', "'endings' must be a list"),
         ('{"endings": ["b", "c"], "label": 0}', "needs 'ctx'"),

@@ -19,11 +19,12 @@ from pipeline.training import train
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_fresh_scratch_model_predicts_uniformly(arch):
     torch.manual_seed(0)
-    model = build_model(config.ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16), vocab_size=1000, eot_id=0)
-    assert model.config.vocab_size == padded_vocab(1000) == 1024
-    ids = torch.randint(0, 1000, (4, 16))
+    model = build_model(config.ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16), vocab_size=5000, eot_id=0)
+    assert model.config.vocab_size == padded_vocab(5000) == 5056  # a multiple of 64 (a small vocabulary: of 8)
+    assert padded_vocab(65) == 72
+    ids = torch.randint(0, 5000, (4, 16))
     loss = model(input_ids=ids, labels=ids).loss.item()
-    assert abs(loss - math.log(1024)) < 0.2
+    assert abs(loss - math.log(5056)) < 0.2
 
 
 def test_presets_give_gpt2_shapes():
@@ -64,7 +65,7 @@ def save_tiny_checkpoint(folder, arch: str, corpus: list[str]) -> int:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data, arch):
+def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data, arch, capsys):
     text = (shared_data / "tinyshakespeare.txt").read_text()[:60_000]
     docs = text.split("\n\n")
     pretrained = tmp_path / "pretrained"
@@ -74,7 +75,8 @@ def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data
         {
             "prepare": {"source": {"kind": "files", "path": str(tmp_path / "corpus.txt"), "separator": "\n\n"}, "out_dir": str(tmp_path / "prepared")},
             "tokenize": {"kind": "hf", "pretrained": str(pretrained), "out_dir": str(tmp_path / "tokens")},
-            "model": {"init": str(pretrained), "block_size": 32},
+            # Llama: its attention dropout set by model.dropout; remote code allowed (the log must say so).
+            "model": {"init": str(pretrained), "block_size": 32, **({"dropout": 0.1, "trust_remote_code": True} if arch == "llama" else {})},
             "train": {
                 **TINY_TRAIN, "max_steps": 12, "lr": 2e-3, "out_dir": str(tmp_path / "ckpt"),
                 "export_dir": str(tmp_path / "final"), "metrics_dir": str(tmp_path / "metrics"),
@@ -90,6 +92,12 @@ def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
     assert model.config.model_type == arch
+    trust_line = "model.trust_remote_code is on: running the modelling code that ships with"
+    if arch == "llama":
+        assert model.config.attention_dropout == 0.1
+        assert trust_line in capsys.readouterr().out
+    else:
+        assert trust_line not in capsys.readouterr().out
     assert model.get_input_embeddings().weight.shape[0] >= n_tokens  # resized for the added token
     ids = tokenizer("ROMEO: good night", return_tensors="pt").input_ids
     assert tokenizer.decode(ids[0]) == "ROMEO: good night"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, clean_env
 from typer.testing import CliRunner
 
-from conftest import ROOT, clean_env
 from pipeline import params, recipes
 from pipeline.cli import app
 from pipeline.data import open_tokens
@@ -40,10 +40,10 @@ def test_recipe_use_writes_params_keeps_comments_and_refuses_to_drop_changes(tmp
     assert "# Reproduces: nanoGPT's shakespeare_char" in written and "# val = the last 10% of the text" in written
     p = params.load_params(tmp_path / "params.yaml")
     assert p.train.max_steps == 500 and p.model.n_layer == 6 and p.prepare.split == "tail"
-    (tmp_path / "params.yaml").write_text(written.replace("lr: 1.0e-3", "lr: 5.0e-4"))  # a change of the user's own
+    (tmp_path / "params.yaml").write_text(written + "  # my own note\n")  # a change of the user's own, nothing else
     result = runner.invoke(app, ["recipe", "use", "bpe-from-scratch"])
     assert result.exit_code == 2 and "holds changes of your own" in result.output and "--force" in result.output
-    assert "lr: 5.0e-4" in (tmp_path / "params.yaml").read_text()
+    assert (tmp_path / "params.yaml").read_text().endswith("  # my own note\n")
     assert runner.invoke(app, ["recipe", "use", "bpe-from-scratch", "--force"]).exit_code == 0
     assert (tmp_path / "params.yaml").read_text() == recipes.text("bpe-from-scratch")  # a shipped recipe: replaceable
     assert runner.invoke(app, ["recipe", "use", "gpt2-124m"]).exit_code == 0
@@ -200,3 +200,9 @@ def test_init_makes_a_project_that_runs_dvc_repro_and_the_launcher_with_the_inst
     out = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((proj / "checkpoints" / "two" / "run.json").read_text())["world_size"] == 2
+    # The same from params (train.launcher: deepspeed): gptpipe re-launches itself as the installed module.
+    launched = ["train.launcher=deepspeed", "train.hostfile=hostfile", "train.launcher_args=[--no_ssh_check, --master_addr, 127.0.0.1]",
+                "train.master_port=29743", "train.run_name=three"]
+    out = gptpipe("train", *[a for o in launched for a in ("-S", o)], cwd=proj, env=env)
+    assert "--no_local_rank --module pipeline.cli train" in out
+    assert json.loads((proj / "checkpoints" / "three" / "run.json").read_text())["world_size"] == 2

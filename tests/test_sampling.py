@@ -66,8 +66,8 @@ def test_temperature_zero_is_the_greedy_path_of_a_loop_without_cache(arch, n_pos
 
 
 def test_padded_vocabulary_ids_are_never_sampled():
-    tok = char_tokenizer()  # 22 ids; the model has 64 outputs
-    model = constant_model(tok, {40: 1.0, 5: 0.5})  # padding id 40 has the highest logit, then id 5
+    tok = char_tokenizer()  # 16 ids; the model below has 24 outputs, as padding gives a larger vocabulary
+    model = constant_model(tok, {20: 1.0, 5: 0.5}, vocab=24)  # padding id 20 has the highest logit, then id 5
     assert sample(model, tok, max_new_tokens=5, temperature=0.0) == [5] * 5
     assert all(i < tok.vocab_size for i in sample(model, tok, max_new_tokens=30, temperature=2.0))
 
@@ -100,12 +100,12 @@ def test_top_k_then_top_p_renormalises_over_the_k():
     assert filter_logits(torch.stack([probs.log(), probs.flip(0).log()]), 1, 0.9).isfinite().sum(-1).tolist() == [1, 1]
 
 
-def constant_model(tok, rows: dict[int, float]):
+def constant_model(tok, rows: dict[int, float], vocab: int | None = None):
     """A model with the same logits at every position: 32 * rows[id] for the ids in rows, 0 for the rest.
 
     The final layer norm outputs a constant vector of ones (n_embd 32), which the output rows then weigh.
     """
-    model = tiny_gpt2(tok, tie_word_embeddings=False)
+    model = tiny_gpt2(tok, tie_word_embeddings=False, vocab=vocab)
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)
@@ -160,3 +160,16 @@ def test_prompts_come_from_the_prompts_file(tmp_path):
     raw["sample"]["prompts_file"] = str(tmp_path / "missing.txt")
     with pytest.raises(UserError, match=r"sample.prompts_file: .*missing.txt not found"):
         generate_samples(params.validate_params(raw), device="cpu")
+
+
+def test_a_batch_of_samples_matches_one_row_at_a_time_and_the_cache_free_path():
+    from pipeline.sampling import sample_batch
+
+    tok = char_tokenizer()
+    model = tiny_gpt2(tok, n_positions=16, seed=3, initializer_range=0.5)  # outgrows its context: crops
+    args = dict(max_new_tokens=24, temperature=0.0, top_k=None, top_p=1.0, eot_id=tok.eot_id, stop_at_eot=False, vocab_size=tok.vocab_size)
+    rows = sample_batch(model, tok.encode("the cat"), 3, generator=torch.Generator(), **args)
+    assert rows == [sample(model, tok, temperature=0.0, max_new_tokens=24)] * 3
+    assert sample_batch(model, tok.encode("the cat"), 3, generator=torch.Generator(), kv_cache=False, **args) == rows
+    sampled = sample_batch(model, tok.encode("the cat"), 4, generator=torch.Generator().manual_seed(0), **{**args, "temperature": 1.0})
+    assert len({tuple(r) for r in sampled}) > 1  # the rows draw their own tokens

@@ -46,3 +46,8 @@ def test_raising_max_steps_on_a_resumed_run_keeps_the_plan_and_says_so():
     end, note = decay_end(schedule(max_steps=200, decay_steps=200), 200, saved=100)
     assert end == 200 and "changes course" in note  # asked for explicitly: said out loud
     assert decay_end(t, 100, saved=100) == (100, None)
+
+
+def test_lowering_max_steps_on_a_resumed_run_says_the_decay_will_not_finish():
+    end, note = decay_end(schedule(max_steps=60), 60, saved=100)
+    assert end == 100 and "stops above min_lr" in note and "train.decay_steps=60" in note

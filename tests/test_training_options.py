@@ -5,14 +5,15 @@ fine-tuning a pretrained checkpoint, the loggers they watch, and the log lines t
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import exported_weights, finish, launch, logged, run_training, tiny_params
 from safetensors.torch import load_file
 
-from conftest import exported_weights, finish, launch, logged, run_training, tiny_params
 from pipeline import config, params
 from pipeline.checkpoints import checkpoint_weights
 from pipeline.data import open_tokens
@@ -107,6 +108,11 @@ def test_resume_never_starts_over_and_a_checkpoint_folder_resumes_that_step(toke
     assert f"resuming {run.root}/step-000004" in out and "step-000008, step-000012 moved to" in out
     assert (run.root / "abandoned-after-step-000004" / "step-000012").is_dir()
     reference = exported_weights(tmp_path)
+    # Left in params, the same resume branches off step 4 again: the newer branch goes aside too, nothing is lost.
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, save_interval=4, resume=str(run.root / "step-000004")))
+    assert "Set train.resume back to auto" in capfd.readouterr().out
+    assert (run.root / "abandoned-after-step-000004" / "step-000012").is_dir()
+    assert (run.root / "abandoned-after-step-000004.2" / "step-000012").is_dir()
     run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, save_interval=4, resume="never"))
     out = capfd.readouterr().out
     assert "starting over" in out and "starting fresh" in out
@@ -233,8 +239,30 @@ def test_tensorboard_and_offline_wandb_hold_the_loss(tokens_dir, tmp_path, monke
     events.Reload()
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses)
     (record,) = (tmp_path / "metrics" / "wandb").glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing the file when finish() returns
+    while b"train/loss" not in record.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     data = record.read_bytes()
     assert b"train/loss" in data and json.dumps(losses[-1]).encode() in data
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_logs_each_tensorboard_step_once(tokens_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=8, save_interval=4, log_interval=1, loggers=["tensorboard", "wandb"], run_name="r")
+    run_training(raw)
+    # A crash after step 8 was logged but before its checkpoint: the resume logs steps 5-8 again.
+    run = tmp_path / "checkpoints" / "r"
+    shutil.rmtree(run / "step-000008")
+    (run / "latest").write_text("step-000004")
+    run_training(raw)
+    events = EventAccumulator(str(tmp_path / "metrics" / "tensorboard" / "r"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    records = list((tmp_path / "metrics" / "wandb").glob("offline-run-*/run-*.wandb"))  # run-<id>.wandb, one per process
+    assert len(records) == 2 and len({r.stem for r in records}) == 1, records
 
 
 def test_a_logger_that_is_not_installed_is_one_message(tokens_dir, tmp_path, monkeypatch):

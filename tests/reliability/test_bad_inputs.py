@@ -66,6 +66,20 @@ def test_damaged_tokens_stop_training_before_it_starts(tokens_dir, tmp_path, cas
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_damaged_val_tokens_stop_evaluate_before_it_scores(tokens_dir, tmp_path):
+    from pipeline import params
+    from pipeline.evaluation import evaluate
+
+    tokens = copy_tokens(tokens_dir, tmp_path)
+    raw = tiny_params(tokens, tmp_path, tokenize={"kind": "char", "out_dir": str(tokens)}, max_steps=2)
+    run_training(raw)
+    set_token(tokens / "val.bin", 10, 7)
+    raw["evaluate"] = {"metrics_file": str(tmp_path / "metrics.json")}
+    with pytest.raises(UserError, match=r"val.bin: corrupt: crc32 of the tokens is"):
+        evaluate(params.validate_params(raw))
+    assert not (tmp_path / "metrics.json").exists()
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     (tmp_path / "corpus").mkdir()
@@ -111,6 +125,12 @@ def test_a_folder_gptpipe_did_not_write_is_never_replaced(project):
     assert (project / "mine" / "thesis.tex").read_text() == "three years of work"
     assert runner.invoke(app, ["prepare", "-S", "prepare.out_dir=fresh"]).exit_code == 0
     assert runner.invoke(app, ["prepare", "-S", "prepare.out_dir=fresh"]).exit_code == 0  # its own folder: replaced
+    # A signature file of an earlier gptpipe (before the marker) counts only in a folder holding nothing else.
+    (project / "mine" / "meta.json").write_text("{}")
+    assert runner.invoke(app, ["prepare", "-S", "prepare.out_dir=mine"]).exit_code == 2
+    assert (project / "mine" / "thesis.tex").is_file()
+    (project / "fresh" / ".gptpipe-output").unlink()
+    assert runner.invoke(app, ["prepare", "-S", "prepare.out_dir=fresh"]).exit_code == 0
 
 
 INJECTION = "-oProxyCommand=touch${IFS}pwned slots=1\n"
@@ -141,6 +161,18 @@ def test_numbers_beyond_what_the_code_holds_are_one_message(project, override, m
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
+def test_a_shape_too_big_for_this_machine_is_one_message_before_any_allocation(tokens_dir, tmp_path):
+    raw = tiny_params(tokens_dir, tmp_path, model={"n_layer": 1024, "n_head": 8, "n_embd": 65536})
+    with pytest.raises(UserError, match=r"describe [\d,.]+B parameters: their fp32 weights alone need .* GB free"):
+        run_training(raw)
+
+
+def test_json_nested_too_deeply_in_a_corpus_is_one_message(project):
+    (project / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = runner.invoke(app, ["prepare", "-S", "prepare.source.kind=files", "-S", "prepare.source.path=deep.jsonl"])
+    assert result.exit_code == 2 and "deep.jsonl:2: JSON nested too deeply" in result.output, result.output
+
+
 def test_deeply_nested_yaml_is_one_message(project):
     (project / "params.yaml").write_text("train: " + "[" * 10000 + "]" * 10000 + "\n")
     result = runner.invoke(app, ["train"])
@@ -159,6 +191,20 @@ def test_fp16_where_the_machine_lacks_it_is_refused_before_anything_is_written(t
     with pytest.raises(UserError, match=r"train.precision=fp16 is not supported on this machine's \w+ accelerator"):
         run_training(raw)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_fp16_on_an_accelerator_without_it_moves_no_folder(tokens_dir, tmp_path, monkeypatch):
+    """The refusal itself, forced on this machine (whose CPU has fp16): resume=never must not have moved the
+    earlier run aside before the message."""
+    from deepspeed.accelerator import get_accelerator
+
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=2))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    raw = tiny_params(tokens_dir, tmp_path, precision="fp16", max_steps=2, resume="never")
+    with pytest.raises(UserError, match=r"train.precision=fp16 is not supported on this machine's \w+ accelerator"):
+        run_training(raw)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 def test_the_stage_script_prints_one_line_not_a_traceback(project):

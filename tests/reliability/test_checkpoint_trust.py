@@ -7,6 +7,7 @@ evaluates from it. Nothing planted may run; a damaged checkpoint is named and sk
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,10 @@ DAMAGE = {
         lambda run: (run.root / "step-000008" / "state.json").write_text(
             (run.root / "step-000004" / "state.json").read_text()
         ), "state.json is corrupt", 4),
+    "state.json of another step, resealed": (
+        lambda run: ((run.root / "step-000008" / "state.json").write_text(
+            (run.root / "step-000004" / "state.json").read_text()
+        ), reseal(run.root / "step-000008")), "state.json describes step-000004", 4),
     "16 bytes flipped in the weights": (lambda run: flip_bytes(run.root / "step-000008" / "mp_rank_00_model_states.pt"),
                                         "mp_rank_00_model_states.pt is corrupt", 4),
     "rng file deleted": (lambda run: (run.root / "step-000008" / "rng-rank0.pt").unlink(), "rng-rank0.pt is missing", 4),
@@ -164,3 +169,16 @@ def test_pruning_keeps_the_step_latest_names(runs, tmp_path):
     run.latest.write_text("step-000004")  # e.g. a pointer restored by hand
     prune(run, keep_last=1)
     assert sorted(c.tag for c in run.steps()) == ["step-000004", "step-000008"]
+
+
+@pytest.mark.parametrize("stage, name", [(0, "mp_rank_00_model_states.pt"), (3, "zero_pp_rank_0_mp_rank_00_model_states.pt")])
+def test_the_weight_loader_itself_refuses_a_planted_pickle(runs, tmp_path, stage, name):
+    """Defence in depth: a file swapped after verify() still runs nothing when the weights are read."""
+    from pipeline import engine as ds
+
+    root, run = damaged_copy(runs, stage, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"module": Planted(marker)}, run.root / "step-000008" / name)
+    with pytest.raises(pickle.UnpicklingError):
+        ds.checkpoint_weights(run.root, "step-000008", stage)
+    assert not marker.exists()

@@ -6,6 +6,7 @@ import os
 import string
 from pathlib import Path
 
+import numpy as np
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -105,6 +106,37 @@ def test_any_token_file_opens_or_fails_with_one_user_error(tmp_path_factory, dat
     path.write_bytes(data)
     try:
         open_tokens(path, verify=True)
+        event("opened")
+    except UserError as e:
+        assert str(path) in str(e)
+        event("one UserError")
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(min_value=0, max_value=200), st.integers(min_value=1, max_value=255)), max_size=6),
+       cut=st.none() | st.integers(min_value=0, max_value=300), forge_crc=st.booleans())
+def test_any_damage_to_a_real_token_file_opens_or_fails_with_one_user_error(tmp_path_factory, edits, cut, forge_crc):
+    """Random bytes never pass the magic; damage to a real file reaches the header fields, the CRC and the ids."""
+    import zlib
+
+    from pipeline.data import HEADER, HEADER_BYTES, write_tokens
+
+    path = tmp_path_factory.mktemp("t") / "train.bin"
+    write_tokens(path, np.arange(60, dtype=np.uint16) % 50, vocab_size=50, eot_id=0)
+    data = bytearray(path.read_bytes())
+    for offset, flip in edits:  # the header is bytes 0-63, the ids follow
+        if offset < len(data):
+            data[offset] ^= flip
+    if cut is not None:
+        data = data[:cut]
+    if forge_crc and len(data) >= HEADER_BYTES:  # a forger who recomputes the CRC: the id check must catch what is left
+        fields = list(HEADER.unpack_from(data))
+        fields[5] = zlib.crc32(bytes(data[HEADER_BYTES:]))
+        HEADER.pack_into(data, 0, *fields)
+    path.write_bytes(bytes(data))
+    try:
+        file = open_tokens(path, verify=True)
+        assert len(file.tokens) == 0 or int(file.tokens.max()) < file.vocab_size
         event("opened")
     except UserError as e:
         assert str(path) in str(e)

@@ -1,6 +1,6 @@
 """Benchmark the tokenize stage: parallel throughput against a one-thread tiktoken loop, and peak memory vs corpus size.
 
-    .venv/bin/python bench/tokenize.py [--text PATH] [--repeats 5] [--copies 16] [--scales 1 5 20] [--kinds tiktoken char bpe]
+    .venv/bin/python bench/tokenize_stage.py [--text PATH] [--repeats 5] [--copies 16] [--scales 1 5 20] [--kinds tiktoken char bpe]
 
 (a) tiktoken gpt2 through the stage's own path (pipeline.encoding.encode_chunks: chunks of documents encoded
     on every core) against `enc.encode_ordinary` called document by document in one thread, on the same

@@ -1,0 +1,157 @@
+"""Training step throughput: gptpipe's step against a plain PyTorch loop on the same model, and against a minimal
+GPT written the way nanoGPT's is, all in this process on the same batches and precision.
+
+For each of ZeRO 0 and 2, fp32 and bf16, torch.compile off and on:
+  - gptpipe: the real `training.setup` and `fit` (DeepSpeed engine, the loop's own step), timed over --steps
+    steps after warm-up steps (compilation included in the warm-up);
+  - plain loop: the same Hugging Face model and batches, torch's fused AdamW, clip_grad_norm_, bf16 by autocast;
+  - minimal GPT: bench/minimal.py's model (no biases, exact GELU, fused attention) in the same plain loop.
+tokens/s, the ratios (gptpipe / plain is the engine's overhead), and MFU against this machine's matmul peak,
+measured here first (fp32 and bf16: it differs from CPU to CPU). A dated table goes to docs/benchmarks.md.
+
+    python bench/train.py [--steps 100] [--quick]    # --quick: ZeRO 0, fp32 and bf16, compile off
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minimal import GPT, GPTConfig, adamw  # noqa: E402
+from record import append_row  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0}  # nanoGPT's CPU settings
+BATCH = 12
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> float:
+    """FLOP/s of a large square matmul on this machine's threads: the ceiling for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def make_tokens(folder: Path) -> Path:
+    from pipeline import config
+    from pipeline.encoding import tokenize_corpus
+    from pipeline.sources import prepare_corpus
+
+    prepare_corpus(config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(TEXT)}, "split": "tail", "dedup": False,
+                                                        "out_dir": str(folder / "prepared")}))
+    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(folder / "tokens")), folder / "prepared")
+    return folder / "tokens"
+
+
+def gptpipe_step(tokens: Path, folder: Path, zero: int, precision: str, compile_: bool, warmup: int, steps: int) -> tuple[float, float]:
+    """(tokens/s, FLOPs per token) of the pipeline's own loop, eval and saving out of the way."""
+    from pipeline import engine as ds
+    from pipeline import params
+    from pipeline.output import silent
+    from pipeline.training import fit, setup
+
+    raw = {"tokenize": {"kind": "char", "out_dir": str(tokens)}, "model": MODEL,
+           "train": {"max_steps": 10**6, "micro_batch_size": BATCH, "lr": 1e-3, "warmup_steps": 10, "zero_stage": zero, "precision": precision,
+                     "compile": compile_, "log_interval": 10**6, "eval_interval": 10**6, "save_interval": 10**6, "resume": "never",
+                     "out_dir": str(folder / "ck"), "export_dir": str(folder / "final"), "metrics_dir": str(folder / "m")}}
+    run = setup(params.validate_params(raw), ds.init_distributed(), silent)
+    run.total_steps = warmup
+    fit(run)
+    before = run.seconds["train"]
+    run.total_steps = warmup + steps
+    fit(run)
+    return steps * BATCH * MODEL["block_size"] / (run.seconds["train"] - before), run.flops_per_token
+
+
+def plain_step(tokens: Path, model: torch.nn.Module, hf: bool, precision: str, compile_: bool, warmup: int, steps: int) -> float:
+    """tokens/s of a plain PyTorch loop over the same batches (the pipeline's sampler)."""
+    from pipeline.config import Batch
+    from pipeline.data import WindowSampler, open_tokens
+
+    sampler = WindowSampler(open_tokens(tokens / "train.bin").tokens, batch=Batch(BATCH, 1, 1, MODEL["block_size"]), seed=1, rank=0)
+    opt = adamw(model, 1e-3, 0.1, (0.9, 0.95), fused=True)
+    forward = torch.compile(model) if compile_ else model
+
+    def step(i: int) -> None:
+        x, y = sampler.micro_batch(i, 0, "cpu")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = forward(input_ids=x, use_cache=False).logits if hf else forward(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss.item()
+
+    for i in range(warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    return steps * BATCH * MODEL["block_size"] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement, alternating; medians reported")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    from pipeline.config import ModelConfig
+    from pipeline.data import open_tokens
+    from pipeline.models import build_model
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak on {torch.get_num_threads()} threads: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    combos = [(z, p, c) for z in ((0,) if args.quick else (0, 2)) for p in ("fp32", "bf16") for c in ((False,) if args.quick else (False, True))]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = make_tokens(Path(tmp))
+        vocab, eot = open_tokens(tokens / "train.bin").vocab_size, open_tokens(tokens / "train.bin").eot_id
+        for zero, precision, compile_ in combos:
+            warmup = 20 if compile_ else 10
+            ours, plain, minimal, fpt = [], [], [], 0.0
+            for _ in range(args.repeats):
+                tps, fpt = gptpipe_step(tokens, Path(tmp), zero, precision, compile_, warmup, args.steps)
+                ours.append(tps)
+                torch.manual_seed(0)
+                hf = build_model(ModelConfig(**MODEL), vocab, eot)
+                plain.append(plain_step(tokens, hf, True, precision, compile_, warmup, args.steps))
+                torch.manual_seed(0)
+                minimal.append(plain_step(tokens, GPT(GPTConfig(vocab_size=vocab)), False, precision, compile_, warmup, args.steps))
+            o, pl, mi = statistics.median(ours), statistics.median(plain), statistics.median(minimal)
+            mfu = o * fpt / peaks[precision]
+            rows.append((zero, precision, compile_, o, pl, mi, mfu))
+            print(f"ZeRO {zero} {precision} compile {'on' if compile_ else 'off'}: gptpipe {o:,.0f} tok/s, plain loop {pl:,.0f},"
+                  f" minimal GPT {mi:,.0f}; gptpipe / plain {o / pl:.2f}, / minimal {o / mi:.2f}; MFU {100 * mfu:.1f}%", flush=True)
+    if not args.no_record:
+        for zero, precision, compile_, o, pl, mi, mfu in rows:
+            row = (f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} |"
+                   f" ZeRO {zero}, {precision}, compile {'on' if compile_ else 'off'} | {o:,.0f} | {pl:,.0f} | {mi:,.0f} | {o / pl:.2f} |"
+                   f" {o / mi:.2f} | {100 * mfu:.1f}% of {peaks[precision] / 1e9:.0f} GFLOP/s |")
+            append_row("## Training step throughput", row,
+                       intro="`python bench/train.py`: tokens/s at nanoGPT's CPU settings (4 layers, 128 wide, block 64, batch 12), medians"
+                             " of alternating runs in one process; MFU against the matmul peak the script measures.",
+                       columns="| date | machine | setting | gptpipe tok/s | plain loop | minimal GPT | gptpipe / plain | gptpipe / minimal | gptpipe MFU |")
+
+
+if __name__ == "__main__":
+    main()
