@@ -1,8 +1,10 @@
 """The run folder and its checkpoints: they describe themselves, become `latest` only when complete, resume exactly.
 
 Layout (file names in layout.py): <train.out_dir>/run-<id>/ holds one run, where <id> hashes everything that
-must match to resume (model, data, optimizer settings, world size). A change of, say, train.lr gives a new
-run folder, so the earlier run's checkpoints stay on disk and switching back resumes it.
+must match to resume (model, data, optimizer settings, the global batch). A change of, say, train.lr gives a new
+run folder, so the earlier run's checkpoints stay on disk and switching back resumes it. The number of processes
+is not part of it: a checkpoint saved by N processes resumes on M, converted once to DeepSpeed's universal format
+when its optimizer state is partitioned (run-<id>/universal/step-*, kept for the next resume).
 
     run-<id>/run.json         what the id hashes, readable
     run-<id>/ds_config.json   the DeepSpeed config that ran
@@ -20,16 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import engine as ds
-from pipeline.config import Params, TrainConfig
+from pipeline.config import Batch, Params, TrainConfig
 from pipeline.engine import Dist
 from pipeline.errors import UserError
 from pipeline.files import write_failure, write_json_atomic, write_text_atomic
@@ -47,18 +51,24 @@ RESUME_SAFE = {
 }  # fmt: skip
 
 
-# Raised when gptpipe changes what it builds from the same params (a model's activation or vocabulary padding),
-# so a checkpoint of an earlier gptpipe is not resumed into a different model.
-RUN_FORMAT = 2
+# Not part of a run's identity as set: they only split the global batch across processes and micro steps. The
+# global batch they add up to is (tokens_per_step), so a run continues on another number of processes when it is kept.
+BATCH_SPLIT = {"grad_accum", "global_batch_tokens"}
+
+# Raised when gptpipe changes what it builds from the same params (a model's activation or vocabulary padding)
+# or what a run's identity holds, so a checkpoint of an earlier gptpipe is not resumed into a different model.
+RUN_FORMAT = 3
 
 
-def run_identity(p: Params, data: dict, world_size: int, grad_accum: int) -> dict:
-    """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens."""
+def run_identity(p: Params, data: dict, batch: Batch) -> dict:
+    """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens.
+
+    The world size is not in it: the same global batch on another number of processes continues the same run.
+    """
     identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
-    identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k not in RESUME_SAFE})
+    identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k not in RESUME_SAFE | BATCH_SPLIT})
     identity.update({f"data.{k}": v for k, v in data.items()})
-    identity["world_size"] = world_size
-    identity["grad_accum"] = grad_accum
+    identity["train.tokens_per_step"] = batch.tokens_per_step
     return identity
 
 
@@ -78,7 +88,12 @@ def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
     if not others:
         return None
     previous = json.loads(others[-1].read_text())
-    return f"{differences(previous, identity)} since {others[-1].parent} (kept there)"
+    reason = f"{differences(previous, identity)} since {others[-1].parent} (kept there)"
+    if {k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k)} == {"train.tokens_per_step"}:
+        # Most often another number of processes with a fixed micro batch and accumulation: say how to keep the run.
+        reason += (f". To continue that run on this number of processes, keep its global batch:"
+                   f" train.global_batch_tokens={previous['train.tokens_per_step']}")
+    return reason
 
 
 def differences(saved: dict, identity: dict) -> str:
@@ -312,14 +327,116 @@ def prune(run: RunDir, keep_last: int) -> None:
         # Incomplete folders older than `latest` are leftovers of a crash mid-save.
         if ckpt.tag not in keep and (ckpt.tag in complete or (latest and ckpt.tag < latest)):
             shutil.rmtree(ckpt.root, ignore_errors=True)
+    for converted in (run.root / "universal").glob("step-*"):
+        if converted.name not in keep:  # the step it was converted from is gone
+            shutil.rmtree(converted, ignore_errors=True)
 
 
-def load(engine, run: RunDir, tag: str, dist: Dist) -> dict:
-    """Load weights, optimizer and this rank's RNG state (checked by verify first); return the saved training state."""
+def load(engine, run: RunDir, tag: str, dist: Dist, universal: Path | None = None) -> dict:
+    """Load weights, optimizer and this rank's RNG state (checked by verify first); return the saved training state.
+
+    universal: the step converted for another world size (prepare_elastic_resume); a rank the saving run did not
+    have starts a generator of its own, seeded by the step and its rank.
+    """
     ckpt = run.step(tag)
-    ds.load_engine(engine, run.root, tag)
-    restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=True))
-    return json.loads(ckpt.state.read_text())
+    if universal is not None:
+        ds.load_engine(engine, universal.parent, universal.name, universal=True)
+    else:
+        ds.load_engine(engine, run.root, tag)
+    state = json.loads(ckpt.state.read_text())
+    if ckpt.rng(dist.rank).is_file():
+        restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=True))
+    else:
+        seed_rng(1_000_003 * state["step"] + dist.rank)
+    return state
+
+
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------- elastic resume
+
+
+def saved_world_size(run: RunDir, tag: str) -> int | None:
+    return json.loads(run.step(tag).state.read_text()).get("world_size")
+
+
+def prepare_elastic_resume(run: RunDir, tag: str, dist: Dist, echo: Echo = silent) -> Path | None:
+    """When checkpoint `tag` was saved by another number of processes: the universal checkpoint to load instead
+    (converted once by rank 0, kept under run/universal/ for the next resume), or None when it loads as it is.
+
+    Ranks other than 0 wait for the conversion on the file system, not in a collective: it may take longer than
+    train.collective_timeout for a large model.
+    """
+    saved = saved_world_size(run, tag)
+    if saved is None or saved == dist.world_size:
+        return None
+    source = run.step(tag).root
+    if not ds.partitioned_optimizer(source):
+        echo(f"train: {tag} was saved by {saved} processes, this run has {dist.world_size}; its optimizer state is whole,"
+             " so it loads as it is")
+        return None
+    out, failed = run.universal(tag), run.universal(tag).with_suffix(".failed")
+    if dist.is_main:
+        failed.unlink(missing_ok=True)  # of an earlier attempt: gone before any rank looks
+    ds.barrier()
+    if dist.is_main:
+        try:
+            if universal_intact(out):
+                echo(f"train: {tag} was saved by {saved} processes, this run has {dist.world_size}: loading its universal"
+                     f" checkpoint {out} (converted before)")
+            else:
+                start = time.perf_counter()
+                convert_universal(source, out)
+                echo(f"train: {tag} was saved by {saved} processes, this run has {dist.world_size}: converted it to a universal"
+                     f" checkpoint in {out} ({time.perf_counter() - start:.1f} s; kept for the next resume)")
+        except UserError as e:
+            write_text_atomic(failed, str(e))
+            raise
+    else:
+        while not universal_intact(out, quick=True):
+            if failed.is_file():
+                raise UserError(failed.read_text())
+            time.sleep(0.5)
+    ds.barrier()
+    return out
+
+
+def convert_universal(source: Path, out: Path) -> None:
+    """source -> out in DeepSpeed's universal format, built beside out and moved into place with its checksums."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # damaged: convert again
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ds.convert_to_universal(source, tmp)
+        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to tmp: gptpipe keeps its own
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        write_json_atomic(tmp / "checksums.json", {str(p.relative_to(tmp)): sha256(p) for p in files})
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(e, out) or e from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, out)
+
+
+def universal_intact(out: Path, quick: bool = False) -> bool:
+    """A complete conversion whose files match their checksums (quick: only that it is complete)."""
+    listing = out / "checksums.json"
+    if not listing.is_file():
+        return False
+    if quick:
+        return True
+    try:
+        listed = json.loads(listing.read_text())
+    except ValueError:
+        return False
+    return all((out / name).is_file() and sha256(out / name) == digest for name, digest in listed.items())
 
 
 def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:

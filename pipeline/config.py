@@ -356,11 +356,16 @@ class TrainConfig(Section):
         if self.global_batch_tokens is not None:
             accum, rest = divmod(self.global_batch_tokens, per_micro)
             if rest or accum == 0 or (self.grad_accum and self.grad_accum != accum):
+                sequences, per_process = divmod(self.global_batch_tokens, block_size)
+                fits = [n for n in range(1, min(sequences, 4096) + 1) if not per_process and sequences % (n * self.micro_batch_size) == 0]
+                fix = f"it splits over {', '.join(map(str, fits[:-1]))}{' or ' if len(fits) > 1 else ''}{fits[-1]} processes" if fits else (
+                      "no number of processes splits it")
                 raise UserError(
                     f"train.global_batch_tokens={self.global_batch_tokens} must equal train.micro_batch_size ({self.micro_batch_size})"
-                    f" x train.grad_accum x world size ({world_size}) x model.block_size ({block_size}) = a multiple of {per_micro}"
+                    f" x train.grad_accum x {world_size} processes x model.block_size ({block_size}) = a multiple of {per_micro}"
                     + (f" with grad_accum={self.grad_accum}" if self.grad_accum else "")
-                    + ": change one of them, or set only one of global_batch_tokens and grad_accum"
+                    + f": {fix} at this micro batch; change the micro batch or the number of processes, or set only one of"
+                    " global_batch_tokens and grad_accum"
                 )
         return Batch(self.micro_batch_size, accum, world_size, block_size)
 

@@ -209,27 +209,55 @@ def check_precision(train: TrainConfig) -> None:
                         " use fp32 (or bf16 where supported; `gptpipe doctor` shows which)")
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, batch: Batch, echo: Echo = silent) -> tuple[object, dict]:
-    """(engine, the DeepSpeed config it runs): the config generated from train.*, a user JSON merged on top.
-
-    AdamW decays matrices only (not biases or norm gains).
-    """
-    import deepspeed
-
+def engine_config(train: TrainConfig, batch: Batch, echo: Echo = silent) -> dict:
+    """The DeepSpeed config a run trains with: generated from train.*, a user JSON merged on top."""
     check_precision(train)
     ds_config, changed = merge_user_config(deepspeed_config(train, batch), train.deepspeed_config)
     for change in changed:
         echo(f"train: {train.deepspeed_config} overrides {change}")
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return ds_config
+
+
+@contextmanager
+def model_init(ds_config: dict) -> Iterator[None]:
+    """Where a model to train from scratch is built: under ZeRO-3, inside deepspeed.zero.Init, so each process only
+    ever holds its partition of the weights (a model larger than one process's memory can be made).
+
+    transformers does this itself while an HfDeepSpeedConfig is alive, and then runs its weight initialisation on
+    gathered parameters; without that, _init_weights would touch empty partitions and leave PyTorch's defaults.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it while building
+    try:
+        yield
+    finally:
+        del alive
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> object:
+    """The DeepSpeed engine that trains model with ds_config (engine_config). AdamW decays matrices only (not
+    biases or norm gains)."""
+    import deepspeed
+
+    decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    if batch.world_size == 1 and train.zero_stage == 0:
+    if torch_dist.get_world_size() == 1 and train.zero_stage == 0:
         # One process has nothing to all-reduce: skip DeepSpeed's flatten, reduce and unflatten of every gradient.
         engine.enable_backward_allreduce = False
     if train.compile:
         engine.compile()  # torch.compile of the module in place: its parameter names, and so the checkpoints, stay the same
-    return engine, ds_config
+    return engine
+
+
+def _ndim(p: torch.Tensor) -> int:
+    """A parameter's dimensions, also when ZeRO-3 has partitioned it into a flat placeholder."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
 
 
 def set_lr(engine, lr: float) -> None:
@@ -318,13 +346,63 @@ def barrier() -> None:
 
 
 def save_engine(engine, folder: Path, tag: str) -> None:
-    """DeepSpeed's save (on every rank); gptpipe writes its own `latest` pointer once all ranks are done."""
-    engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+    """DeepSpeed's save (on every rank); gptpipe writes its own `latest` pointer once all ranks are done.
+
+    The universal-checkpoint marker goes in too, so the checkpoint can be converted for another world size.
+    """
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(folder), tag=tag, client_state=info, save_latest=False)
 
 
-def load_engine(engine, folder: Path, tag: str) -> None:
+def partitioned_optimizer(checkpoint: Path) -> bool:
+    """True when a checkpoint's optimizer state is split across the processes that saved it (ZeRO 1-3, and the
+    bf16 optimizer): it then loads on another number of processes only after conversion to a universal checkpoint."""
+    return any(checkpoint.glob("*optim_states.pt"))
+
+
+def convert_to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's ds_to_universal: checkpoint (one step's folder) -> out, a checkpoint that any world size loads
+    (each parameter's fp32 weights and Adam moments, whole). In this process, loading weights-only, quietly."""
+    import argparse
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    log = io.StringIO()
+    try:
+        with safe_unpickling(), redirect_stdout(log), redirect_stderr(log):
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's converter fails in many ways; each ends in this one message
+        tail = "; ".join(log.getvalue().strip().splitlines()[-3:])
+        raise UserError(f"train: converting {checkpoint} to a universal checkpoint failed ({type(e).__name__}: {e}; {tail})") from None
+
+
+def load_engine(engine, folder: Path, tag: str, universal: bool = False) -> None:
+    """Weights and optimizer state from folder/tag; universal: a checkpoint in DeepSpeed's universal format.
+
+    The format is DeepSpeed's config key checkpoint.load_universal, which it reads only when loading: set per load,
+    since one run may load a universal checkpoint (to resume) and then its own (the best, to export).
+    """
+    engine._config.load_universal_checkpoint = universal
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     with safe_unpickling():
         path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    if universal:
+        # Two slips of DeepSpeed's ZeRO-3 universal loader, undone here. It gives every group the first group's
+        # settings (weight decay on biases and norms too): they are this run's settings, identical to the saved
+        # ones, so put them back. And it hands every group one shared `step` tensor, which torch's AdamW then
+        # advances once per group per step (wrong bias correction from the second group on): give each its own.
+        for group, setting in zip(engine.optimizer.param_groups, settings):
+            group.update(setting)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     if path is None:
         raise UserError(f"checkpoint {folder / tag} could not be loaded by DeepSpeed (incomplete or from another setup)")
 

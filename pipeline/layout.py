@@ -2,7 +2,7 @@
 
     PreparedDir   prepare.out_dir     train.jsonl, val.jsonl, manifest.json
     TokensDir     tokenize.out_dir    train.bin, val.bin, meta.json, tokenizer/
-    RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/
+    RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/, universal/step-*/
     CheckpointDir run-*/step-*        DeepSpeed's files, rng-rank<r>.pt, config.json, tokenizer/, metrics/, state.json,
                                       checksums.json (last)
     ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
@@ -117,6 +117,10 @@ class RunDir(Folder):
     def steps(self) -> list[CheckpointDir]:
         """Every step folder, complete or not, oldest first."""
         return [CheckpointDir(d) for d in sorted(self.root.glob("step-*")) if d.is_dir()]
+
+    def universal(self, tag: str) -> Path:
+        """A step converted to DeepSpeed's universal format, for a resume on another number of processes."""
+        return self.root / "universal" / tag
 
 
 def step_tag(step: int) -> str:

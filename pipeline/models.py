@@ -67,15 +67,16 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str = "fp32",
-                activation_checkpointing: bool = False) -> PreTrainedModel:
+                activation_checkpointing: bool = False, shards: int = 1) -> PreTrainedModel:
     """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, ready to train.
 
     A fresh model starts in fp32, so its initialisation does not depend on the precision (DeepSpeed keeps fp32
-    master weights for bf16/fp16 anyway); a checkpoint loads in the training precision.
+    master weights for bf16/fp16 anyway); a checkpoint loads in the training precision. shards: the processes a
+    fresh model's weights are split over as it is built (ZeRO-3 under engine.model_init).
     """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
-        check_fits_in_memory(config)
+        check_fits_in_memory(config, shards)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     else:
         model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
@@ -95,16 +96,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     return model
 
 
-def check_fits_in_memory(config) -> None:
-    """UserError when a fresh model's fp32 weights alone would not fit in this machine's free memory: a shape
-    such as n_layer=1024, n_embd=65536 is then one message, not an allocation failure or minutes of swapping."""
+def check_fits_in_memory(config, shards: int = 1) -> None:
+    """UserError when a fresh model's fp32 weights alone (this process's share of them) would not fit in this
+    machine's free memory: a shape such as n_layer=1024, n_embd=65536 is then one message, not an allocation
+    failure or minutes of swapping."""
     import psutil
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         n = count_params(AutoModelForCausalLM.from_config(config))
-    need, free = 4 * n, psutil.virtual_memory().available
+    need, free = 4 * n / shards, psutil.virtual_memory().available
     if need > free:
-        raise UserError(f"model.n_layer/n_head/n_embd describe {n / 1e9:,.1f}B parameters: their fp32 weights alone need"
+        share = f"this process's 1/{shards} of their fp32 weights" if shards > 1 else "their fp32 weights alone"
+        raise UserError(f"model.n_layer/n_head/n_embd describe {n / 1e9:,.1f}B parameters: {share} need"
                         f" {need / 1e9:,.1f} GB, and this machine has {free / 1e9:,.1f} GB free. Choose a smaller shape")
 
 
@@ -194,8 +197,8 @@ def context_length(config) -> int | None:
 
 
 def count_params(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once); whole ones, also when ZeRO-3 has partitioned them."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
 def flops_per_token(model: PreTrainedModel, n_params: int, block_size: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -118,20 +118,25 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
 
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
-    identity = ckpt.run_identity(p, data, dist.world_size, batch.grad_accum)
+    identity = ckpt.run_identity(p, data, batch)
     run_dir, tag = ckpt.open_run(t, identity, dist, echo)
     reason = ckpt.why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
+    # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
+    universal = ckpt.prepare_elastic_resume(run_dir, tag, dist, echo) if tag else None
+    ds_config = ds.engine_config(t, batch, echo)
 
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
-    model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing)
+    with ds.model_init(ds_config) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
+        model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing,
+                            shards=dist.world_size if t.zero_stage == 3 else 1)
     check_vocabulary(model, p.model.init, tokenizer)
     n_params = count_params(model)
-    engine, ds_config = ds.build_engine(model, t, batch, echo)
+    engine = ds.build_engine(model, t, ds_config)
     ckpt.start_run(run_dir, identity, ds_config, dist)
-    state = State.from_saved(ckpt.load(engine, run_dir, tag, dist)) if tag else State()
+    state = State.from_saved(ckpt.load(engine, run_dir, tag, dist, universal)) if tag else State()
     if not tag:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
     elif dist.is_main and run_dir.step(tag).metrics.is_dir():
@@ -229,7 +234,7 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
         if save or run.stop_reason:
             with timed(run, "save"):
                 run.log.write_summary()
-                saved = {**asdict(s), "params": run.p.model_dump()}
+                saved = {**asdict(s), "params": run.p.model_dump(), "world_size": dist.world_size}
                 ckpt.save(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
         run.log.advance()
         if run.stop_reason:
@@ -358,7 +363,9 @@ def export(run: Run) -> dict:
         problem = ds.broadcast(problem) if run.dist.world_size > 1 else problem
         if problem is None:
             which, tag, val_loss = "best", s.best_tag, s.best_val_loss
-            ckpt.load(run.engine, run.run_dir, tag, run.dist)  # the best weights (and their fp32 masters) into the engine
+            # The best weights (and their fp32 masters) into the engine; saved by another number of processes, converted.
+            universal = ckpt.prepare_elastic_resume(run.run_dir, tag, run.dist, run.log.echo)
+            ckpt.load(run.engine, run.run_dir, tag, run.dist, universal)
         else:  # e.g. train.export switched to best on a resume, when improvements were not being saved
             run.log.echo(f"train: exporting the last weights: the best checkpoint {s.best_tag} cannot be used ({problem})")
     info = {"exported": which, "step": int(tag.removeprefix("step-")), "tag": tag, "val_loss": val_loss, "tokens_seen": s.tokens_seen}

@@ -79,6 +79,13 @@ def logged(run_dir: Path, name: str) -> list[float]:
         return [float(row[name.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
 
 
+def saved_world_size(run: Path) -> int:
+    """How many processes saved a run folder's newest checkpoint (its state.json says)."""
+    import json
+
+    return json.loads((run / (run / "latest").read_text().strip() / "state.json").read_text())["world_size"]
+
+
 def exported_weights(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 

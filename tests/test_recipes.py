@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, saved_world_size
 from typer.testing import CliRunner
 
 from pipeline import params, recipes
@@ -143,7 +143,7 @@ def test_the_tiny_variant_of_each_recipe_runs_through_the_real_stages(name, tmp_
         from transformers import AutoTokenizer
 
         (run,) = (tmp_path / "checkpoints").glob("run-*")
-        assert json.loads((run / "run.json").read_text())["world_size"] == 2
+        assert saved_world_size(run) == 2
         ids = open_tokens(tmp_path / "data" / "tokens" / "train.bin").tokens
         assert int(ids[0]) == AutoTokenizer.from_pretrained(tiny_gemma).bos_token_id  # Gemma's documents start with <bos>
 
@@ -199,10 +199,10 @@ def test_init_makes_a_project_that_runs_dvc_repro_and_the_launcher_with_the_inst
            "--master_port", "29741", "--no_local_rank", "--module", "pipeline.cli", "train", "-S", "train.run_name=two"]
     out = subprocess.run(cmd, cwd=proj, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert json.loads((proj / "checkpoints" / "two" / "run.json").read_text())["world_size"] == 2
+    assert saved_world_size(proj / "checkpoints" / "two") == 2
     # The same from params (train.launcher: deepspeed): gptpipe re-launches itself as the installed module.
     launched = ["train.launcher=deepspeed", "train.hostfile=hostfile", "train.launcher_args=[--no_ssh_check, --master_addr, 127.0.0.1]",
                 "train.master_port=29743", "train.run_name=three"]
     out = gptpipe("train", *[a for o in launched for a in ("-S", o)], cwd=proj, env=env)
     assert "--no_local_rank --module pipeline.cli train" in out
-    assert json.loads((proj / "checkpoints" / "three" / "run.json").read_text())["world_size"] == 2
+    assert saved_world_size(proj / "checkpoints" / "three") == 2

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, run_training, tiny_params
+from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, run_training, saved_world_size, tiny_params
 
 from pipeline import config, params
 from pipeline.errors import UserError
@@ -118,7 +118,7 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tokens_dir,
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "launching" in out.stderr
     (run,) = (two / "checkpoints").glob("run-*")
-    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert saved_world_size(run) == 2
     a, b = exported_weights(one), exported_weights(two)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
@@ -169,7 +169,7 @@ def test_the_hostfile_from_params_with_include_launches_the_same_run(tokens_dir,
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "--include localhost:0,1" in out.stderr
     (run,) = (tmp_path / "checkpoints").glob("run-*")
-    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert saved_world_size(run) == 2
 
 
 @pytest.mark.slow
@@ -275,7 +275,7 @@ def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir,
     raw = tiny_params(tokens_dir, tmp_path, max_steps=2, save_interval=2)
     raw["model"] = {"preset": "gpt2-124m"}
     raw["evaluate"] = {"metrics_file": str(tmp_path / "metrics.json"), "max_windows": 4}
-    raw["sample"] = {"num_samples": 1, "max_new_tokens": 60, "prompts": ["ROMEO:"], "out_dir": str(tmp_path)}
+    raw["sample"] = {"num_samples": 1, "max_new_tokens": 60, "prompts": ["ROMEO:"], "out_dir": str(tmp_path), "stop_at_eot": False}
     p = params.validate_params(raw)
     assert p.model.block_size == 48 and p.eval_block_size == 48
     summary = train(p)

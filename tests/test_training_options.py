@@ -136,7 +136,7 @@ def test_fresh_is_a_shortcut_for_resume_never(tokens_dir, tmp_path, monkeypatch)
 def test_a_run_name_names_the_folder_and_refuses_other_settings(tokens_dir, tmp_path):
     run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, run_name="baseline"))
     run = RunDir(tmp_path / "checkpoints" / "baseline")
-    assert run.latest.read_text() == "step-000004" and "world_size" in json.loads(run.identity.read_text())
+    assert run.latest.read_text() == "step-000004" and "train.tokens_per_step" in json.loads(run.identity.read_text())
     with pytest.raises(UserError, match=r"train.run_name=baseline: .* holds a run with other settings \(train.lr 0.003 -> 0.001\)"):
         run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, run_name="baseline", lr=1e-3))
     with pytest.raises(UserError, match=r"train.run_name: '\.\./x': letters, digits"):
