@@ -235,14 +235,17 @@ def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: i
         x = torch.zeros(len(batch), len(batch[0][2]), dtype=torch.long)
         for row, (_, _, ids, _) in enumerate(batch):
             x[row, : len(ids)] = torch.tensor(ids)
-        logprobs = F.log_softmax(model(input_ids=x.to(device), use_cache=False).logits.float(), dim=-1)  # (B, T, V)
+        # Only the positions that predict a continuation need the output layer and a softmax over the vocabulary:
+        # the last `keep` positions of the padded batch hold every row's continuation.
+        first = min(len(ids) - len(cont) for _, _, ids, cont in batch)
+        logits = continuation_logits(model, x.to(device), keep=x.shape[1] - first)  # (B, keep, V)
         if not mine[b * batch_size : (b + 1) * batch_size]:
             continue  # the placeholder: this rank had nothing left
         for row, (_, _, ids, cont) in enumerate(batch):
             # The logits at position t predict token t + 1, so the last len(cont) positions predict the continuation.
-            at = torch.arange(len(ids) - len(cont), len(ids), device=device)
-            target = torch.tensor(cont, device=device)
-            found[(b * batch_size + row) * world_size + rank] = logprobs[row, at, target].sum()
+            at = torch.arange(len(ids) - len(cont), len(ids), device=device) - first
+            logprobs = F.log_softmax(logits[row, at].float(), dim=-1)  # (len(cont), V)
+            found[(b * batch_size + row) * world_size + rank] = logprobs[torch.arange(len(cont), device=device), torch.tensor(cont, device=device)].sum()
         if progress:
             progress(len(batch))
     if world_size > 1:
@@ -251,6 +254,15 @@ def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: i
     for (i, j, _, _), value in zip(requests, found.tolist()):
         out[i][j] = value
     return out
+
+
+def continuation_logits(model, x: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits of the last `keep` positions of x (B, T): transformers' logits_to_keep, so the output layer runs on
+    those positions only; models whose forward lacks it (remote code) compute them all and are sliced."""
+    try:
+        return model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:
+        return model(input_ids=x, use_cache=False).logits[:, -keep:]
 
 
 def accuracy_counts(items: list[Item], logliks: list[list[float]]) -> dict:
