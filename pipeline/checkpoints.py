@@ -197,7 +197,7 @@ def verify(ckpt: CheckpointDir) -> str | None:
         return f"{ckpt.checksums.name} is not a checksum list"
     for name, digest in listed.items():
         path = ckpt.root / name
-        if ".." in Path(name).parts or not path.is_file():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():  # only files inside the folder
             return f"{name} is missing"
         if sha256(path) != digest:
             return f"{name} is corrupt (its sha256 differs from {ckpt.checksums.name})"

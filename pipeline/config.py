@@ -557,7 +557,7 @@ REPLACED_WHOLE = ("prepare.out_dir", "tokenize.out_dir", "train.export_dir")
 
 
 def _absolute(path: str) -> str:
-    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+    return os.path.realpath(os.path.expanduser(path))  # through symlinks: a link to the corpus is the corpus
 
 
 def _inside(path: str, folder: str) -> bool:

@@ -116,6 +116,13 @@ def test_an_output_pointed_at_inputs_is_refused_and_nothing_is_deleted(project, 
     assert snapshot(project) == before
 
 
+def test_an_output_reached_through_a_symlink_to_an_input_is_refused(project):
+    (project / "shortcut").symlink_to(project / "corpus")
+    result = runner.invoke(app, ["prepare", "-S", "prepare.out_dir=shortcut"])
+    assert result.exit_code == 2 and "prepare.out_dir" in result.output, result.output
+    assert (project / "corpus" / "book.txt").is_file() and (project / "corpus" / "notes.md").is_file()
+
+
 def test_a_folder_gptpipe_did_not_write_is_never_replaced(project):
     (project / "mine").mkdir()
     (project / "mine" / "thesis.tex").write_text("three years of work")
