@@ -110,7 +110,7 @@ def tiny_variant(name: str, shared: Path, tiny_gpt2: Path, tiny_gemma: Path, tex
                       "train.global_batch_tokens=128", "train.warmup_steps=2", "train.hellaswag_interval=3", "train.hellaswag_limit=4",
                       "train.sample_interval=3", "train.sample_max_new_tokens=8", "evaluate.hellaswag_url=null",
                       f"evaluate.hellaswag={shared / 'hellaswag_val_sample.jsonl'}", "evaluate.hellaswag_limit=4"],
-        "bpe-from-scratch": [f"prepare.source.path={text.parent}", *SMALL_SCRATCH, *SMALL_TRAIN, "train.save_interval=2"],
+        "bpe-from-scratch": [f"prepare.source.path={text.parent}", *SMALL_SCRATCH, *SMALL_TRAIN, "train.save_interval=1", "train.keep_last=2"],
         "gemma-270m-multinode": [*local_text, "prepare.val_source=null", f"tokenize.pretrained={tiny_gemma}", f"model.init={tiny_gemma}",
                                  "model.block_size=32", *SMALL_TRAIN, "train.global_batch_tokens=128", "train.hostfile=hostfile",
                                  "train.master_port=29731", "train.launcher_args=[--no_ssh_check, --master_addr, 127.0.0.1]"],
@@ -137,6 +137,15 @@ def test_the_tiny_variant_of_each_recipe_runs_through_the_real_stages(name, tmp_
     assert metrics["val"]["loss"] > 0 and (tmp_path / "reports" / "report.html").is_file()
     exported = json.loads((tmp_path / "models" / "final" / "gptpipe.json").read_text())
     assert exported["step"] >= 1
+    if name == "finetune-gpt2":  # the recipe exports the best checkpoint, and early stopping is on
+        assert exported["exported"] == "best"
+        train_summary = json.loads((tmp_path / "reports" / "train" / "metrics.json").read_text())
+        assert train_summary["stopped"] == "max_steps" or train_summary["stopped"].startswith("stopped early")
+    if name == "bpe-from-scratch":  # a checkpoint every train.save_interval, only the last keep_last (and the best) kept
+        (run,) = (tmp_path / "checkpoints").glob("run-*")
+        kept = sorted(d.name for d in run.glob("step-*"))
+        best = (run / "best").read_text().strip()
+        assert kept == sorted({"step-000005", "step-000006", best}), kept
     if name == "gpt2-124m":
         assert metrics["hellaswag"]["n"] == 4 and (tmp_path / "reports" / "plots" / "hellaswag.png").is_file()
     if name == "gemma-270m-multinode":
