@@ -122,9 +122,11 @@ def _text_docs(src: _Input, separator: str | None) -> Iterator[str]:
     for piece in src.texts():
         start = max(0, len(pending) - len(sep) + 1)  # never rescan what was searched already
         pending += piece
+        first = 0
         while (i := pending.find(sep, start)) >= 0:
-            yield pending[:i]
-            pending, start = pending[i + len(sep):], 0
+            yield pending[first:i]
+            first = start = i + len(sep)
+        pending = pending[first:]  # once per piece: cutting it after each document would copy the rest each time
     yield pending
 
 

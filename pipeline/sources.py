@@ -143,6 +143,9 @@ def _size(source: SourceConfig, key: str, download_dir: str) -> int | None:
 # -------------------------------------------------------------------------------------- the prepare stage
 
 
+JSON_LINE = json.JSONEncoder(ensure_ascii=False)  # one encoder for every document: json.dumps builds one per call
+
+
 def normalize(text: str, nfc: bool) -> str:
     """One newline convention ("\\n"), NFC when asked, no surrounding whitespace."""
     text = unify_newlines(text)
@@ -206,7 +209,7 @@ def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, down
                     distance = position if split == "train" else -position
                     if split not in nearest or distance < nearest[split][0]:
                         nearest[split] = (distance, documents[split])
-                (val if split == "val" else train).write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                (val if split == "val" else train).write(JSON_LINE.encode({"text": text}) + "\n")
                 documents[split] += 1
                 nbytes[split] += len(data)
             for record in stats.inputs[first_input:]:

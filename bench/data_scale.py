@@ -1,0 +1,127 @@
+"""The data path at scale: prepare + tokenize through real `dvc repro` on a corpus of gigabytes, tiktoken gpt2.
+
+The corpus is tiny Shakespeare repeated, each copy's paragraphs prefixed with the copy's number so that no two
+documents are the same (deduplication keeps them all, as it would a real corpus), written as 100 MB text files
+split into documents at blank lines. For each size (a small one and a large one, so growth shows): the wall
+time of `dvc repro tokenize` and of each stage inside it, the peak memory of the largest process, the disk used
+beyond the raw text (the workspace's prepared and token folders plus DVC's cache) against the token bytes, and
+how long a `dvc repro` with nothing to do takes. A dated row per size goes to docs/benchmarks.md.
+
+    python bench/data_scale.py [--gb 0.2 2.0]     # needs about 5x the largest size in free disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import append_row  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+FILE_BYTES = 100 << 20
+
+
+def write_corpus(folder: Path, target_bytes: int) -> int:
+    """Numbered copies of the text until target_bytes, in files of about FILE_BYTES; returns the bytes written."""
+    paragraphs = TEXT.read_text(encoding="utf-8").split("\n\n")
+    folder.mkdir(parents=True)
+    written, copy, index = 0, 0, 0
+    while written < target_bytes:
+        with open(folder / f"part-{index:05d}.txt", "w", encoding="utf-8") as f:
+            size = 0
+            while size < FILE_BYTES and written + size < target_bytes:
+                block = "\n\n".join(f"{copy}: {p}" for p in paragraphs) + "\n\n"
+                f.write(block)
+                size += len(block.encode("utf-8"))
+                copy += 1
+        written += size
+        index += 1
+    return written
+
+
+def du(*paths: Path) -> int:
+    """Bytes on disk under paths, each inode once (a hard link into DVC's cache is not counted twice)."""
+    seen, total = set(), 0
+    for root in paths:
+        for p in [root, *root.rglob("*")] if root.exists() else []:
+            st = p.lstat()
+            if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(TEXT.parent / "tiktoken_cache"), "COLUMNS": "200",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return time.perf_counter() - start, out.stdout + out.stderr
+
+
+def measure(repo: Path, gb: float) -> dict:
+    for name in ("dvc.yaml", "stages", "pipeline"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    raw = write_corpus(repo / "data" / "raw" / "corpus", int(gb * 1e9))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prepare"]["source"] = {"kind": "files", "path": "data/raw/corpus", "separator": "\n\n"}
+    params["tokenize"] = {**params["tokenize"], "kind": "tiktoken", "encoding": "gpt2"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        run(cmd, repo)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    seconds, out = run(["dvc", "repro", "tokenize"], repo)
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest descendant so far
+    stages = {name: float(s.replace(",", "")) for name, s in re.findall(r"^(prepare|tokenize): ([\d.,]+) s$", out, re.M)}
+    noop, out2 = run(["dvc", "repro", "tokenize"], repo)
+    assert "Running stage" not in out2, out2[-2000:]
+    tokens = repo / "data" / "tokens"
+    token_bytes = sum(f.stat().st_size for f in tokens.glob("*.bin"))
+    extra = du(repo / "data" / "prepared", tokens, repo / ".dvc" / "cache")
+    return {"gb": raw / 1e9, "seconds": seconds, "stages": stages, "peak_mb": peak_kb / 1024, "peak_grew": peak_kb > before,
+            "token_gb": token_bytes / 1e9, "extra_gb": extra / 1e9, "noop": noop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, nargs="+", default=[0.2, 2.0], help="corpus sizes in GB, smallest first")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    for gb in args.gb:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = measure(Path(tmp), gb)
+        tokens_per_s = r["token_gb"] / 2 * 1e9 / r["stages"].get("tokenize", float("nan"))
+        print(f"{r['gb']:.2f} GB of text: dvc repro {r['seconds']:.0f} s (prepare {r['stages'].get('prepare', 0):.0f} s, tokenize"
+              f" {r['stages'].get('tokenize', 0):.0f} s, {tokens_per_s / 1e6:.1f}M tokens/s), peak memory {r['peak_mb']:,.0f} MB,"
+              f" {r['token_gb']:.2f} GB of tokens, {r['extra_gb']:.2f} GB of disk beyond the raw text"
+              f" ({r['extra_gb'] / r['token_gb']:.1f}x the token bytes), no-op dvc repro {r['noop']:.1f} s", flush=True)
+        if not args.no_record:
+            row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores | {r['gb']:.2f} |"
+                   f" {r['stages'].get('prepare', 0):.0f} | {r['stages'].get('tokenize', 0):.0f} | {tokens_per_s / 1e6:.1f}M |"
+                   f" {r['peak_mb']:,.0f} | {r['token_gb']:.2f} | {r['extra_gb'] / r['token_gb']:.1f}x | {r['noop']:.1f} |")
+            append_row("## The data path at scale", row,
+                       intro="`python bench/data_scale.py`: tiny Shakespeare repeated (every document unique) through real `dvc repro"
+                             " tokenize` with tiktoken gpt2; disk counts the prepared and token folders and DVC's cache, each inode once.",
+                       columns="| date | machine | text GB | prepare s | tokenize s | tokens/s | peak MB | token GB |"
+                               " disk beyond the raw text / token bytes | no-op dvc repro s |")
+
+
+if __name__ == "__main__":
+    main()
