@@ -5,9 +5,12 @@ documents are the same (deduplication keeps them all, as it would a real corpus)
 split into documents at blank lines. For each size (a small one and a large one, so growth shows): the wall
 time of `dvc repro tokenize` and of each stage inside it, the peak memory of the largest process, the disk used
 beyond the raw text (the workspace's prepared and token folders plus DVC's cache) against the token bytes, and
-how long a `dvc repro` with nothing to do takes. A dated row per size goes to docs/benchmarks.md.
+how long a `dvc repro` with nothing to do takes; and, as the baseline, a one-thread loop of tiktoken's
+encode_ordinary over the first 100 MB file's documents in the same run. The project's .dvc/config (its cache
+link type) and params.yaml are used, with prepare.store: index unless --store text. A dated row per size goes
+to docs/benchmarks.md.
 
-    python bench/data_scale.py [--gb 0.2 2.0]     # needs about 5x the largest size in free disk
+    python bench/data_scale.py [--gb 0.2 2.0] [--store index|text]     # needs about 3x the largest size in free disk
 """
 
 from __future__ import annotations
@@ -75,17 +78,32 @@ def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
     return time.perf_counter() - start, out.stdout + out.stderr
 
 
-def measure(repo: Path, gb: float) -> dict:
+def loop_tokens_per_s(path: Path) -> float:
+    """The baseline: one thread, tiktoken's encode_ordinary document by document, over one corpus file."""
+    import tiktoken
+
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TEXT.parent / "tiktoken_cache"))
+    enc = tiktoken.get_encoding("gpt2")
+    docs = path.read_text(encoding="utf-8").split("\n\n")
+    start = time.perf_counter()
+    tokens = sum(len(enc.encode_ordinary(d)) for d in docs)
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(repo: Path, gb: float, store: str) -> dict:
     for name in ("dvc.yaml", "stages", "pipeline"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     raw = write_corpus(repo / "data" / "raw" / "corpus", int(gb * 1e9))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"]["source"] = {"kind": "files", "path": "data/raw/corpus", "separator": "\n\n"}
+    params["prepare"]["store"] = store
     params["tokenize"] = {**params["tokenize"], "kind": "tiktoken", "encoding": "gpt2"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         run(cmd, repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    loop = loop_tokens_per_s(repo / "data" / "raw" / "corpus" / "part-00000.txt")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     seconds, out = run(["dvc", "repro", "tokenize"], repo)
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest descendant so far
@@ -96,31 +114,35 @@ def measure(repo: Path, gb: float) -> dict:
     token_bytes = sum(f.stat().st_size for f in tokens.glob("*.bin"))
     extra = du(repo / "data" / "prepared", tokens, repo / ".dvc" / "cache")
     return {"gb": raw / 1e9, "seconds": seconds, "stages": stages, "peak_mb": peak_kb / 1024, "peak_grew": peak_kb > before,
-            "token_gb": token_bytes / 1e9, "extra_gb": extra / 1e9, "noop": noop}
+            "token_gb": token_bytes / 1e9, "extra_gb": extra / 1e9, "noop": noop, "loop": loop,
+            "shards": len(list(tokens.glob("*.bin")))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gb", type=float, nargs="+", default=[0.2, 2.0], help="corpus sizes in GB, smallest first")
+    parser.add_argument("--store", choices=["index", "text"], default="index", help="prepare.store")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     for gb in args.gb:
         with tempfile.TemporaryDirectory() as tmp:
-            r = measure(Path(tmp), gb)
+            r = measure(Path(tmp), gb, args.store)
         tokens_per_s = r["token_gb"] / 2 * 1e9 / r["stages"].get("tokenize", float("nan"))
-        print(f"{r['gb']:.2f} GB of text: dvc repro {r['seconds']:.0f} s (prepare {r['stages'].get('prepare', 0):.0f} s, tokenize"
-              f" {r['stages'].get('tokenize', 0):.0f} s, {tokens_per_s / 1e6:.1f}M tokens/s), peak memory {r['peak_mb']:,.0f} MB,"
-              f" {r['token_gb']:.2f} GB of tokens, {r['extra_gb']:.2f} GB of disk beyond the raw text"
-              f" ({r['extra_gb'] / r['token_gb']:.1f}x the token bytes), no-op dvc repro {r['noop']:.1f} s", flush=True)
+        ratio = tokens_per_s / r["loop"]
+        print(f"{r['gb']:.2f} GB of text, store {args.store}: dvc repro {r['seconds']:.0f} s (prepare {r['stages'].get('prepare', 0):.0f} s,"
+              f" tokenize {r['stages'].get('tokenize', 0):.0f} s, {tokens_per_s / 1e6:.1f}M tokens/s = {ratio:.2f}x a one-thread"
+              f" loop's {r['loop'] / 1e6:.1f}M), peak memory {r['peak_mb']:,.0f} MB, {r['token_gb']:.2f} GB of tokens in {r['shards']}"
+              f" shards, {r['extra_gb']:.2f} GB of disk beyond the raw text ({r['extra_gb'] / r['token_gb']:.2f}x the token bytes),"
+              f" no-op dvc repro {r['noop']:.1f} s", flush=True)
         if not args.no_record:
-            row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores | {r['gb']:.2f} |"
+            row = (f"| {datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores | {args.store} | {r['gb']:.2f} |"
                    f" {r['stages'].get('prepare', 0):.0f} | {r['stages'].get('tokenize', 0):.0f} | {tokens_per_s / 1e6:.1f}M |"
-                   f" {r['peak_mb']:,.0f} | {r['token_gb']:.2f} | {r['extra_gb'] / r['token_gb']:.1f}x | {r['noop']:.1f} |")
+                   f" {ratio:.2f}x | {r['peak_mb']:,.0f} | {r['token_gb']:.2f} | {r['extra_gb'] / r['token_gb']:.2f}x | {r['noop']:.1f} |")
             append_row("## The data path at scale", row,
                        intro="`python bench/data_scale.py`: tiny Shakespeare repeated (every document unique) through real `dvc repro"
                              " tokenize` with tiktoken gpt2; disk counts the prepared and token folders and DVC's cache, each inode once.",
-                       columns="| date | machine | text GB | prepare s | tokenize s | tokens/s | peak MB | token GB |"
-                               " disk beyond the raw text / token bytes | no-op dvc repro s |")
+                       columns="| date | machine | prepare.store | text GB | prepare s | tokenize s | tokens/s | x one-thread loop |"
+                               " peak MB | token GB | disk beyond the raw text / token bytes | no-op dvc repro s |")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def plain_step(tokens: Path, model: torch.nn.Module, hf: bool, precision: str, c
     from pipeline.config import Batch
     from pipeline.data import WindowSampler, open_tokens
 
-    sampler = WindowSampler(open_tokens(tokens / "train.bin").tokens, batch=Batch(BATCH, 1, 1, MODEL["block_size"]), seed=1, rank=0)
+    sampler = WindowSampler(open_tokens(tokens / "train-00000.bin").tokens, batch=Batch(BATCH, 1, 1, MODEL["block_size"]), seed=1, rank=0)
     opt = adamw(model, 1e-3, 0.1, (0.9, 0.95), fused=True)
     forward = torch.compile(model) if compile_ else model
 
@@ -125,7 +125,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tokens = make_tokens(Path(tmp))
-        vocab, eot = open_tokens(tokens / "train.bin").vocab_size, open_tokens(tokens / "train.bin").eot_id
+        vocab, eot = open_tokens(tokens / "train-00000.bin").vocab_size, open_tokens(tokens / "train-00000.bin").eot_id
         for zero, precision, compile_ in combos:
             warmup = 20 if compile_ else 10
             ours, plain, minimal, fpt = [], [], [], 0.0

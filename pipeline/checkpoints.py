@@ -447,11 +447,12 @@ def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
             shutil.rmtree(path)
         path.unlink(missing_ok=True)
     dst.root.mkdir(parents=True, exist_ok=True)
+    # Contents only, not modes: a checkpoint that DVC links into its cache is read-only, and the copy is appended to.
     if src.curves.is_dir():
-        shutil.copytree(src.curves, dst.curves)
+        shutil.copytree(src.curves, dst.curves, copy_function=shutil.copyfile)
     for name in ("summary", "samples"):
         if getattr(src, name).is_file():
-            shutil.copy2(getattr(src, name), getattr(dst, name))
+            shutil.copyfile(getattr(src, name), getattr(dst, name))
 
 
 def capture_rng() -> dict:

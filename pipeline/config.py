@@ -101,10 +101,14 @@ class PrepareConfig(Section):
     unicode_errors: Literal["strict", "replace"] = Field(
         "strict", description="invalid UTF-8: strict fails naming the file and byte offset; replace substitutes U+FFFD and counts"
     )
+    store: Literal["text", "index"] = Field(
+        "text", description="text: write the documents to train.jsonl and val.jsonl (readable; a second copy of the corpus); index: write only "
+        "plan.bin, each document's fate, and tokenize reads the source again (no copy: for corpora of gigabytes)"
+    )
     download_dir: str = Field(
         "data/cache/downloads", min_length=1, description="where url sources (and evaluate.hellaswag_url) are downloaded once"
     )
-    out_dir: str = Field("data/prepared", min_length=1, description="where train.jsonl, val.jsonl and manifest.json go")
+    out_dir: str = Field("data/prepared", min_length=1, description="where train.jsonl and val.jsonl (or plan.bin) and manifest.json go")
 
     @model_validator(mode="after")
     def _split(self):
@@ -139,7 +143,10 @@ class TokenizeConfig(Section):
         0, ge=0, le=1024, description="threads encoding tiktoken/char chunks; 0 = one per usable core (bpe/hf use tokenizers' own pool)"
     )
     chunk_bytes: int = Field(1 << 20, ge=1024, le=1 << 31, description="text per unit of parallel work; bounds memory whatever the corpus size")
-    out_dir: str = Field("data/tokens", min_length=1, description="where train.bin, val.bin, meta.json and tokenizer/ go")
+    shard_tokens: int = Field(
+        100_000_000, ge=1024, le=1 << 40, description="ids per token file (train-00000.bin, ...): DVC hashes each, and an interrupted tokenize keeps the finished ones"
+    )
+    out_dir: str = Field("data/tokens", min_length=1, description="where the token shards, meta.json and tokenizer/ go")
     metrics_file: str = Field(
         "reports/tokenize.json", min_length=1, description="throughput of the run (kept out of out_dir, so that stays a pure function of its inputs)"
     )

@@ -42,15 +42,24 @@ class TokenWriter:
         w.write(ids)
     """
 
-    def __init__(self, path: str | Path, vocab_size: int, eot_id: int):
+    def __init__(self, path: str | Path, vocab_size: int, eot_id: int, keep: int = 0):
+        """keep > 0 continues an interrupted writer whose <path>.tmp holds at least keep ids: the rest is cut off."""
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.vocab_size, self.eot_id = vocab_size, eot_id
         self.dtype = token_dtype(vocab_size)
         self.count, self.crc = 0, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.tmp, "wb")
-        self.file.write(bytes(HEADER_BYTES))  # the real header goes in on close, once count and crc are known
+        if keep:
+            self.file = open(self.tmp, "r+b")
+            self.file.truncate(HEADER_BYTES + keep * self.dtype.itemsize)
+            self.file.seek(HEADER_BYTES)
+            while block := self.file.read(VERIFY_BLOCK):
+                self.crc = zlib.crc32(block, self.crc)
+            self.count = keep
+        else:
+            self.file = open(self.tmp, "wb")
+            self.file.write(bytes(HEADER_BYTES))  # the real header goes in on close, once count and crc are known
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
@@ -156,13 +165,57 @@ def verify_tokens(file: TokenFile) -> None:
         raise UserError(f"{file.path}: holds token id {top}, not below the header's vocab_size {file.vocab_size}")
 
 
-def open_verified(tokens: TokensDir, split: str, meta: dict) -> TokenFile:
-    """A split's token file, its CRC and ids checked, agreeing with meta.json on the vocabulary."""
-    file = open_tokens(tokens.split(split), verify=True)
-    if (file.vocab_size, file.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
-        raise UserError(f"{file.path}: the header says vocab_size={file.vocab_size}, eot_id={file.eot_id} but {tokens.meta} "
-                        f"says {meta.get('vocab_size')}, {meta.get('eot_id')}: the folder mixes two tokenize runs; rerun tokenize")
-    return file
+class TokenShards:
+    """A split's shards read as one sequence of ids: len(), and slices that may cross from one shard to the next
+    (a view into the memory map when they do not). It has a token file's header fields, so readers need not care."""
+
+    def __init__(self, files: list[TokenFile], name: str):
+        self.files, self.path = files, name
+        self.vocab_size, self.eot_id, self.dtype = files[0].vocab_size, files[0].eot_id, files[0].dtype
+        self.offsets = np.cumsum([0] + [f.count for f in files])
+        self.count = int(self.offsets[-1])
+        # One shard: its own crc, as a single file had; more: a crc of the shards' crcs (the run identity's data key).
+        self.crc32 = files[0].crc32 if len(files) == 1 else zlib.crc32(b"".join(f.crc32.to_bytes(4, "little") for f in files))
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def tokens(self) -> TokenShards:
+        return self
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("token shards are read in contiguous slices")
+        start, stop, _ = key.indices(self.count)
+        if start >= stop:
+            return self.files[0].tokens[:0]
+        first = int(np.searchsorted(self.offsets, start, "right")) - 1
+        last = int(np.searchsorted(self.offsets, stop, "left")) - 1
+        pieces = [self.files[i].tokens[max(start - self.offsets[i], 0) : stop - self.offsets[i]] for i in range(first, last + 1)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def open_split(tokens: TokensDir, split: str, meta: dict, verify: bool = True) -> TokenShards:
+    """A split's shards, each checked (verify: its CRC and ids too), agreeing with meta.json on the vocabulary and
+    on how many shards of how many tokens there are."""
+    paths = tokens.shards(split)
+    expected = (meta.get("splits") or {}).get(split, {}).get("shards")
+    if not paths:
+        raise UserError(f"{tokens.root}: no {split} token files ({split}-00000.bin ...); run the tokenize stage")
+    files = [open_tokens(p, verify=verify) for p in paths]
+    if expected is not None and [f.count for f in files] != expected:
+        raise UserError(f"{tokens.root}: the {split} shards hold {[f.count for f in files]} tokens but {tokens.meta} says "
+                        f"{expected}: a shard is missing or from another run; rerun the tokenize stage")
+    for file in files:
+        if (file.vocab_size, file.eot_id) != (meta.get("vocab_size"), meta.get("eot_id")):
+            raise UserError(f"{file.path}: the header says vocab_size={file.vocab_size}, eot_id={file.eot_id} but {tokens.meta} "
+                            f"says {meta.get('vocab_size')}, {meta.get('eot_id')}: the folder mixes two tokenize runs; rerun tokenize")
+    return TokenShards(files, f"{tokens.root / split}-*.bin")
 
 
 def read_meta(tokens_dir: str | Path) -> dict:

@@ -353,6 +353,11 @@ def save_engine(engine, folder: Path, tag: str) -> None:
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    if engine.global_rank == 0:
+        # DeepSpeed rewrites its recovery scripts in the run folder in place on every save; after `dvc repro` they
+        # may be hard links into DVC's cache (cache.type hardlink), which an in-place write would corrupt.
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            (folder / script).unlink(missing_ok=True)
     engine.save_checkpoint(str(folder), tag=tag, client_state=info, save_latest=False)
 
 

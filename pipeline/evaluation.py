@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline import engine
 from pipeline.config import Params
-from pipeline.data import open_tokens, read_meta
+from pipeline.data import open_split, read_meta
 from pipeline.downloads import download
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
@@ -306,7 +306,8 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
     notes = []
 
     tokens_dir = TokensDir(p.tokenize.out_dir)
-    val = open_tokens(tokens_dir.split("val"), verify=True)
+    meta = read_meta(tokens_dir.root)
+    val = open_split(tokens_dir, "val", meta)
     if (val.vocab_size, val.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
         raise UserError(f"{val.path} was tokenized with vocab_size={val.vocab_size}, eot_id={val.eot_id} but the model in "
                         f"{ref.path} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "
@@ -324,7 +325,7 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
         text_bytes = covered_text_bytes(tokenizer, val.tokens[: n_windows * block_size + 1])
         notes.append(f"val: the first {n_windows} windows of {block_size} tokens (evaluate.max_windows)")
     else:
-        split = read_meta(tokens_dir.root).get("splits", {}).get("val", {})
+        split = meta.get("splits", {}).get("val", {})
         if split.get("tokens") != len(val):
             raise UserError(f"{tokens_dir.meta} does not describe {val.path} ({split.get('tokens')} "
                             f"tokens vs {len(val)}): rerun the tokenize stage")

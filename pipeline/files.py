@@ -23,7 +23,7 @@ MARKER = ".gptpipe-output"
 # names such a folder holds (a meta.json beside someone's thesis.tex is not ours).
 SIGNATURES = ("manifest.json", "meta.json", "gptpipe.json")
 OUTPUT_NAMES = re.compile(
-    r"(manifest\.json|meta\.json|gptpipe\.json|(train|val)\.(jsonl|bin)|tokenizer|gptpipe_tokenizer|config\.json"
+    r"(manifest\.json|meta\.json|gptpipe\.json|(train|val)(\.jsonl|\.bin|-\d{5}\.bin)|plan\.bin|tokenizer|gptpipe_tokenizer|config\.json"
     r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|tokenizer(_config)?\.json"
     r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|tokenizer\.model|chat_template\.jinja)"
 )
@@ -73,6 +73,20 @@ def building_dir(out_dir: str | Path, key: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_dir(tmp, out_dir)
+
+
+@contextmanager
+def resumable_dir(out_dir: str | Path, key: str) -> Iterator[Path]:
+    """building_dir for long work that can pick up where it stopped: the folder is .<name>.partial beside out_dir,
+    the same on every run, and it stays when the work fails or is killed. The caller decides what in it to keep."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, key)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.with_name(f".{out_dir.name}.partial")
+    work.mkdir(exist_ok=True)
+    (work / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
+    yield work
+    swap_dir(work, out_dir)
 
 
 def check_replaceable(out_dir: Path, key: str) -> None:

@@ -1,7 +1,7 @@
 """The file names inside every output folder, declared once: each folder is a small paths object.
 
-    PreparedDir   prepare.out_dir     train.jsonl, val.jsonl, manifest.json
-    TokensDir     tokenize.out_dir    train.bin, val.bin, meta.json, tokenizer/
+    PreparedDir   prepare.out_dir     train.jsonl, val.jsonl (store: text) or plan.bin (store: index), manifest.json
+    TokensDir     tokenize.out_dir    train-00000.bin ..., val-00000.bin ..., meta.json, tokenizer/
     RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/, universal/step-*/
     CheckpointDir run-*/step-*        DeepSpeed's files, rng-rank<r>.pt, config.json, tokenizer/, metrics/, state.json,
                                       checksums.json (last)
@@ -43,11 +43,26 @@ class PreparedDir(Folder):
     def manifest(self) -> Path:
         return self.root / "manifest.json"
 
+    @property
+    def plan(self) -> Path:
+        """prepare.store: index only: one byte per source document saying where it goes (sources.py's codes)."""
+        return self.root / "plan.bin"
+
 
 class TokensDir(Folder):
-    def split(self, name: str) -> Path:
-        assert name in SPLITS, name
-        return self.root / f"{name}.bin"
+    def shard(self, split: str, index: int) -> Path:
+        """A split's tokens are in shards of tokenize.shard_tokens ids: train-00000.bin, train-00001.bin, ..."""
+        assert split in SPLITS, split
+        return self.root / f"{split}-{index:05d}.bin"
+
+    def shards(self, split: str) -> list[Path]:
+        assert split in SPLITS, split
+        return sorted(self.root.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].bin"))
+
+    @property
+    def progress(self) -> Path:
+        """While tokenize runs: what it has finished, so an interrupted run resumes from its last whole shard."""
+        return self.root / "progress.json"
 
     @property
     def meta(self) -> Path:

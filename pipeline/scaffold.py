@@ -13,6 +13,11 @@ from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.output import Echo, silent
 
+# DVC's cache link type, as in this repository's .dvc/config: outputs become hard links into the cache instead of
+# copies, so data is not stored twice. Hardlink first: DVC 3.67 commits a stage's outputs by linking only when the
+# first type is hardlink (with reflink first it copies them, measured here). DVC makes linked files read-only.
+CACHE_TYPE = "hardlink,copy"
+
 # The same stages, params, outputs and plots as this repository's dvc.yaml (tests/test_recipes.py compares
 # them), with `gptpipe <stage>` as each command. The code is the installed package, so it is no dependency:
 # after upgrading gptpipe, `dvc repro -f` runs everything again.
@@ -129,6 +134,8 @@ __pycache__/
 # Downloads; the pipeline's outputs are ignored by DVC itself.
 /data/cache/
 /checkpoints
+# What an interrupted tokenize keeps for its next run.
+.*.partial/
 """
 
 DVCIGNORE = """\
@@ -201,7 +208,9 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
     for name, content in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(content, encoding="utf-8")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"], ["git", "add", "-A"]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                # Outputs linked to DVC's cache, not copied: a 20 GB token folder is not stored twice (docs/benchmarks.md).
+                ["dvc", "config", "cache.type", CACHE_TYPE], ["git", "add", "-A"]):
         run(cmd, folder)
     # DVC experiments need a first commit; without a git identity, say how to make it rather than invent one.
     commit = subprocess.run(["git", "commit", "-qm", "gptpipe init"], cwd=folder, capture_output=True, text=True)

@@ -8,10 +8,14 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import sysconfig
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import numpy as np
 
 from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.downloads import cached_path, download
@@ -121,10 +125,11 @@ def iter_source(source: SourceConfig, *, unicode_errors: str, stats: SourceStats
 
 
 def source_size(cfg: PrepareConfig) -> int | None:
-    """Input bytes prepare_corpus will read, a progress bar's total; None when unknown beforehand (hf, url)."""
+    """Input bytes prepare_corpus will read (store: text reads the source twice), a progress bar's total; None when
+    unknown beforehand (hf, url)."""
     roles = [("prepare.source", cfg.source), ("prepare.val_source", cfg.val_source)]
     sizes = [_size(source, key, cfg.download_dir) for key, source in roles if source is not None]
-    return None if None in sizes else sum(sizes)
+    return None if None in sizes else sum(sizes) * (2 if cfg.store == "text" else 1)
 
 
 def _size(source: SourceConfig, key: str, download_dir: str) -> int | None:
@@ -165,121 +170,327 @@ def split_of(data: bytes, seed: int, val_fraction: float) -> tuple[str, float]:
     return ("val" if position < val_fraction else "train"), position
 
 
+# What becomes of each source document, in the order the sources yield it: one byte each (plan.bin for store: index).
+SHORT, DUPLICATE, TRAIN, VAL, CUT = range(5)  # CUT: split: tail's boundary document, its head in train, the rest in val
+CODE = {"train": TRAIN, "val": VAL}
+BLOCK = 1 << 22  # documents per numpy step over the per-document columns: memory stays flat whatever the corpus
+
+
 def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = None,
                    download_progress: ProgressFactory = no_progress) -> dict:
-    """The prepare stage: out_dir/train.jsonl, val.jsonl and manifest.json, replaced whole or not at all.
+    """The prepare stage: out_dir/manifest.json and, by prepare.store, train.jsonl + val.jsonl (text) or plan.bin
+    (index); replaced whole or not at all.
 
-    progress(n) is called as n more input bytes are read (source_size gives the total). Returns the manifest.
+    One pass over the source decides each document's fate (dropped, train or val) into files, not memory; store:
+    text then reads the source a second time to write the kept documents. progress(n) is called as n more input
+    bytes are read (source_size gives the total of one pass). Returns the manifest.
     """
     with building_dir(cfg.out_dir, "prepare.out_dir") as tmp:
+        out, work = PreparedDir(tmp), tmp / ".work"
+        work.mkdir()
         stats = SourceStats(progress=progress)
-        manifest = _write_splits(cfg, PreparedDir(tmp), stats, download_progress)
-        write_json_atomic(PreparedDir(tmp).manifest, manifest)
+        plan = _plan(cfg, out.plan, work, stats, download_progress)  # raises unless some document is kept
+        plan.codes.flush()
+        if cfg.store == "text":
+            documents, nbytes = _write_text(cfg, out, plan, stats)
+            out.plan.unlink()
+        else:
+            documents, nbytes = _count(cfg, plan)
+        shutil.rmtree(work)
+        combined = json.dumps([[r["role"], r["sha256"]] for r in stats.inputs]).encode()
+        manifest = {"documents": documents, "bytes": nbytes, "dropped": plan.dropped, "replaced": stats.replaced,
+                    "moved": plan.moved, "inputs": stats.inputs, "input_hash": hashlib.sha256(combined).hexdigest(),
+                    "params": cfg.model_dump(mode="json", exclude={"out_dir", "download_dir"})}
+        if cfg.store == "index":  # what tokenize needs to read the source again
+            manifest["plan"] = {"documents": len(plan.codes), "cut": plan.cut, "download_dir": cfg.download_dir}
+        write_json_atomic(out.manifest, manifest)
         stats.advance(0, flush=True)
     return manifest
 
 
-def _write_splits(cfg: PrepareConfig, out: PreparedDir, stats: SourceStats, download_progress: ProgressFactory) -> dict:
-    seen: set[bytes] = set()  # 16-byte digests, not texts: memory stays small whatever the corpus
-    dropped = {"short": 0, "duplicate": 0}
-    documents, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    # Per split, (distance, line) of the document nearest the other split: it moves if that one ends up empty.
+def _roles(cfg: PrepareConfig) -> list[tuple[str, SourceConfig, str]]:
+    """(params key, source, the split its documents go to before any hash split)."""
+    return [("source", cfg.source, "train")] + ([("val_source", cfg.val_source, "val")] if cfg.val_source else [])
+
+
+class _Column:
+    """A growing array of one number per document, kept in a file rather than in memory."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path, self.dtype, self.values = path, np.dtype(dtype), []
+        path.write_bytes(b"")
+
+    def append(self, value: int) -> None:
+        self.values.append(value)
+        if len(self.values) >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        with open(self.path, "ab") as f:
+            np.asarray(self.values, dtype=self.dtype).tofile(f)
+        self.values.clear()
+
+    def done(self) -> np.ndarray:
+        """The whole column, memory-mapped read-write."""
+        self.flush()
+        return np.memmap(self.path, self.dtype, "r+") if self.path.stat().st_size else np.zeros(0, self.dtype)
+
+
+class _Digests:
+    """Exact deduplication in bounded memory. Each document's 16-byte digest and index go to one of 256 bucket
+    files by the digest's first byte; at the end each bucket is sorted on its own and every repeat of a digest
+    after its first document is a duplicate. (A Python set costs about 100 bytes a document: 1.4 GB at 14 million.)"""
+
+    ENTRY = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("index", "<u8")])
+
+    def __init__(self, folder: Path):
+        folder.mkdir()
+        self.paths = [folder / f"{b:02x}" for b in range(256)]
+        self.buffers = [bytearray() for _ in self.paths]
+
+    def add(self, digest: bytes, index: int) -> None:
+        buffer = self.buffers[digest[0]]
+        buffer += digest
+        buffer += index.to_bytes(8, "little")
+        if len(buffer) >= 1 << 16:
+            self._flush(digest[0])
+
+    def _flush(self, bucket: int) -> None:
+        with open(self.paths[bucket], "ab") as f:
+            f.write(self.buffers[bucket])
+        self.buffers[bucket].clear()
+
+    def duplicates(self) -> Iterator[np.ndarray]:
+        """Indices of the duplicate documents, a bucket at a time."""
+        for bucket, path in enumerate(self.paths):
+            self._flush(bucket)
+            entries = np.fromfile(path, self.ENTRY)
+            path.unlink()
+            entries = entries[np.lexsort((entries["index"], entries["lo"], entries["hi"]))]
+            repeat = (entries["hi"][1:] == entries["hi"][:-1]) & (entries["lo"][1:] == entries["lo"][:-1])
+            yield entries["index"][1:][repeat]
+
+
+@dataclass
+class _Plan:
+    """The fate of every document: codes (a memory map of plan.bin), their UTF-8 sizes, and what was decided."""
+
+    codes: np.ndarray
+    sizes: np.ndarray
+    dropped: dict
+    moved: dict | None
+    cut: list[int] | None  # split: tail: [document index, characters of it kept in train]
+
+
+
+def _plan(cfg: PrepareConfig, plan_file: Path, work: Path, stats: SourceStats, download_progress: ProgressFactory) -> _Plan:
+    codes, sizes = _Column(plan_file, "u1"), _Column(work / "bytes", "<u8")
+    chars = _Column(work / "chars", "<u8") if cfg.split == "tail" and cfg.val_source is None else None
+    digests = _Digests(work / "digests") if cfg.dedup else None  # across both sources too: a val document also in train would leak
+    hashed = cfg.val_source is None and cfg.split == "hash"
+    # Per split, (distance, index) of the document nearest the other split: it moves if that one ends up empty.
+    # Strictly nearer only, so it is the first of equal documents: never one dedup drops.
     nearest: dict[str, tuple[float, int]] = {}
-    roles = [("source", cfg.source, "train")] + ([("val_source", cfg.val_source, "val")] if cfg.val_source else [])
-    with open(out.split("train"), "w", encoding="utf-8", newline="\n") as train, \
-            open(out.split("val"), "w", encoding="utf-8", newline="\n") as val:
-        for role, source, target in roles:
-            first_input, before = len(stats.inputs), dict(dropped)
-            for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, download_dir=cfg.download_dir,
-                                   key=f"prepare.{role}", progress=download_progress):
-                text = normalize(raw, cfg.nfc)
-                if len(text) < cfg.min_chars:
-                    dropped["short"] += 1
-                    continue
+    ranges, index = [], 0
+    for role, source, target in _roles(cfg):
+        first_input, first = len(stats.inputs), index
+        for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, download_dir=cfg.download_dir,
+                               key=f"prepare.{role}", progress=download_progress):
+            text = normalize(raw, cfg.nfc)
+            code, size = SHORT, 0
+            if len(text) >= cfg.min_chars:
                 data = text.encode("utf-8")
-                if cfg.dedup:  # across both sources too: a val document also in train would leak
-                    digest = hashlib.blake2b(data, digest_size=16).digest()
-                    if digest in seen:
-                        dropped["duplicate"] += 1
-                        continue
-                    seen.add(digest)
-                split = target
-                if cfg.val_source is None and cfg.split == "hash":
+                code, size = CODE[target], len(data)
+                if digests:
+                    digests.add(hashlib.blake2b(data, digest_size=16).digest(), index)
+                if hashed:
                     split, position = split_of(data, cfg.seed, cfg.val_fraction)
-                    distance = position if split == "train" else -position
+                    code, distance = CODE[split], position if split == "train" else -position
                     if split not in nearest or distance < nearest[split][0]:
-                        nearest[split] = (distance, documents[split])
-                (val if split == "val" else train).write(JSON_LINE.encode({"text": text}) + "\n")
-                documents[split] += 1
-                nbytes[split] += len(data)
-            for record in stats.inputs[first_input:]:
-                record["role"] = role
-            if (documents[target] if cfg.val_source else sum(documents.values())) == 0:
-                raise UserError(f"prepare.{role}: no documents from {source.kind} "
-                                f"{source.path or source.url or source.dataset or source.name} (dropped "
-                                f"{dropped['short'] - before['short']} shorter than prepare.min_chars={cfg.min_chars}, "
-                                f"{dropped['duplicate'] - before['duplicate']} duplicates)")
-    moved = None
-    if cfg.val_source is None and cfg.split == "tail":
-        documents, nbytes = _split_tail(out, cfg.val_fraction)
-    elif cfg.val_source is None:
-        if sum(documents.values()) == 1:
+                        nearest[split] = (distance, index)
+            codes.append(code)
+            sizes.append(size)
+            if chars:
+                chars.append(len(text) if code != SHORT else 0)
+            index += 1
+        for record in stats.inputs[first_input:]:
+            record["role"] = role
+        ranges.append((role, source, first, index))
+    plan = _Plan(codes.done(), sizes.done(), {}, None, None)
+    for duplicates in digests.duplicates() if digests else ():
+        plan.codes[duplicates] = DUPLICATE
+    counts = _bincount(plan.codes)
+    plan.dropped = {"short": int(counts[SHORT]), "duplicate": int(counts[DUPLICATE])}
+    for role, source, first, end in ranges:
+        here = _bincount(plan.codes, first, end)
+        if here[TRAIN:].sum() == 0:
+            raise UserError(f"prepare.{role}: no documents from {source.kind} "
+                            f"{source.path or source.url or source.dataset or source.name} (dropped "
+                            f"{here[SHORT]} shorter than prepare.min_chars={cfg.min_chars}, {here[DUPLICATE]} duplicates)")
+    if chars:
+        plan.cut = _cut_tail(plan.codes, chars.done(), cfg.val_fraction)
+    elif hashed:
+        if counts[TRAIN] + counts[VAL] == 1:
             raise UserError('prepare.val_fraction: the corpus is one document; set prepare.source.separator '
                             '(e.g. "\\n\\n") or prepare.val_source')
         for empty, full in [("val", "train"), ("train", "val")]:
-            if documents[empty] == 0:  # deterministic: the document nearest the empty split moves
-                size = _move_line(out, full, empty, nearest[full][1])
-                documents[full], documents[empty] = documents[full] - 1, 1
-                nbytes[full], nbytes[empty] = nbytes[full] - size, size
-                moved = {"from": full, "to": empty, "documents": 1, "reason": f"{empty} was empty"}
-    combined = json.dumps([[r["role"], r["sha256"]] for r in stats.inputs]).encode()
-    return {"documents": documents, "bytes": nbytes, "dropped": dropped, "replaced": stats.replaced, "moved": moved,
-            "inputs": stats.inputs, "input_hash": hashlib.sha256(combined).hexdigest(),
-            "params": cfg.model_dump(mode="json", exclude={"out_dir", "download_dir"})}
+            if counts[CODE[empty]] == 0:  # deterministic: the document nearest the empty split moves
+                plan.codes[nearest[full][1]] = CODE[empty]
+                plan.moved = {"from": full, "to": empty, "documents": 1, "reason": f"{empty} was empty"}
+    return plan
 
 
-def _split_tail(out: PreparedDir, val_fraction: float) -> tuple[dict, dict]:
-    """Move the last val_fraction of the text (all in train.jsonl, in order) to val.jsonl, cutting the document that
-    straddles the boundary at the boundary character; streams, so memory stays flat. Returns counts and bytes."""
-    train = out.split("train")
-    total = sum(len(json.loads(line)["text"]) for line in open(train, encoding="utf-8"))
-    boundary = int(total * (1 - val_fraction))  # characters kept in train, as nanoGPT cuts data[:int(n * 0.9)]
+def _bincount(values: np.ndarray, first: int = 0, end: int | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+    """np.bincount of values[first:end] over the five codes, a block at a time."""
+    total, end = np.zeros(CUT + 1), len(values) if end is None else end
+    for lo in range(first, end, BLOCK):
+        hi = min(end, lo + BLOCK)
+        total += np.bincount(values[lo:hi], None if weights is None else weights[lo:hi], minlength=CUT + 1)
+    return total.astype(np.int64)
+
+
+def _cut_tail(codes: np.ndarray, chars: np.ndarray, val_fraction: float) -> list[int] | None:
+    """split: tail: every kept document after the last val_fraction of the characters starts goes to val, and
+    the one it starts inside is cut there (nanoGPT's data[:int(n * 0.9)]). Returns [that document, its
+    characters kept in train], or None when the boundary falls between documents."""
+    total = _bincount(codes, weights=chars)[TRAIN]
+    boundary = int(total * (1 - val_fraction))  # characters kept in train
     if boundary in (0, total):
         raise UserError(f"prepare.val_fraction: {val_fraction} of {total} characters leaves a split empty; raise it or use more text")
+    seen, cut = 0, None
+    for lo in range(0, len(codes), BLOCK):
+        block = codes[lo : lo + BLOCK]
+        if cut is not None or seen >= boundary:
+            block[block == TRAIN] = VAL
+            continue
+        kept = np.where(block == TRAIN, chars[lo : lo + BLOCK], 0)
+        ends = seen + np.cumsum(kept)
+        seen = int(ends[-1])
+        if seen <= boundary:
+            continue
+        k = int(np.argmax(ends > boundary))  # the first document that ends past the boundary
+        head = boundary - int(ends[k] - kept[k])
+        block[k + 1 :][block[k + 1 :] == TRAIN] = VAL
+        block[k] = CUT if head else VAL
+        cut = [lo + k, head] if head else []
+    return cut or None
+
+
+def _read_codes(path: Path) -> Iterator[int]:
+    """plan.bin's codes, streamed."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            yield from block
+
+
+def _replay(cfg: PrepareConfig, codes: Iterable[int], cut: list[int] | None, download_dir: str, stats: SourceStats,
+            where: str, expected: list[dict]) -> Iterator[tuple[str, str]]:
+    """(split, text) of every kept document, reading the sources again and following the plan's codes.
+
+    expected: the inputs the plan was made from; a source that changed since is a UserError naming it.
+    """
+    names = {TRAIN: "train", VAL: "val"}
+    codes = iter(codes)
+    changed = f"{where}: the source changed since the prepare stage read it ({{}}); rerun prepare (dvc repro prepare)"
+    first_input = len(stats.inputs)
+    for role, source, _ in _roles(cfg):
+        for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, download_dir=download_dir,
+                               key=f"prepare.{role}"):
+            code = next(codes, None)
+            if code is None:
+                raise UserError(changed.format("it now has more documents"))
+            if code == CUT:
+                text = normalize(raw, cfg.nfc)
+                yield "train", text[: cut[1]]
+                yield "val", text[cut[1]:]
+            elif code >= TRAIN:
+                yield names[code], normalize(raw, cfg.nfc)
+    if next(codes, None) is not None:
+        raise UserError(changed.format("it now has fewer documents"))
+    now = stats.inputs[first_input:]
+    for before, after in itertools.zip_longest(expected, now, fillvalue={}):
+        if before.get("sha256") != after.get("sha256"):
+            raise UserError(changed.format(after.get("path") or after.get("name") or before.get("path") or before.get("name")))
+
+
+def _write_text(cfg: PrepareConfig, out: PreparedDir, plan: _Plan, stats: SourceStats) -> tuple[dict, dict]:
+    """store: text: the kept documents into train.jsonl and val.jsonl, in source order; returns counts and bytes."""
     documents, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    rest = train.with_name(train.name + ".rest")
-    seen = 0
-    with open(train, encoding="utf-8") as lines, open(rest, "w", encoding="utf-8", newline="\n") as keep, \
+    first_pass = [dict(r) for r in stats.inputs]
+    replay = SourceStats(progress=stats.progress)  # the manifest's records and counts are the first pass's
+    with open(out.split("train"), "w", encoding="utf-8", newline="\n") as train, \
             open(out.split("val"), "w", encoding="utf-8", newline="\n") as val:
-        for line in lines:
-            text = json.loads(line)["text"]
-            head = text[: max(0, boundary - seen)]
-            for part, split, f in ((head, "train", keep), (text[len(head):], "val", val)):
-                if part:
-                    f.write(json.dumps({"text": part}, ensure_ascii=False) + "\n")
-                    documents[split] += 1
-                    nbytes[split] += len(part.encode("utf-8"))
-            seen += len(text)
-    os.replace(rest, train)
+        for split, text in _replay(cfg, _read_codes(out.plan), plan.cut, cfg.download_dir, replay, "prepare.source", first_pass):
+            (val if split == "val" else train).write(JSON_LINE.encode({"text": text}) + "\n")
+            documents[split] += 1
+            nbytes[split] += text_bytes(text)
+    replay.advance(0, flush=True)
     return documents, nbytes
 
 
-def _move_line(out: PreparedDir, src: str, dst: str, index: int) -> int:
-    """Move line `index` of split src to the end of split dst, streaming; returns the document's UTF-8 bytes."""
-    path = out.split(src)
-    rest = path.with_name(path.name + ".rest")
-    with open(path, "rb") as lines, open(rest, "wb") as keep, open(out.split(dst), "ab") as moved:
-        for i, line in enumerate(lines):
-            (moved if i == index else keep).write(line)
-            if i == index:
-                size = len(json.loads(line)["text"].encode("utf-8"))
-    os.replace(rest, path)
-    return size
+def _count(cfg: PrepareConfig, plan: _Plan) -> tuple[dict, dict]:
+    """store: index: documents and bytes per split from the plan; the cut document of split: tail is read again."""
+    documents = {split: int(n) for split, n in zip(SPLITS, _bincount(plan.codes)[[TRAIN, VAL]])}
+    nbytes = {split: int(n) for split, n in zip(SPLITS, _bincount(plan.codes, weights=plan.sizes)[[TRAIN, VAL]])}
+    if plan.cut:
+        codes = itertools.chain(itertools.repeat(SHORT, plan.cut[0]), [CUT])  # skip to it, read it
+        replay = _replay(cfg, codes, plan.cut, cfg.download_dir, SourceStats(), "prepare.source", [])
+        for split, text in itertools.islice(replay, 2):  # its two halves; the rest of the source is not read
+            documents[split] += 1
+            nbytes[split] += text_bytes(text)
+        replay.close()
+    return documents, nbytes
+
+
+def text_bytes(text: str) -> int:
+    """UTF-8 size; isascii() is O(1) on CPython, so ASCII text is not encoded just to be measured."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    path = PreparedDir(out_dir).manifest
+    if not path.is_file():
+        raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("params"), dict):
+        raise UserError(f"{path}: not a prepare stage manifest; rerun the prepare stage")
+    return manifest
+
+
+def iter_documents(out_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Iterator[tuple[str, str]]:
+    """(split, text) of the prepared documents of the given splits: read back (store: text), or read from the
+    source again through plan.bin (store: index), in source order with the splits interleaved."""
+    out = PreparedDir(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest["params"].get("store", "text") == "text":
+        for split in splits:
+            for text in _read_split(out, split):
+                yield split, text
+        return
+    try:
+        cfg = PrepareConfig.model_validate({**manifest["params"], "out_dir": str(out_dir)})
+        plan = manifest["plan"]
+    except (ValueError, KeyError):
+        raise UserError(f"{out.manifest}: not this gptpipe's manifest; rerun the prepare stage") from None
+    if not out.plan.is_file() or out.plan.stat().st_size != plan["documents"]:
+        raise UserError(f"{out.plan}: missing or not {plan['documents']} bytes as {out.manifest} says; rerun the prepare stage")
+    replay = _replay(cfg, _read_codes(out.plan), plan["cut"], plan["download_dir"], SourceStats(), str(out.root), manifest["inputs"])
+    for split, text in replay:
+        if split in splits:
+            yield split, text
 
 
 def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:
     """The documents of one prepared split ("train" or "val"), streamed back."""
-    path = PreparedDir(out_dir).split(split)
+    for _, text in iter_documents(out_dir, (split,)):
+        yield text
+
+
+def _read_split(out: PreparedDir, split: str) -> Iterator[str]:
+    path = out.split(split)
     if not path.is_file():
         raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     with open(path, encoding="utf-8", newline="\n") as lines:

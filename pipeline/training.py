@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pipeline import checkpoints as ckpt
 from pipeline import engine as ds
 from pipeline.config import Batch, Params
-from pipeline.data import WindowSampler, fixed_windows, full_windows, open_verified, read_meta, window_batch
+from pipeline.data import WindowSampler, fixed_windows, full_windows, open_split, read_meta, window_batch
 from pipeline.errors import UserError
 from pipeline.evaluation import Item, accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
 from pipeline.export import export_model
@@ -110,7 +110,7 @@ def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     ds.check_precision(t)  # before any folder is made or moved
     # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
     meta = read_meta(tokens.root)
-    train_tokens, val_tokens = (open_verified(tokens, split, meta) for split in ("train", "val"))
+    train_tokens, val_tokens = (open_split(tokens, split, meta) for split in ("train", "val"))
     tokenizer = load_tokenizer(tokens.tokenizer)
     hellaswag = load_hellaswag(p, t.hellaswag_limit) if t.hellaswag_interval else []
     batch = t.batch(dist.world_size, p.model.block_size)

@@ -44,7 +44,7 @@ def test_prepare_and_tokenize_write_outputs_and_a_summary(project):
     meta = json.loads((project / "data" / "tokens" / "meta.json").read_text())
     throughput = json.loads((project / "reports" / "tokenize.json").read_text())
     assert meta["tokenizer"]["kind"] == "char" and throughput["workers"] == 2 and throughput["tokens_per_s"] > 0
-    assert sorted(p.name for p in (project / "data" / "tokens").iterdir()) == [".gptpipe-output", "meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (project / "data" / "tokens").iterdir()) == [".gptpipe-output", "meta.json", "tokenizer", "train-00000.bin", "val-00000.bin"]
 
 
 def test_overrides_are_validated_like_the_file(project):

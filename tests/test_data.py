@@ -10,7 +10,7 @@ from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it 
 
 from pipeline.config import TokenizeConfig
 from pipeline.data import HEADER, HEADER_BYTES, TokenWriter, open_tokens, write_tokens
-from pipeline.encoding import chunk_documents, encode_chunks, tokenize_corpus
+from pipeline.encoding import Chunk, chunk_documents, encode_chunks, tokenize_corpus
 from pipeline.errors import UserError
 from pipeline.tokenizers import EOT, build_tokenizer, load_tokenizer
 
@@ -24,11 +24,12 @@ def docs() -> list[str]:
 
 
 def write_prepared(folder: Path, train: list[str], val: list[str]) -> Path:
-    """A prepared corpus as the prepare stage writes it: one {"text": ...} per line."""
+    """A prepared corpus as the prepare stage writes it (store: text): one {"text": ...} per line, and a manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, texts in [("train", train), ("val", val)]:
         with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    (folder / "manifest.json").write_text(json.dumps({"params": {"store": "text"}}))
     return folder
 
 
@@ -139,7 +140,8 @@ def test_parallel_equals_serial(kind, docs):
     serial = []
     for doc in sample:
         serial += tok.encode(doc) + [tok.eot_id]
-    parallel = np.concatenate([ids for ids, _, _ in encode_chunks(tok.encode_documents, chunk_documents(sample, 4096), 3)])
+    chunks = chunk_documents(((i, "train", d) for i, d in enumerate(sample)), 4096)
+    parallel = np.concatenate([ids for _, ids in encode_chunks(lambda c: tok.encode_documents(c.docs), chunks, 3)])
     assert parallel.tolist() == serial
 
 
@@ -150,18 +152,22 @@ def test_bounded_chunks_in_flight():
         nonlocal pulled
         for i in range(100):
             pulled += 1
-            yield [f"doc {i}"], 5
+            yield Chunk("train", [f"doc {i}"], 5, i + 1)
 
     done = 0
-    for ids, n, size in encode_chunks(lambda texts: np.array([len(texts[0])]), chunks(), workers=2):
+    for _ in encode_chunks(lambda chunk: np.array([len(chunk.docs[0])]), chunks(), workers=2):
         done += 1
         assert pulled - done <= 2 * 2  # never reads far ahead of what is written
     assert done == 100
 
 
-def test_chunk_documents_counts_utf8_bytes():
-    chunks = list(chunk_documents(["ab", "é", "日本", "x" * 10, "z"], chunk_bytes=5))
-    assert chunks == [(["ab", "é", "日本"], 2 + 2 + 6), (["x" * 10], 10), (["z"], 1)]
+def test_chunk_documents_counts_utf8_bytes_per_split():
+    docs = ["ab", "é", "日本", "x" * 10, "z"]
+    chunks = list(chunk_documents(((i, "train", d) for i, d in enumerate(docs)), chunk_bytes=5))
+    assert chunks == [Chunk("train", ["ab", "é", "日本"], 2 + 2 + 6, 3), Chunk("train", ["x" * 10], 10, 4), Chunk("train", ["z"], 1, 5)]
+    # Interleaved splits (store: index) are grouped per split, each in order; end is the stream position after a chunk.
+    mixed = [(0, "train", "aaa"), (1, "val", "v"), (2, "train", "bbb"), (3, "val", "w")]
+    assert list(chunk_documents(mixed, chunk_bytes=5)) == [Chunk("train", ["aaa", "bbb"], 6, 3), Chunk("val", ["v", "w"], 2, 4)]
 
 
 # ------------------------------------------------------------------------------------- tokenize_corpus
@@ -177,12 +183,12 @@ def test_tokenize_corpus_end_to_end(tmp_path, docs, kind):
     meta, throughput = tokenize_corpus(cfg, prepared, progress=seen.append)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]  # no temporary leftovers
-    assert sorted(p.name for p in out.iterdir()) == [".gptpipe-output", "meta.json", "tokenizer", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == [".gptpipe-output", "meta.json", "tokenizer", "train-00000.bin", "val-00000.bin"]
     assert json.loads((out / "meta.json").read_text()) == meta
     tok = load_tokenizer(out / "tokenizer")
     assert (meta["vocab_size"], meta["eot_id"], meta["tokenizer"]["kind"]) == (tok.vocab_size, tok.eot_id, kind)
     for split, texts in [("train", train), ("val", val)]:
-        f = open_tokens(out / f"{split}.bin", verify=True)
+        f = open_tokens(out / f"{split}-00000.bin", verify=True)
         info = meta["splits"][split]
         assert info["documents"] == len(texts)
         assert info["tokens"] == f.count == (f.path.stat().st_size - HEADER_BYTES) // f.dtype.itemsize
@@ -225,14 +231,114 @@ def test_tokenize_corpus_failure_keeps_old_output(tmp_path, docs):
     (out / ".gptpipe-output").write_text("an earlier run's output")
     (out / "old.txt").write_text("previous run")
     cfg = TokenizeConfig(kind="char", out_dir=str(out), unknown_chars="error")
-    with pytest.raises(UserError, match=r"val\.jsonl: character '☃' \(U\+2603\) is absent from the train split"):
+    with pytest.raises(UserError, match=r"prepared \(val split\): character '☃' \(U\+2603\) is absent from the train split"):
         tokenize_corpus(cfg, prepared)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tokens"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tokens.partial", "prepared", "tokens"]  # kept for a rerun
     assert sorted(p.name for p in out.iterdir()) == [".gptpipe-output", "old.txt"]
 
 
 def test_tokenize_corpus_without_prepared_data(tmp_path):
     cfg = TokenizeConfig(kind="tiktoken", out_dir=str(tmp_path / "tokens"))
-    with pytest.raises(UserError, match=r"train\.jsonl not found"):
+    with pytest.raises(UserError, match=r"manifest\.json not found: run the prepare stage first"):
         tokenize_corpus(cfg, tmp_path / "missing")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- shards and resuming
+
+
+def prepared_corpus(tmp_path, docs, n=1500, **cfg):
+    from pipeline.config import PrepareConfig
+    from pipeline.sources import prepare_corpus
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:n]))
+    prepared = PrepareConfig(source={"kind": "files", "path": str(tmp_path / "corpus.txt"), "separator": "\n\n"},
+                             out_dir=str(tmp_path / "prepared"), **cfg)
+    prepare_corpus(prepared)
+    return prepared.out_dir
+
+
+def test_shards_read_as_one_sequence(tmp_path, docs):
+    """Shards of exactly shard_tokens ids hold the same ids as one file, and slices across them, windows and batches
+    read the same; store: index gives the same tokens as store: text."""
+    from pipeline.config import Batch
+    from pipeline.data import WindowSampler, open_split, read_meta
+    from pipeline.layout import TokensDir
+
+    prepared = prepared_corpus(tmp_path, docs)
+    one = TokenizeConfig(kind="char", out_dir=str(tmp_path / "one"))
+    many = TokenizeConfig(kind="char", out_dir=str(tmp_path / "many"), shard_tokens=4096, chunk_bytes=3000)
+    tokenize_corpus(one, prepared)
+    meta, _ = tokenize_corpus(many, prepared)
+    whole = open_split(TokensDir(one.out_dir), "train", read_meta(one.out_dir))
+    sharded = open_split(TokensDir(many.out_dir), "train", meta)
+    counts = meta["splits"]["train"]["shards"]
+    assert len(counts) > 10 and set(counts[:-1]) == {4096} and 0 < counts[-1] <= 4096
+    assert sorted(p.name for p in (tmp_path / "many").glob("train-*")) == [f"train-{i:05d}.bin" for i in range(len(counts))]
+    assert len(sharded) == len(whole) and np.array_equal(np.asarray(sharded), whole[:])
+    for start, stop in [(0, 10), (4090, 4100), (4096, 8192), (100, 3 * 4096 + 5), (len(whole) - 3, len(whole) + 9)]:
+        assert np.array_equal(sharded[start:stop], whole[start:stop])
+    batch = Batch(micro_batch_size=8, grad_accum=1, world_size=1, block_size=64)
+    a, b = (WindowSampler(t, batch=batch, seed=3, rank=0) for t in (whole, sharded))
+    for step in range(5):
+        assert all(torch_equal(x, y) for x, y in zip(a.micro_batch(step, 0, "cpu"), b.micro_batch(step, 0, "cpu")))
+    index = prepared_corpus(tmp_path / "i", docs, store="index")
+    again, _ = tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(tmp_path / "i" / "tokens"), shard_tokens=4096), index)
+    assert again["splits"] == meta["splits"]
+    assert folder_bytes(tmp_path / "i" / "tokens") == folder_bytes(tmp_path / "many")
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)
+
+
+KILLED_TOKENIZE = """
+import sys, time
+from pipeline.config import TokenizeConfig
+from pipeline.encoding import tokenize_corpus
+cfg = TokenizeConfig(kind="tiktoken", out_dir=sys.argv[2], shard_tokens=4096, chunk_bytes=2048, workers=1)
+tokenize_corpus(cfg, sys.argv[1], progress=lambda n: time.sleep(0.02))  # slow, so the kill lands mid-run
+"""
+
+
+def test_a_killed_tokenize_resumes_from_its_finished_shards(tmp_path, docs):
+    """SIGKILL after some shards are finished: the rerun keeps them, encodes only the rest, and its output is
+    byte-identical to a run never interrupted. Other params start afresh."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prepared = prepared_corpus(tmp_path, docs, n=3000, store="index")
+    out = tmp_path / "tokens"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_TOKENIZE, str(prepared), str(out)], env={**os.environ},
+                             cwd=Path(__file__).resolve().parents[1])
+    partial = tmp_path / ".tokens.partial"
+    deadline = time.monotonic() + 120
+    while not (partial / "progress.json").exists() or len(list(partial.glob("train-*.bin"))) < 3:
+        assert child.poll() is None and time.monotonic() < deadline, "the tokenize child ended before it could be killed"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists() and (partial / "progress.json").is_file()
+    finished = json.loads((partial / "progress.json").read_text())["train"]["shards"]
+
+    cfg = TokenizeConfig(kind="tiktoken", out_dir=str(out), shard_tokens=4096, chunk_bytes=2048)
+    meta, throughput = tokenize_corpus(cfg, prepared)
+    assert throughput["resumed_tokens"] >= 4096 * len(finished) > 0
+    assert not partial.exists() and not (out / "progress.json").exists() and not list(out.glob("*.tmp"))
+    fresh = TokenizeConfig(kind="tiktoken", out_dir=str(tmp_path / "fresh"), shard_tokens=4096, chunk_bytes=8192)
+    _, uninterrupted = tokenize_corpus(fresh, prepared)
+    assert uninterrupted["resumed_tokens"] == 0
+    assert folder_bytes(out) == folder_bytes(tmp_path / "fresh")
+
+    # Interrupted again, then rerun with another shard size: nothing of the old run is kept.
+    (tmp_path / ".fresh.partial").mkdir()
+    (tmp_path / ".fresh.partial" / "progress.json").write_text(json.dumps({"identity": {}, "train": {}}))
+    (tmp_path / ".fresh.partial" / "train-00000.bin").write_bytes(b"left over")
+    other, resumed = tokenize_corpus(fresh.model_copy(update={"shard_tokens": 8192}), prepared)
+    assert resumed["resumed_tokens"] == 0 and other["splits"]["train"]["tokens"] == meta["splits"]["train"]["tokens"]

@@ -1,6 +1,7 @@
 """dvc.yaml against the code, and the real pipeline through real DVC in a temporary git repo."""
 
 import ast
+import hashlib
 import json
 import os
 import shutil
@@ -99,10 +100,22 @@ def repo(tmp_path, shared_data) -> Path:
     sh("git", "config", "user.email", "ci@example.com", cwd=repo)
     sh("git", "config", "user.name", "CI", cwd=repo)
     sh(DVC, "init", "-q", cwd=repo)
-    sh(DVC, "config", "core.analytics", "false", cwd=repo)
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the project's: no analytics, linked cache
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "pipeline", cwd=repo)
     return repo
+
+
+def check_cache(repo: Path) -> dict[Path, int]:
+    """Every file in DVC's cache still holds what its name (an md5) says; returns each one's mtime, so a test can
+    tell that a later run wrote none of them in place (even with the same bytes)."""
+    cache, mtimes = repo / ".dvc" / "cache" / "files" / "md5", {}
+    for path in cache.rglob("*"):
+        if path.is_file():
+            name = path.parent.name + path.name.removesuffix(".dir")
+            assert hashlib.md5(path.read_bytes()).hexdigest() == name, f"{path} was changed in place"
+            mtimes[path] = path.stat().st_mtime_ns
+    return mtimes
 
 
 @pytest.mark.slow
@@ -110,7 +123,7 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     out = sh(DVC, "repro", cwd=repo)
     for stage in ("prepare", "tokenize", "train", "evaluate", "sample", "report"):
         assert f"Running stage '{stage}'" in out
-    assert (repo / "data" / "tokens" / "train.bin").is_file()
+    assert (repo / "data" / "tokens" / "train-00000.bin").is_file()
     assert (repo / "models" / "final" / "model.safetensors").is_file()
     assert (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
@@ -119,6 +132,9 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
         assert (repo / "reports" / name).is_file(), name
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=repo))
     assert {"loss", "learning rate", "throughput (tokens/s)", "gradient norm"} <= set(plots["data"])
+    # Outputs are hard links into the cache (cache.type in the project's .dvc/config), not second copies.
+    linked = [p for d in ("data/tokens", "checkpoints") for p in (repo / d).rglob("*") if p.is_file() and p.stat().st_nlink == 2]
+    assert repo / "data" / "tokens" / "train-00000.bin" in linked and any(p.suffix == ".pt" for p in linked)
 
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
@@ -137,6 +153,17 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage 'train'" in out and "resuming" in out
     assert (repo / "reports" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text() == loss_rows
+
+    # A run that resumes and saves again in the persisted checkpoints folder, among hard links into the cache,
+    # writes no file of the cache (DeepSpeed rewrites its recovery scripts on every save).
+    before = check_cache(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["max_steps"] = 9
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(DVC, "repro", "train", cwd=repo)
+    assert "resuming" in out and "step-000009" in " ".join(p.name for p in (repo / "checkpoints").rglob("step-*"))
+    after = check_cache(repo)
+    assert {p: after.get(p) for p in before} == before
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tokenize"]["unknown_chars"] = "skip"

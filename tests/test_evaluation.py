@@ -109,11 +109,12 @@ def test_covered_text_bytes_counts_utf8_bytes_and_no_end_of_text():
 
 
 def write_tokens_dir(folder: Path, tok, docs: list[str]) -> Path:
-    """val.bin and the part of meta.json evaluate reads."""
+    """val-00000.bin and the part of meta.json evaluate reads."""
     folder.mkdir(parents=True, exist_ok=True)
     ids = tok.encode_documents(docs)
-    write_tokens(folder / "val.bin", ids, tok.vocab_size, tok.eot_id)
-    meta = {"splits": {"val": {"tokens": len(ids), "text_bytes": sum(len(d.encode()) for d in docs)}}}
+    write_tokens(folder / "val-00000.bin", ids, tok.vocab_size, tok.eot_id)
+    meta = {"vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "splits": {"val": {"tokens": len(ids), "text_bytes": sum(len(d.encode()) for d in docs)}}}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 

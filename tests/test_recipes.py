@@ -153,7 +153,7 @@ def test_the_tiny_variant_of_each_recipe_runs_through_the_real_stages(name, tmp_
 
         (run,) = (tmp_path / "checkpoints").glob("run-*")
         assert saved_world_size(run) == 2
-        ids = open_tokens(tmp_path / "data" / "tokens" / "train.bin").tokens
+        ids = open_tokens(tmp_path / "data" / "tokens" / "train-00000.bin").tokens
         assert int(ids[0]) == AutoTokenizer.from_pretrained(tiny_gemma).bos_token_id  # Gemma's documents start with <bos>
 
 

@@ -47,7 +47,8 @@ def test_builtin_pydoc_topics():
     (record,) = stats.inputs
     assert record["name"] == "builtin:pydoc_topics" and record["documents"] == len(docs)
     assert record["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert source_size(PrepareConfig()) == record["bytes"]
+    assert source_size(PrepareConfig(store="index")) == record["bytes"]
+    assert source_size(PrepareConfig(store="text")) == 2 * record["bytes"]  # it reads the source twice
 
 
 def test_builtin_stdlib():
@@ -206,7 +207,7 @@ def test_url_downloads_once(tmp_path, server, monkeypatch):
     (www / "corpus.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
     url = f"{base}/corpus.jsonl"
     cache = tmp_path / "cache"
-    cfg = PrepareConfig(source={"kind": "url", "url": url}, download_dir=str(cache))
+    cfg = PrepareConfig(source={"kind": "url", "url": url}, download_dir=str(cache), store="index")
     assert source_size(cfg) is None  # not downloaded yet
     stats = SourceStats()
     assert read(kind="url", url=url, text_column="body", stats=stats, download_dir=cache) == ["one", "two"]
@@ -298,7 +299,7 @@ def test_prepare_output_manifest_and_rerun(tmp_path):
     assert record["sha256"] == hashlib.sha256((tmp_path / "a.txt").read_bytes()).hexdigest()
     assert record["role"] == "source" and len(manifest["input_hash"]) == 64
     assert manifest["params"]["min_chars"] == 2
-    assert sum(done) == record["bytes"] == source_size(cfg)
+    assert sum(done) == 2 * record["bytes"] == source_size(cfg)  # store: text reads the source twice
 
     write_docs(tmp_path / "a.txt", ["new one", "new two"])
     again = prepare(tmp_path, source=source, out_dir=str(out))
@@ -380,3 +381,78 @@ def test_tail_split_holds_out_the_last_fraction_of_the_text_cut_at_that_characte
     assert manifest["documents"] == {"train": len(train), "val": len(val)}
     whole = prepare(tmp_path, source={"kind": "files", "path": str(tmp_path / "play.txt")}, split="tail", out_dir=str(tmp_path / "one"))
     assert whole["documents"] == {"train": 1, "val": 1}  # one document, cut in two
+
+
+# ------------------------------------------------------------------------- store: index (no second copy)
+
+
+def documents(out):
+    from pipeline.sources import iter_documents
+
+    return {split: [t for s, t in iter_documents(out) if s == split] for split in ("train", "val")}
+
+
+INDEX_CASES = {
+    "hash split": {"split": "hash"},
+    "tail split": {"split": "tail"},
+    "val_source": {"val_source": "b.txt"},
+    "short and no dedup": {"min_chars": 12, "dedup": False},
+    "an empty split": {"val_fraction": 1e-6},
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_CASES))
+def test_index_store_gives_the_documents_text_store_writes(tmp_path, case):
+    """store: index keeps no text, only each document's fate; reading the source again through it gives exactly the
+    documents, splits, counts and manifest that store: text writes."""
+    rng = random.Random(0)
+    texts = [f"paragraph {rng.randrange(300)} of {'long ' * rng.randrange(5)}text" for _ in range(400)]  # many repeats
+    cfg = dict(INDEX_CASES[case], source=write_docs(tmp_path / "a.txt", texts))
+    if "val_source" in cfg:
+        cfg["val_source"] = write_docs(tmp_path / "b.txt", texts[:50] + ["only in val"])
+    text = prepare(tmp_path, **cfg, store="text", out_dir=str(tmp_path / "text"))
+    index = prepare(tmp_path, **cfg, store="index", out_dir=str(tmp_path / "index"))
+    assert sorted(os.listdir(tmp_path / "index")) == [".gptpipe-output", "manifest.json", "plan.bin"]
+    assert (tmp_path / "index" / "plan.bin").stat().st_size == index["plan"]["documents"] == len(texts) + (51 if "val_source" in cfg else 0)
+    assert documents(tmp_path / "index") == documents(tmp_path / "text")
+    assert {k: v for k, v in index.items() if k not in ("params", "plan")} == {k: v for k, v in text.items() if k != "params"}
+    assert text["dropped"]["duplicate"] > 0 or case == "short and no dedup"
+    assert bool(text["moved"]) == (case == "an empty split")
+
+
+def test_dedup_keeps_the_first_of_each_document_in_order(tmp_path, monkeypatch):
+    """Deduplication by buckets on disk, in blocks: the same documents, in the same order, as a set in memory."""
+    from pipeline import sources
+
+    monkeypatch.setattr(sources, "BLOCK", 7)  # many blocks: the per-block numpy steps are exercised
+    rng = random.Random(1)
+    texts = [f"doc {rng.randrange(3000)}" for _ in range(6000)]
+    seen, expected = set(), []
+    for t in texts:
+        if t not in seen:
+            seen.add(t)
+            expected.append(t)
+    for split in ("hash", "tail"):
+        prepare(tmp_path, source=write_docs(tmp_path / "a.txt", texts), split=split, store="index", val_fraction=0.3)
+        got = documents(tmp_path / "prepared")
+        if split == "hash":
+            assert sorted(got["train"] + got["val"]) == sorted(expected)
+            assert got["train"] == [t for t in expected if t in set(got["train"])]  # source order within a split
+        else:
+            assert "".join(got["train"] + got["val"]) == "".join(expected)
+
+
+def test_index_store_notices_a_changed_source(tmp_path):
+    from pipeline.config import TokenizeConfig
+    from pipeline.encoding import tokenize_corpus
+
+    source = write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(40)])
+    prepare(tmp_path, source=source, store="index")
+    write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(39)] + ["edited"])
+    cfg = TokenizeConfig(kind="tiktoken", out_dir=str(tmp_path / "tokens"))
+    with pytest.raises(UserError, match=r"the source changed since the prepare stage read it \(.*a.txt\); rerun prepare"):
+        tokenize_corpus(cfg, tmp_path / "prepared")
+    write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(41)])
+    with pytest.raises(UserError, match=r"the source changed .*it now has more documents"):
+        tokenize_corpus(cfg, tmp_path / "prepared")
+    assert not (tmp_path / "tokens").exists()

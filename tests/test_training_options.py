@@ -145,7 +145,7 @@ def test_a_run_name_names_the_folder_and_refuses_other_settings(tokens_dir, tmp_
 
 def test_epochs_become_steps_from_the_token_count(tokens_dir, tmp_path):
     raw = tiny_params(tokens_dir, tmp_path, max_steps=None, epochs=0.05, save_interval=1000, eval_interval=1000)
-    windows = (len(open_tokens(tokens_dir / "train.bin")) - 1) // 32
+    windows = (len(open_tokens(tokens_dir / "train-00000.bin")) - 1) // 32
     summary = run_training(raw)
     assert summary["steps"] == math.ceil(0.05 * windows / 4)
     with pytest.raises(UserError, match="exactly one must be set"):
@@ -156,7 +156,7 @@ def test_epochs_become_steps_from_the_token_count(tokens_dir, tmp_path):
 def test_epochs_give_the_same_steps_on_two_processes_under_zero3_with_evals_and_samples(tokens_dir, tmp_path, shared_data):
     """One launcher run: epochs with a global batch in tokens give the same step count on 2 processes; HellaSwag and
     samples along the way under ZeRO-3 (every rank in every forward pass) do not hang."""
-    windows = (len(open_tokens(tokens_dir / "train.bin")) - 1) // 32
+    windows = (len(open_tokens(tokens_dir / "train-00000.bin")) - 1) // 32
     raw = tiny_params(tokens_dir, tmp_path, max_steps=None, epochs=0.02, global_batch_tokens=4 * 32 * 2, micro_batch_size=4,
                       zero_stage=3, hellaswag_interval=3, hellaswag_limit=5, sample_interval=3, save_interval=1000, eval_interval=3)
     raw["evaluate"] = {"hellaswag": str(shared_data / "hellaswag_val_sample.jsonl")}

@@ -44,13 +44,13 @@ def set_token(path: Path, index: int, value: int) -> None:
 
 
 TOKEN_DAMAGE = {
-    "rewritten tokens": (lambda t: set_token(t / "train.bin", 100, 7), r"train.bin: corrupt: crc32 of the tokens is"),
+    "rewritten tokens": (lambda t: set_token(t / "train-00000.bin", 100, 7), r"train-00000.bin: corrupt: crc32 of the tokens is"),
     "an id past the vocabulary, CRC forged": (
-        lambda t: (set_token(t / "train.bin", 100, 9999), rewrite_header(t / "train.bin", crc=None)),
-        r"train.bin: holds token id 9999, not below the header's vocab_size"),
+        lambda t: (set_token(t / "train-00000.bin", 100, 9999), rewrite_header(t / "train-00000.bin", crc=None)),
+        r"train-00000.bin: holds token id 9999, not below the header's vocab_size"),
     "meta.json with a smaller vocabulary": (
         lambda t: (t / "meta.json").write_text(json.dumps({**json.loads((t / "meta.json").read_text()), "vocab_size": 40})),
-        r"train.bin: the header says vocab_size=63, eot_id=\d+ but .*meta.json says 40"),
+        r"train-00000.bin: the header says vocab_size=63, eot_id=\d+ but .*meta.json says 40"),
     "tokenizer folder missing": (lambda t: shutil.rmtree(t / "tokenizer"), r"tokenizer_meta.json not found"),
 }  # fmt: skip
 
@@ -59,7 +59,7 @@ TOKEN_DAMAGE = {
 def test_damaged_tokens_stop_training_before_it_starts(tokens_dir, tmp_path, case):
     damage, message = TOKEN_DAMAGE[case]
     tokens = copy_tokens(tokens_dir, tmp_path)
-    assert open_tokens(tokens / "train.bin").vocab_size == 63  # what the cases above assume
+    assert open_tokens(tokens / "train-00000.bin").vocab_size == 63  # what the cases above assume
     damage(tokens)
     with pytest.raises(UserError, match=message):
         run_training(tiny_params(tokens, tmp_path, tokenize={"kind": "char", "out_dir": str(tokens)}))
@@ -73,9 +73,9 @@ def test_damaged_val_tokens_stop_evaluate_before_it_scores(tokens_dir, tmp_path)
     tokens = copy_tokens(tokens_dir, tmp_path)
     raw = tiny_params(tokens, tmp_path, tokenize={"kind": "char", "out_dir": str(tokens)}, max_steps=2)
     run_training(raw)
-    set_token(tokens / "val.bin", 10, 7)
+    set_token(tokens / "val-00000.bin", 10, 7)
     raw["evaluate"] = {"metrics_file": str(tmp_path / "metrics.json")}
-    with pytest.raises(UserError, match=r"val.bin: corrupt: crc32 of the tokens is"):
+    with pytest.raises(UserError, match=r"val-00000.bin: corrupt: crc32 of the tokens is"):
         evaluate(params.validate_params(raw))
     assert not (tmp_path / "metrics.json").exists()
 
