@@ -47,7 +47,7 @@ RESUME_SAFE = {
     "early_stopping_patience", "early_stopping_min_delta", "hellaswag_interval", "hellaswag_limit", "sample_interval",
     "sample_prompts", "sample_max_new_tokens", "save_interval", "keep_last", "run_name", "resume", "export", "export_dtype",
     "loggers", "wandb_project", "peak_tflops", "launcher", "hostfile", "num_gpus", "num_nodes", "include", "exclude",
-    "master_port", "launcher_args", "collective_timeout", "compile", "out_dir", "export_dir", "metrics_dir",
+    "master_port", "launcher_args", "collective_timeout", "compile", "tf32", "out_dir", "export_dir", "metrics_dir",
 }  # fmt: skip
 
 

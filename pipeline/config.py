@@ -290,6 +290,9 @@ class TrainConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the model (through DeepSpeed): faster on GPUs; on a CPU small models gain little for their compile time"
     )
+    tf32: bool = Field(
+        True, description="GPUs, fp32: matmuls and convolutions in TF32 on tensor cores (Ampere and newer), as nanoGPT sets; MFU is then against the TF32 peak"
+    )
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of initialisation, data order and dropout")
     # What happens along the way.
     log_interval: int = Field(10, ge=1, le=BIG, description="log train metrics every N steps")

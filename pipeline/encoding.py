@@ -25,7 +25,7 @@ from pipeline.data import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_tokens
 from pipeline.errors import UserError
 from pipeline.files import MARKER, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, PreparedDir, TokensDir
-from pipeline.sources import iter_documents, iter_prepared, read_manifest, text_bytes
+from pipeline.sources import iter_documents, iter_prepared, read_manifest
 from pipeline.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -43,10 +43,10 @@ def chunk_documents(docs: Iterable[tuple[int, str, str]], chunk_bytes: int) -> I
     """Each split's documents, in order, grouped into chunks of about chunk_bytes of UTF-8 (a longer document is a
     chunk of its own). docs: (stream position, split, text); the splits may be interleaved."""
     filling: dict[str, Chunk] = {}
-    for position, split, doc in docs:
-        chunk = filling.setdefault(split, Chunk(split))
+    for position, split, doc in docs:  # once per document: kept lean
+        chunk = filling.get(split) or filling.setdefault(split, Chunk(split))
         chunk.docs.append(doc)
-        chunk.size += text_bytes(doc)
+        chunk.size += len(doc) if doc.isascii() else len(doc.encode("utf-8"))  # text_bytes, inlined
         chunk.end = position + 1
         if chunk.size >= chunk_bytes:
             yield filling.pop(split)
@@ -171,7 +171,8 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
                 raise UserError(f"{PreparedDir(prepared_dir).root} ({chunk.split} split): {e}") from None
 
         # The documents not in a finished shard yet; those before a split's position are skipped, not encoded.
-        todo = ((i, split, text) for i, (split, text) in enumerate(iter_documents(prepared_dir)) if i >= writers[split].position)
+        done = {split: w.position for split, w in writers.items()}
+        todo = ((i, split, text) for i, (split, text) in enumerate(iter_documents(prepared_dir)) if i >= done[split])
         encode_start, encoded_bytes = time.perf_counter(), 0
         for chunk, ids in encode_chunks(encode, chunk_documents(todo, cfg.chunk_bytes), workers):
             if writers[chunk.split].write(chunk, ids):

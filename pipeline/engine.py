@@ -27,9 +27,12 @@ from pipeline.errors import UserError
 from pipeline.output import Echo, silent
 
 # Dense peak TFLOP/s per device for MFU. CPU figures were measured on this project's 2-core machines
-# (a bf16 and an fp32 matmul at their best); GPU figures are the vendors' dense tensor-core numbers.
+# (a bf16 and an fp32 matmul at their best); GPU figures are the vendors' dense numbers: bf16/fp16 tensor cores
+# (TF32 is half of that), and plain fp32 without tensor cores, which is what fp32 gets with TF32 off.
 CPU_PEAK_TFLOPS = {"bf16": 0.35, "fp16": 0.16, "fp32": 0.16}
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+GPU_FP32_TFLOPS = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L40S": 91.6, "A10G": 31.2, "L4": 30.3, "V100": 15.7}
+NO_TF32 = {"V100"}  # before Ampere: fp32 never runs on tensor cores
 
 # Keys that the data path derives from train.* itself: a user JSON may not change them.
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -494,12 +497,26 @@ def peak_tflops(train: TrainConfig, device: torch.device) -> float:
     if train.peak_tflops:
         return train.peak_tflops
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return value if train.precision != "fp32" else value / 2
-        return 100.0
+        tf32 = torch.backends.cuda.matmul.allow_tf32  # what use_tf32 set: the peak follows what the matmuls really do
+        return gpu_peak_tflops(torch.cuda.get_device_name(device), train.precision, tf32) or 100.0
     return CPU_PEAK_TFLOPS[train.precision]
+
+
+def gpu_peak_tflops(name: str, precision: str, tf32: bool) -> float | None:
+    """The dense peak of the GPU called name at this precision; fp32 counts TF32's peak only when TF32 is on."""
+    for key, tensor_cores in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            if precision != "fp32":
+                return tensor_cores
+            return tensor_cores / 2 if tf32 and key not in NO_TF32 else GPU_FP32_TFLOPS[key]
+    return None
+
+
+def use_tf32(on: bool) -> None:
+    """train.tf32: fp32 matmuls and convolutions on tensor cores in TF32 (CUDA only; a CPU has no such mode)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
 
 
 # ------------------------------------------------------------------------------------------- launcher

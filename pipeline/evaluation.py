@@ -302,6 +302,7 @@ def evaluate(p: Params, dist: engine.Dist | None = None, progress: ProgressFacto
     cfg = p.evaluate
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     ref = p.model_for("evaluate")
+    engine.use_tf32(p.train.tf32)
     model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, engine.inference_dtype(p.train), key=ref.key)
     notes = []
 

@@ -6,6 +6,7 @@ import glob
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -125,11 +126,10 @@ def iter_source(source: SourceConfig, *, unicode_errors: str, stats: SourceStats
 
 
 def source_size(cfg: PrepareConfig) -> int | None:
-    """Input bytes prepare_corpus will read (store: text reads the source twice), a progress bar's total; None when
-    unknown beforehand (hf, url)."""
+    """Input bytes prepare_corpus will read, a progress bar's total; None when unknown beforehand (hf, url)."""
     roles = [("prepare.source", cfg.source), ("prepare.val_source", cfg.val_source)]
     sizes = [_size(source, key, cfg.download_dir) for key, source in roles if source is not None]
-    return None if None in sizes else sum(sizes) * (2 if cfg.store == "text" else 1)
+    return None if None in sizes else sum(sizes)
 
 
 def _size(source: SourceConfig, key: str, download_dir: str) -> int | None:
@@ -153,8 +153,9 @@ JSON_LINE = json.JSONEncoder(ensure_ascii=False)  # one encoder for every docume
 
 def normalize(text: str, nfc: bool) -> str:
     """One newline convention ("\\n"), NFC when asked, no surrounding whitespace."""
-    text = unify_newlines(text)
-    if nfc and not unicodedata.is_normalized("NFC", text):
+    if "\r" in text:  # one scan; most text has none, and tokenize calls this for every document again (store: index)
+        text = unify_newlines(text)
+    if nfc and not text.isascii() and not unicodedata.is_normalized("NFC", text):  # ASCII is NFC: isascii() is O(1)
         text = unicodedata.normalize("NFC", text)
     return text.strip()
 
@@ -173,7 +174,7 @@ def split_of(data: bytes, seed: int, val_fraction: float) -> tuple[str, float]:
 # What becomes of each source document, in the order the sources yield it: one byte each (plan.bin for store: index).
 SHORT, DUPLICATE, TRAIN, VAL, CUT = range(5)  # CUT: split: tail's boundary document, its head in train, the rest in val
 CODE = {"train": TRAIN, "val": VAL}
-BLOCK = 1 << 22  # documents per numpy step over the per-document columns: memory stays flat whatever the corpus
+BLOCK = 1 << 20  # documents per numpy step over the per-document columns: memory stays flat whatever the corpus
 
 
 def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = None,
@@ -182,8 +183,9 @@ def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = 
     (index); replaced whole or not at all.
 
     One pass over the source decides each document's fate (dropped, train or val) into files, not memory; store:
-    text then reads the source a second time to write the kept documents. progress(n) is called as n more input
-    bytes are read (source_size gives the total of one pass). Returns the manifest.
+    text also writes every document it may keep to a scratch file, whose lines then go to train.jsonl or
+    val.jsonl by those decisions. progress(n) is called as n more input bytes are read (source_size gives the
+    total). Returns the manifest.
     """
     with building_dir(cfg.out_dir, "prepare.out_dir") as tmp:
         out, work = PreparedDir(tmp), tmp / ".work"
@@ -191,11 +193,10 @@ def prepare_corpus(cfg: PrepareConfig, progress: Callable[[int], None] | None = 
         stats = SourceStats(progress=progress)
         plan = _plan(cfg, out.plan, work, stats, download_progress)  # raises unless some document is kept
         plan.codes.flush()
+        documents, nbytes = _count(cfg, plan)
         if cfg.store == "text":
-            documents, nbytes = _write_text(cfg, out, plan, stats)
+            _write_text(out, work / "candidates.jsonl", plan)
             out.plan.unlink()
-        else:
-            documents, nbytes = _count(cfg, plan)
         shutil.rmtree(work)
         combined = json.dumps([[r["role"], r["sha256"]] for r in stats.inputs]).encode()
         manifest = {"documents": documents, "bytes": nbytes, "dropped": plan.dropped, "replaced": stats.replaced,
@@ -286,6 +287,8 @@ class _Plan:
 def _plan(cfg: PrepareConfig, plan_file: Path, work: Path, stats: SourceStats, download_progress: ProgressFactory) -> _Plan:
     codes, sizes = _Column(plan_file, "u1"), _Column(work / "bytes", "<u8")
     chars = _Column(work / "chars", "<u8") if cfg.split == "tail" and cfg.val_source is None else None
+    # store: text: each document not too short, as its JSON line, until dedup and the split decide where it goes.
+    candidates = open(work / "candidates.jsonl", "wb") if cfg.store == "text" else None
     digests = _Digests(work / "digests") if cfg.dedup else None  # across both sources too: a val document also in train would leak
     hashed = cfg.val_source is None and cfg.split == "hash"
     # Per split, (distance, index) of the document nearest the other split: it moves if that one ends up empty.
@@ -301,6 +304,8 @@ def _plan(cfg: PrepareConfig, plan_file: Path, work: Path, stats: SourceStats, d
             if len(text) >= cfg.min_chars:
                 data = text.encode("utf-8")
                 code, size = CODE[target], len(data)
+                if candidates:
+                    candidates.write((JSON_LINE.encode({"text": text}) + "\n").encode("utf-8"))
                 if digests:
                     digests.add(hashlib.blake2b(data, digest_size=16).digest(), index)
                 if hashed:
@@ -316,9 +321,12 @@ def _plan(cfg: PrepareConfig, plan_file: Path, work: Path, stats: SourceStats, d
         for record in stats.inputs[first_input:]:
             record["role"] = role
         ranges.append((role, source, first, index))
+    if candidates:
+        candidates.close()
     plan = _Plan(codes.done(), sizes.done(), {}, None, None)
     for duplicates in digests.duplicates() if digests else ():
         plan.codes[duplicates] = DUPLICATE
+        _release(plan.codes)
     counts = _bincount(plan.codes)
     plan.dropped = {"short": int(counts[SHORT]), "duplicate": int(counts[DUPLICATE])}
     for role, source, first, end in ranges:
@@ -340,12 +348,22 @@ def _plan(cfg: PrepareConfig, plan_file: Path, work: Path, stats: SourceStats, d
     return plan
 
 
+def _release(*columns: np.ndarray) -> None:
+    """Hand a memory-mapped column's pages back to the file: reading a whole column a block at a time would
+    otherwise leave all of it counted in the process's memory (8 bytes a document for the sizes)."""
+    for column in columns:
+        if isinstance(column, np.memmap) and column._mmap is not None:
+            column.flush()
+            column._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 def _bincount(values: np.ndarray, first: int = 0, end: int | None = None, weights: np.ndarray | None = None) -> np.ndarray:
     """np.bincount of values[first:end] over the five codes, a block at a time."""
     total, end = np.zeros(CUT + 1), len(values) if end is None else end
     for lo in range(first, end, BLOCK):
         hi = min(end, lo + BLOCK)
         total += np.bincount(values[lo:hi], None if weights is None else weights[lo:hi], minlength=CUT + 1)
+        _release(values, weights)
     return total.astype(np.int64)
 
 
@@ -362,25 +380,32 @@ def _cut_tail(codes: np.ndarray, chars: np.ndarray, val_fraction: float) -> list
         block = codes[lo : lo + BLOCK]
         if cut is not None or seen >= boundary:
             block[block == TRAIN] = VAL
+            _release(codes)
             continue
         kept = np.where(block == TRAIN, chars[lo : lo + BLOCK], 0)
         ends = seen + np.cumsum(kept)
         seen = int(ends[-1])
+        _release(chars)
         if seen <= boundary:
             continue
         k = int(np.argmax(ends > boundary))  # the first document that ends past the boundary
         head = boundary - int(ends[k] - kept[k])
         block[k + 1 :][block[k + 1 :] == TRAIN] = VAL
         block[k] = CUT if head else VAL
+        _release(codes)
         cut = [lo + k, head] if head else []
     return cut or None
 
 
 def _read_codes(path: Path) -> Iterator[int]:
-    """plan.bin's codes, streamed."""
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            yield from block
+    """plan.bin's codes, streamed (chained in C: this runs once per document)."""
+
+    def blocks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                yield block
+
+    return itertools.chain.from_iterable(blocks())
 
 
 def _replay(cfg: PrepareConfig, codes: Iterable[int], cut: list[int] | None, download_dir: str, stats: SourceStats,
@@ -389,22 +414,22 @@ def _replay(cfg: PrepareConfig, codes: Iterable[int], cut: list[int] | None, dow
 
     expected: the inputs the plan was made from; a source that changed since is a UserError naming it.
     """
-    names = {TRAIN: "train", VAL: "val"}
+    names, nfc = {TRAIN: "train", VAL: "val"}, cfg.nfc
     codes = iter(codes)
     changed = f"{where}: the source changed since the prepare stage read it ({{}}); rerun prepare (dvc repro prepare)"
     first_input = len(stats.inputs)
     for role, source, _ in _roles(cfg):
         for raw in iter_source(source, unicode_errors=cfg.unicode_errors, stats=stats, download_dir=download_dir,
                                key=f"prepare.{role}"):
-            code = next(codes, None)
-            if code is None:
-                raise UserError(changed.format("it now has more documents"))
-            if code == CUT:
-                text = normalize(raw, cfg.nfc)
+            code = next(codes, None)  # once per document: kept lean
+            if code == TRAIN or code == VAL:
+                yield names[code], normalize(raw, nfc)
+            elif code == CUT:
+                text = normalize(raw, nfc)
                 yield "train", text[: cut[1]]
                 yield "val", text[cut[1]:]
-            elif code >= TRAIN:
-                yield names[code], normalize(raw, cfg.nfc)
+            elif code is None:
+                raise UserError(changed.format("it now has more documents"))
     if next(codes, None) is not None:
         raise UserError(changed.format("it now has fewer documents"))
     now = stats.inputs[first_input:]
@@ -413,23 +438,27 @@ def _replay(cfg: PrepareConfig, codes: Iterable[int], cut: list[int] | None, dow
             raise UserError(changed.format(after.get("path") or after.get("name") or before.get("path") or before.get("name")))
 
 
-def _write_text(cfg: PrepareConfig, out: PreparedDir, plan: _Plan, stats: SourceStats) -> tuple[dict, dict]:
-    """store: text: the kept documents into train.jsonl and val.jsonl, in source order; returns counts and bytes."""
-    documents, nbytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    first_pass = [dict(r) for r in stats.inputs]
-    replay = SourceStats(progress=stats.progress)  # the manifest's records and counts are the first pass's
-    with open(out.split("train"), "w", encoding="utf-8", newline="\n") as train, \
-            open(out.split("val"), "w", encoding="utf-8", newline="\n") as val:
-        for split, text in _replay(cfg, _read_codes(out.plan), plan.cut, cfg.download_dir, replay, "prepare.source", first_pass):
-            (val if split == "val" else train).write(JSON_LINE.encode({"text": text}) + "\n")
-            documents[split] += 1
-            nbytes[split] += text_bytes(text)
-    replay.advance(0, flush=True)
-    return documents, nbytes
+def _write_text(out: PreparedDir, candidates: Path, plan: _Plan) -> None:
+    """store: text: the scratch file's lines (one per document not too short, in source order) into train.jsonl and
+    val.jsonl by the plan's codes; copied as bytes, only the cut document of split: tail is decoded."""
+    lines = open(candidates, "rb")
+    with lines, open(out.split("train"), "wb") as train, open(out.split("val"), "wb") as val:
+        for code in _read_codes(out.plan):
+            if code == SHORT:
+                continue  # it has no line
+            line = next(lines)
+            if code == TRAIN:
+                train.write(line)
+            elif code == VAL:
+                val.write(line)
+            elif code == CUT:
+                text = json.loads(line)["text"]
+                train.write((JSON_LINE.encode({"text": text[: plan.cut[1]]}) + "\n").encode("utf-8"))
+                val.write((JSON_LINE.encode({"text": text[plan.cut[1]:]}) + "\n").encode("utf-8"))
 
 
 def _count(cfg: PrepareConfig, plan: _Plan) -> tuple[dict, dict]:
-    """store: index: documents and bytes per split from the plan; the cut document of split: tail is read again."""
+    """Documents and bytes per split from the plan; the cut document of split: tail is read again."""
     documents = {split: int(n) for split, n in zip(SPLITS, _bincount(plan.codes)[[TRAIN, VAL]])}
     nbytes = {split: int(n) for split, n in zip(SPLITS, _bincount(plan.codes, weights=plan.sizes)[[TRAIN, VAL]])}
     if plan.cut:
@@ -478,9 +507,10 @@ def iter_documents(out_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Ite
     if not out.plan.is_file() or out.plan.stat().st_size != plan["documents"]:
         raise UserError(f"{out.plan}: missing or not {plan['documents']} bytes as {out.manifest} says; rerun the prepare stage")
     replay = _replay(cfg, _read_codes(out.plan), plan["cut"], plan["download_dir"], SourceStats(), str(out.root), manifest["inputs"])
-    for split, text in replay:
-        if split in splits:
-            yield split, text
+    if set(splits) == set(SPLITS):
+        yield from replay  # tokenize: every document, no test per document
+    else:
+        yield from ((split, text) for split, text in replay if split in splits)
 
 
 def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:

@@ -108,6 +108,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
 def setup(p: Params, dist: ds.Dist, echo: Echo = silent) -> Run:
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
     ds.check_precision(t)  # before any folder is made or moved
+    ds.use_tf32(t.tf32)
     # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
     meta = read_meta(tokens.root)
     train_tokens, val_tokens = (open_split(tokens, split, meta) for split in ("train", "val"))

@@ -85,3 +85,14 @@ def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts():
     assert "--exclude" in cmd and "worker-2:0" in cmd
     with pytest.raises(UserError, match="train.include: cannot be combined with train.num_gpus"):
         params.validate_params({"train": {"include": "localhost:0", "num_gpus": 2}})
+
+
+def test_the_gpu_peak_for_mfu_is_the_tf32_one_only_when_tf32_is_on():
+    from pipeline.engine import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16", tf32=False) == 989.0
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156.0  # TF32 on tensor cores
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=False) == 19.5  # plain fp32
+    assert gpu_peak_tflops("Tesla V100-SXM2-16GB", "fp32", tf32=True) == 15.7  # Volta has no TF32
+    assert gpu_peak_tflops("NVIDIA H200", "fp16", tf32=True) == 989.0
+    assert gpu_peak_tflops("Some Future GPU", "bf16", tf32=True) is None

@@ -47,8 +47,7 @@ def test_builtin_pydoc_topics():
     (record,) = stats.inputs
     assert record["name"] == "builtin:pydoc_topics" and record["documents"] == len(docs)
     assert record["python"] == ".".join(map(str, sys.version_info[:3]))
-    assert source_size(PrepareConfig(store="index")) == record["bytes"]
-    assert source_size(PrepareConfig(store="text")) == 2 * record["bytes"]  # it reads the source twice
+    assert source_size(PrepareConfig()) == record["bytes"]
 
 
 def test_builtin_stdlib():
@@ -207,7 +206,7 @@ def test_url_downloads_once(tmp_path, server, monkeypatch):
     (www / "corpus.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
     url = f"{base}/corpus.jsonl"
     cache = tmp_path / "cache"
-    cfg = PrepareConfig(source={"kind": "url", "url": url}, download_dir=str(cache), store="index")
+    cfg = PrepareConfig(source={"kind": "url", "url": url}, download_dir=str(cache))
     assert source_size(cfg) is None  # not downloaded yet
     stats = SourceStats()
     assert read(kind="url", url=url, text_column="body", stats=stats, download_dir=cache) == ["one", "two"]
@@ -299,7 +298,7 @@ def test_prepare_output_manifest_and_rerun(tmp_path):
     assert record["sha256"] == hashlib.sha256((tmp_path / "a.txt").read_bytes()).hexdigest()
     assert record["role"] == "source" and len(manifest["input_hash"]) == 64
     assert manifest["params"]["min_chars"] == 2
-    assert sum(done) == 2 * record["bytes"] == source_size(cfg)  # store: text reads the source twice
+    assert sum(done) == record["bytes"] == source_size(cfg)
 
     write_docs(tmp_path / "a.txt", ["new one", "new two"])
     again = prepare(tmp_path, source=source, out_dir=str(out))
