@@ -287,7 +287,10 @@ def window_batch(tokens: np.ndarray, starts: np.ndarray, block_size: int, device
     """(x, y) of shape (B, T): the windows at starts, inputs and targets shifted by one."""
     import torch  # here, so the tokenize stage doesn't pay for importing it
 
-    T = block_size
-    windows = np.stack([tokens[s : s + T + 1] for s in starts]).astype(np.int64)
-    w = torch.from_numpy(windows)  # (B, T + 1)
-    return w[:, :-1].to(device), w[:, 1:].to(device)
+    T, device = block_size, torch.device(device)
+    # One copy out of the memory map, converting the ids to int64 as it goes; into pinned memory for a GPU, so
+    # the copy to the device runs without blocking this thread.
+    w = torch.empty((len(starts), T + 1), dtype=torch.int64, pin_memory=device.type == "cuda")  # (B, T + 1)
+    for row, start in zip(w.numpy(), starts):
+        row[:] = tokens[start : start + T + 1]
+    return w[:, :-1].to(device, non_blocking=True), w[:, 1:].to(device, non_blocking=True)

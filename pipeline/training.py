@@ -187,17 +187,22 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
             run.log.val(0, 0, evaluate(run), math.inf)  # the starting point; not a candidate for the best
     run.log.start(s.step, run.total_steps, progress)
     window_seconds, window_steps = 0.0, 0  # training time alone since the last log line: evals and saves excluded
+    x, y = run.train_data.micro_batch(s.step, 0, dist.device)
     while s.step < run.total_steps:
         step_start = time.perf_counter()
         lr = lr_at(s.step, t, s.decay_end)
         ds.set_lr(engine, lr)
-        loss_sum = 0.0
+        losses = []
         for micro in range(batch.grad_accum):
-            x, y = run.train_data.micro_batch(s.step, micro, dist.device)
             loss = lm_loss(engine, x, y)
+            # The next micro batch is made while a GPU still runs this one (its kernels are queued, not finished);
+            # a batch depends only on (step, micro), so making it early changes nothing.
+            following = (s.step, micro + 1) if micro + 1 < batch.grad_accum else (s.step + 1, 0)
+            x, y = run.train_data.micro_batch(*following, dist.device)
             engine.backward(loss)
             grad_norm = ds.step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
-            loss_sum += loss.item()
+            losses.append(loss.detach())
+        loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
         (loss_total,) = ds.all_reduce_sum([loss_sum], dist.device)
         train_loss = loss_total / (batch.grad_accum * batch.world_size)
         if not math.isfinite(train_loss):
