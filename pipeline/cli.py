@@ -171,6 +171,8 @@ def tokenize(params: ParamsOption = Path("params.yaml"), set_: SetOption = []): 
             "train tokens": meta["splits"]["train"]["tokens"],
             "val tokens": meta["splits"]["val"]["tokens"],
             "dtype": meta["dtype"],
+            "shards": sum(len(s["shards"]) for s in meta["splits"].values()),
+            **({"kept from the interrupted run": throughput["resumed_tokens"]} if throughput["resumed_tokens"] else {}),
             "tokens/s": throughput["tokens_per_s"],
             "MB/s": throughput["mb_per_s"],
         },
