@@ -424,12 +424,14 @@ def _replay(cfg: PrepareConfig, codes: Iterable[int], cut: list[int] | None, dow
             code = next(codes, None)  # once per document: kept lean
             if code == TRAIN or code == VAL:
                 yield names[code], normalize(raw, nfc)
-            elif code == CUT:
+            elif code == CUT and cut:
                 text = normalize(raw, nfc)
                 yield "train", text[: cut[1]]
                 yield "val", text[cut[1]:]
             elif code is None:
                 raise UserError(changed.format("it now has more documents"))
+            elif code not in (SHORT, DUPLICATE):  # a damaged plan.bin must not silently drop documents
+                raise UserError(f"{where}: plan.bin holds {code}, not a document's fate; rerun prepare (dvc repro prepare)")
     if next(codes, None) is not None:
         raise UserError(changed.format("it now has fewer documents"))
     now = stats.inputs[first_input:]

@@ -455,3 +455,16 @@ def test_index_store_notices_a_changed_source(tmp_path):
     with pytest.raises(UserError, match=r"the source changed .*it now has more documents"):
         tokenize_corpus(cfg, tmp_path / "prepared")
     assert not (tmp_path / "tokens").exists()
+
+
+def test_a_damaged_plan_is_one_message(tmp_path):
+    from pipeline.sources import iter_documents
+
+    prepare(tmp_path, source=write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(40)]), store="index")
+    plan = tmp_path / "prepared" / "plan.bin"
+    plan.write_bytes(plan.read_bytes()[:10] + b"\x09" + plan.read_bytes()[11:])
+    with pytest.raises(UserError, match=r"prepared: plan.bin holds 9, not a document's fate; rerun prepare"):
+        list(iter_documents(tmp_path / "prepared"))
+    plan.write_bytes(plan.read_bytes()[:-1])
+    with pytest.raises(UserError, match=r"plan.bin: missing or not 40 bytes"):
+        list(iter_documents(tmp_path / "prepared"))
