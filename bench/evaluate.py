@@ -49,7 +49,7 @@ def plain_val(model, tokens: np.ndarray, block: int) -> float:
 @torch.inference_mode()
 def plain_hellaswag(model, tokenizer, items) -> list[list[float]]:
     """Each ending's summed log-likelihood, one ending per forward pass."""
-    from pipeline.evaluation import encode_pair
+    from pipeline.eval.hellaswag import encode_pair
 
     out = []
     for item in items:
@@ -77,8 +77,9 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.evaluation import choice_logliks, parse_hellaswag, val_sums
-    from pipeline.tokenizers import CharTokenizer, TiktokenTokenizer
+    from pipeline.eval.hellaswag import choice_logliks, parse_hellaswag
+    from pipeline.eval.lm import val_sums
+    from pipeline.tokenize.tokenizers import CharTokenizer, TiktokenTokenizer
 
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
     val_text = text[int(len(text) * 0.9) :]

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.sampling import sample_batch
+    from pipeline.model.generate import sample_batch
 
     prompt = list(range(1, 17))
     for name, shape in SIZES.items():

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tokenize_stage.py [--text PATH] [--repeats 5] [--copies 16] [--scales 1 5 20] [--kinds tiktoken char bpe]
 
-(a) tiktoken gpt2 through the stage's own path (pipeline.encoding.encode_chunks: chunks of documents encoded
+(a) tiktoken gpt2 through the stage's own path (pipeline.tokenize.stage.encode_chunks: chunks of documents encoded
     on every core) against `enc.encode_ordinary` called document by document in one thread, on the same
     documents in the same run, interleaved. "cores busy" is CPU time / wall time: other processes on a
     shared machine cap it, and the speed-up with it.
@@ -49,8 +49,8 @@ def bench_throughput(docs: list[str], repeats: int, chunk_bytes: int) -> list[tu
     import tiktoken
 
     from pipeline.config import TokenizeConfig
-    from pipeline.encoding import chunk_documents, encode_chunks, usable_cores
-    from pipeline.tokenizers import build_tokenizer
+    from pipeline.tokenize.stage import chunk_documents, encode_chunks, usable_cores
+    from pipeline.tokenize.tokenizers import build_tokenizer
 
     enc = tiktoken.get_encoding("gpt2")
     tok = build_tokenizer(TokenizeConfig(kind="tiktoken", encoding="gpt2"), lambda: iter(()))
@@ -104,11 +104,11 @@ def peak_rss_kb() -> tuple[int, int | None]:
 def child(prepared: str, out: str, kind: str) -> None:
     """Run tokenize_corpus in this (child) process and print its peak memory as JSON."""
     from pipeline.config import TokenizeConfig
-    from pipeline.encoding import tokenize_corpus
+    from pipeline.tokenize.stage import tokenize_corpus
 
     cfg = TokenizeConfig(kind=kind, out_dir=out)
     if kind == "tiktoken":
-        from pipeline.tokenizers import build_tokenizer
+        from pipeline.tokenize.tokenizers import build_tokenizer
 
         build_tokenizer(cfg, lambda: iter(()))  # loaded before the baseline: memory the corpus size cannot change
     before, _ = peak_rss_kb()
@@ -152,7 +152,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.encoding import usable_cores
+    from pipeline.tokenize.stage import usable_cores
 
     console = Console(width=max(Console().width, 132))
     docs = read_documents(args.text)

@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minimal import GPT, GPTConfig, adamw  # noqa: E402
 from record import append_row  # noqa: E402
 
+from pipeline.infra.distributed import init_distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PRESETS = {  # model, micro batch, tokenizer
@@ -60,8 +62,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> floa
 
 def make_tokens(folder: Path) -> Path:
     from pipeline import config
-    from pipeline.encoding import tokenize_corpus
-    from pipeline.sources import prepare_corpus
+    from pipeline.prepare.stage import prepare_corpus
+    from pipeline.tokenize.stage import tokenize_corpus
 
     prepare_corpus(config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(TEXT)}, "split": "tail", "dedup": False,
                                                         "out_dir": str(folder / "prepared")}))
@@ -72,16 +74,15 @@ def make_tokens(folder: Path) -> Path:
 
 def gptpipe_step(tokens: Path, folder: Path, zero: int, precision: str, compile_: bool, warmup: int, steps: int) -> tuple[float, float]:
     """(tokens/s, FLOPs per token) of the pipeline's own loop, eval and saving out of the way."""
-    from pipeline import engine as ds
     from pipeline import params
     from pipeline.output import silent
-    from pipeline.training import fit, setup
+    from pipeline.train.loop import fit, setup
 
     raw = {"tokenize": {"kind": TOKENIZER, "out_dir": str(tokens)}, "model": MODEL,
            "train": {"max_steps": 10**6, "micro_batch_size": BATCH, "lr": 1e-3, "warmup_steps": 10, "zero_stage": zero, "precision": precision,
                      "compile": compile_, "log_interval": 10**6, "eval_interval": 10**6, "save_interval": 10**6, "resume": "never",
                      "out_dir": str(folder / "ck"), "export_dir": str(folder / "final"), "metrics_dir": str(folder / "m")}}
-    run = setup(params.validate_params(raw), ds.init_distributed(), silent)
+    run = setup(params.validate_params(raw), init_distributed(), silent)
     run.total_steps = warmup
     fit(run)
     before = run.seconds["train"]
@@ -93,7 +94,8 @@ def gptpipe_step(tokens: Path, folder: Path, zero: int, precision: str, compile_
 def plain_step(tokens: Path, model: torch.nn.Module, hf: bool, precision: str, compile_: bool, warmup: int, steps: int) -> float:
     """tokens/s of a plain PyTorch loop over the same batches (the pipeline's sampler)."""
     from pipeline.config import Batch
-    from pipeline.data import WindowSampler, open_tokens
+    from pipeline.tokens import open_tokens
+    from pipeline.train.batches import WindowSampler
 
     sampler = WindowSampler(open_tokens(tokens / "train-00000.bin").tokens, batch=Batch(BATCH, 1, 1, MODEL["block_size"]), seed=1, rank=0)
     model.to(DEVICE)
@@ -133,9 +135,9 @@ def main() -> None:
     MODEL, BATCH, TOKENIZER = PRESETS[args.preset]
     BATCH = args.batch or BATCH
     from pipeline.config import ModelConfig
-    from pipeline.data import open_tokens
-    from pipeline.engine import gpu_peak_tflops, use_tf32
-    from pipeline.models import build_model
+    from pipeline.infra.hardware import gpu_peak_tflops, use_tf32
+    from pipeline.model.build import build_model
+    from pipeline.tokens import open_tokens
 
     use_tf32(True)
     if DEVICE == "cuda":  # the vendor's dense peak, as MFU is quoted (nanoGPT, llm-foundry)

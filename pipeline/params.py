@@ -177,3 +177,8 @@ def _type_name(annotation) -> str:
     if args:
         return " or ".join(_type_name(a) for a in args)
     return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def validate_overrides(overrides: list[str]) -> Params:
+    """Params from -S overrides alone, every other key at its default."""
+    return validate_params(apply_overrides({}, overrides), source="-S overrides")

@@ -39,8 +39,8 @@ TINY_TRAIN = {
 def tokens_dir(tmp_path_factory, shared_data) -> Path:
     """Char-level tokens of the first ~100 KB of tiny Shakespeare, split at blank lines."""
     from pipeline import config
-    from pipeline.encoding import tokenize_corpus
-    from pipeline.sources import prepare_corpus
+    from pipeline.prepare.stage import prepare_corpus
+    from pipeline.tokenize.stage import tokenize_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
@@ -69,7 +69,7 @@ def tiny_params(tokens_dir: Path, run_dir: Path, model: dict | None = None, toke
 
 def run_training(raw: dict) -> dict:
     from pipeline import params
-    from pipeline.training import train
+    from pipeline.train.loop import train
 
     return train(params.validate_params(raw))
 
@@ -100,12 +100,12 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
-def launch(args: list[str], params: dict, cwd: Path, script: str = "train", **kw) -> subprocess.Popen:
+def launch(args: list[str], params: dict, cwd: Path, module: str = "pipeline.train", **kw) -> subprocess.Popen:
     import yaml
 
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
     deepspeed = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(deepspeed), *args, str(ROOT / "stages" / f"{script}.py"), "--params", str(cwd / "params.yaml")]
+    cmd = [str(deepspeed), *args, "--module", module, "--params", str(cwd / "params.yaml")]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env(), **kw)
 
 

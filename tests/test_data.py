@@ -9,10 +9,10 @@ import pytest
 from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
 from pipeline.config import TokenizeConfig
-from pipeline.data import HEADER, HEADER_BYTES, TokenWriter, open_tokens, write_tokens
-from pipeline.encoding import Chunk, chunk_documents, encode_chunks, tokenize_corpus
 from pipeline.errors import UserError
-from pipeline.tokenizers import EOT, build_tokenizer, load_tokenizer
+from pipeline.tokenize.stage import Chunk, chunk_documents, encode_chunks, tokenize_corpus
+from pipeline.tokenize.tokenizers import EOT, build_tokenizer, load_tokenizer
+from pipeline.tokens import HEADER, HEADER_BYTES, TokenWriter, open_tokens, write_tokens
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 def test_prepare_and_tokenize_twice_give_byte_identical_outputs(tmp_path, docs, kind):
     """DVC hashes outputs by content: a rerun on the same text must not make the stages after it run again."""
     from pipeline.config import PrepareConfig
-    from pipeline.sources import prepare_corpus
+    from pipeline.prepare.stage import prepare_corpus
 
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:300]))
     outs = []
@@ -249,7 +249,7 @@ def test_tokenize_corpus_without_prepared_data(tmp_path):
 
 def prepared_corpus(tmp_path, docs, n=1500, **cfg):
     from pipeline.config import PrepareConfig
-    from pipeline.sources import prepare_corpus
+    from pipeline.prepare.stage import prepare_corpus
 
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:n]))
@@ -263,8 +263,9 @@ def test_shards_read_as_one_sequence(tmp_path, docs):
     """Shards of exactly shard_tokens ids hold the same ids as one file, and slices across them, windows and batches
     read the same; store: index gives the same tokens as store: text."""
     from pipeline.config import Batch
-    from pipeline.data import WindowSampler, open_split, read_meta
     from pipeline.layout import TokensDir
+    from pipeline.tokens import open_split, read_meta
+    from pipeline.train.batches import WindowSampler
 
     prepared = prepared_corpus(tmp_path, docs)
     one = TokenizeConfig(kind="char", out_dir=str(tmp_path / "one"))

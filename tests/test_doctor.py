@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import Params
-from pipeline.doctor import parse_hostfile, run_checks
 from pipeline.errors import UserError
+from pipeline.tools.doctor import parse_hostfile, run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,8 @@ from conftest import exported_weights, finish, launch, logged, run_training, tin
 
 from pipeline import config
 from pipeline.errors import UserError
+from pipeline.infra.deepspeed import engine_config, model_init
+from pipeline.infra.distributed import init_distributed
 from pipeline.layout import RunDir
 
 # The global batch is fixed in tokens, so the accumulation follows the number of processes: 2 x 1 or 1 x 2.
@@ -116,16 +118,15 @@ def test_a_zero3_scratch_model_is_built_partitioned_with_the_same_initialisation
     embeddings instead of GPT-2's N(0, 0.02)): per-parameter std as without it."""
     import deepspeed
 
-    from pipeline import engine as ds
-    from pipeline.models import build_model
+    from pipeline.model.build import build_model
 
     t = config.TrainConfig(zero_stage=3, micro_batch_size=4)
     model_cfg = config.ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64)
-    ds.init_distributed()
+    init_distributed()
     torch.manual_seed(0)
     plain = build_model(model_cfg, 1000, 0)
     torch.manual_seed(0)
-    with ds.model_init(ds.engine_config(t, t.batch(1, 64))):
+    with model_init(engine_config(t, t.batch(1, 64))):
         sharded = build_model(model_cfg, 1000, 0, shards=1)
     params = dict(sharded.named_parameters())
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values()), "not partitioned by zero.Init"

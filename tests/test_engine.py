@@ -4,13 +4,15 @@ import json
 
 import pytest
 
-from pipeline import config, engine, params
+from pipeline import config, params
 from pipeline.errors import UserError
+from pipeline.infra.deepspeed import deepspeed_config, merge_user_config
+from pipeline.infra.launcher import launcher_command
 
 
 def ds_config(world_size=1, block_size=128, **train):
     t = config.TrainConfig(**train)
-    return engine.deepspeed_config(t, t.batch(world_size, block_size))
+    return deepspeed_config(t, t.batch(world_size, block_size))
 
 
 def test_every_key_comes_from_train_params():
@@ -46,7 +48,7 @@ def test_accumulation_from_global_batch_tokens():
 def test_user_json_is_merged_on_top_and_changes_are_reported(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}, "wall_clock_breakdown": True}))
-    merged, changed = engine.merge_user_config(ds_config(), str(user))
+    merged, changed = merge_user_config(ds_config(), str(user))
     assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7}
     assert merged["wall_clock_breakdown"] is True and merged["optimizer"]["type"] == "AdamW"
     assert changed == ["zero_optimization.stage: 0 -> 1", "wall_clock_breakdown: False -> True"]
@@ -56,39 +58,39 @@ def test_user_json_may_not_change_the_batch_and_bad_files_are_named(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64}))
     with pytest.raises(UserError, match="sets train_micro_batch_size_per_gpu, which gptpipe derives"):
-        engine.merge_user_config(ds_config(), str(user))
+        merge_user_config(ds_config(), str(user))
     user.write_text('{"zero_optimization": {"stage": 1,}}')
     with pytest.raises(UserError, match=r"ds.json:1: invalid JSON"):
-        engine.merge_user_config(ds_config(), str(user))
+        merge_user_config(ds_config(), str(user))
     with pytest.raises(UserError, match="not found"):
-        engine.merge_user_config(ds_config(), str(tmp_path / "missing.json"))
+        merge_user_config(ds_config(), str(tmp_path / "missing.json"))
 
 
 def test_launcher_command_from_params(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\n")
     t = config.TrainConfig(launcher="deepspeed", hostfile=str(hostfile), num_gpus=8, num_nodes=1, master_port=29600, launcher_args=["--no_ssh_check"])
-    cmd = engine.launcher_command(t, "stages/train.py", ["--params", "params.yaml"])
+    cmd = launcher_command(t, ["--params", "params.yaml"])
     assert cmd[0].endswith("deepspeed")
     assert cmd[1:] == [
         "--hostfile", str(hostfile), "--num_nodes", "1", "--num_gpus", "8", "--master_port", "29600", "--no_ssh_check",
-        "stages/train.py", "--params", "params.yaml",
+        "--no_local_rank", "--module", "pipeline.train", "--params", "params.yaml",
     ]  # fmt: skip
     with pytest.raises(UserError, match="train.hostfile: .* not found"):
-        engine.launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), "stages/train.py", [])
+        launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), [])
 
 
 def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts():
-    cmd = engine.launcher_command(config.TrainConfig(include="localhost:2,3", master_port=29600), "stages/train.py", [])
+    cmd = launcher_command(config.TrainConfig(include="localhost:2,3", master_port=29600), [])
     assert cmd[1:5] == ["--include", "localhost:2,3", "--master_port", "29600"]
-    cmd = engine.launcher_command(config.TrainConfig(exclude="worker-2:0"), "stages/train.py", [])
+    cmd = launcher_command(config.TrainConfig(exclude="worker-2:0"), [])
     assert "--exclude" in cmd and "worker-2:0" in cmd
     with pytest.raises(UserError, match="train.include: cannot be combined with train.num_gpus"):
         params.validate_params({"train": {"include": "localhost:0", "num_gpus": 2}})
 
 
 def test_the_gpu_peak_for_mfu_is_the_tf32_one_only_when_tf32_is_on():
-    from pipeline.engine import gpu_peak_tflops
+    from pipeline.infra.hardware import gpu_peak_tflops
 
     assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16", tf32=False) == 989.0
     assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156.0  # TF32 on tensor cores

@@ -10,22 +10,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline import config, params
-from pipeline.data import open_tokens, write_tokens
 from pipeline.errors import UserError
-from pipeline.evaluation import (
-    Item,
-    accuracy_counts,
-    covered_text_bytes,
-    encode_pair,
-    evaluate,
-    hellaswag_scores,
-    parse_hellaswag,
-    val_metrics,
-    val_sums,
-)
-from pipeline.inference import load_for_inference
-from pipeline.models import padded_vocab
-from pipeline.tokenizers import BpeTokenizer, build_tokenizer
+from pipeline.eval.hellaswag import Item, accuracy_counts, encode_pair, hellaswag_scores, parse_hellaswag
+from pipeline.eval.lm import covered_text_bytes, val_metrics, val_sums
+from pipeline.eval.stage import evaluate_model as evaluate
+from pipeline.model.build import padded_vocab
+from pipeline.model.inference import load_for_inference
+from pipeline.tokenize.tokenizers import BpeTokenizer, build_tokenizer
+from pipeline.tokens import open_tokens, write_tokens
 
 SENTENCE = "the cat sat on the mat. "
 

@@ -9,11 +9,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from pipeline import config, params
-from pipeline.encoding import tokenize_corpus
 from pipeline.errors import UserError
-from pipeline.models import build_model, count_params, padded_vocab
-from pipeline.sources import prepare_corpus
-from pipeline.training import train
+from pipeline.model.build import build_model, count_params, padded_vocab
+from pipeline.prepare.stage import prepare_corpus
+from pipeline.tokenize.stage import tokenize_corpus
+from pipeline.train.loop import train
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -14,10 +14,11 @@ import yaml
 from conftest import ROOT, clean_env, saved_world_size
 from typer.testing import CliRunner
 
-from pipeline import params, recipes
+from pipeline import params
 from pipeline.cli import app
-from pipeline.data import open_tokens
-from pipeline.scaffold import DVC_YAML, commented_params
+from pipeline.tokens import open_tokens
+from pipeline.tools import recipes
+from pipeline.tools.init import DVC_YAML, commented_params
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ import json
 from dvclive import Live
 
 from pipeline import params
-from pipeline.reports import build_report, read_history
+from pipeline.report.stage import build_report, read_history
 
 
 def fake_training_log(metrics_dir, steps=20):

@@ -9,8 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline import params
 from pipeline.errors import UserError
-from pipeline.models import context_length
-from pipeline.sampling import filter_logits, generate_samples, sample_tokens, write_samples
+from pipeline.model.build import context_length
+from pipeline.model.generate import filter_logits, sample_tokens
+from pipeline.sample.stage import generate_samples, write_samples
 
 INF = float("-inf")
 
@@ -163,7 +164,7 @@ def test_prompts_come_from_the_prompts_file(tmp_path):
 
 
 def test_a_batch_of_samples_matches_one_row_at_a_time_and_the_cache_free_path():
-    from pipeline.sampling import sample_batch
+    from pipeline.model.generate import sample_batch
 
     tok = char_tokenizer()
     model = tiny_gpt2(tok, n_positions=16, seed=3, initializer_range=0.5)  # outgrows its context: crops

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from pipeline import config
-from pipeline.schedules import decay_end, lr_at
+from pipeline.train.schedules import decay_end, lr_at
 
 
 def schedule(**train) -> config.TrainConfig:

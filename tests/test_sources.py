@@ -13,10 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import formats
 from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
-from pipeline.sources import SourceStats, iter_prepared, iter_source, normalize, prepare_corpus, prepared_size, source_size, split_of
+from pipeline.prepare import formats, plan
+from pipeline.prepare.documents import iter_prepared, prepared_size
+from pipeline.prepare.formats import SourceStats
+from pipeline.prepare.plan import normalize, split_of
+from pipeline.prepare.sources import iter_source, source_size
+from pipeline.prepare.stage import prepare_corpus
 
 
 def read(errors="strict", stats=None, download_dir="data/cache/downloads", **source):
@@ -386,7 +390,7 @@ def test_tail_split_holds_out_the_last_fraction_of_the_text_cut_at_that_characte
 
 
 def documents(out):
-    from pipeline.sources import iter_documents
+    from pipeline.prepare.documents import iter_documents
 
     return {split: [t for s, t in iter_documents(out) if s == split] for split in ("train", "val")}
 
@@ -421,9 +425,8 @@ def test_index_store_gives_the_documents_text_store_writes(tmp_path, case):
 
 def test_dedup_keeps_the_first_of_each_document_in_order(tmp_path, monkeypatch):
     """Deduplication by buckets on disk, in blocks: the same documents, in the same order, as a set in memory."""
-    from pipeline import sources
 
-    monkeypatch.setattr(sources, "BLOCK", 7)  # many blocks: the per-block numpy steps are exercised
+    monkeypatch.setattr(plan, "BLOCK", 7)  # many blocks: the per-block numpy steps are exercised
     rng = random.Random(1)
     texts = [f"doc {rng.randrange(3000)}" for _ in range(6000)]
     seen, expected = set(), []
@@ -443,7 +446,7 @@ def test_dedup_keeps_the_first_of_each_document_in_order(tmp_path, monkeypatch):
 
 def test_index_store_notices_a_changed_source(tmp_path):
     from pipeline.config import TokenizeConfig
-    from pipeline.encoding import tokenize_corpus
+    from pipeline.tokenize.stage import tokenize_corpus
 
     source = write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(40)])
     prepare(tmp_path, source=source, store="index")
@@ -458,7 +461,7 @@ def test_index_store_notices_a_changed_source(tmp_path):
 
 
 def test_a_damaged_plan_is_one_message(tmp_path):
-    from pipeline.sources import iter_documents
+    from pipeline.prepare.documents import iter_documents
 
     prepare(tmp_path, source=write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(40)]), store="index")
     plan = tmp_path / "prepared" / "plan.bin"

@@ -8,7 +8,7 @@ from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it 
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
-from pipeline.tokenizers import EOT, CharTokenizer, HfTokenizer, TiktokenTokenizer, build_tokenizer, load_tokenizer
+from pipeline.tokenize.tokenizers import EOT, CharTokenizer, HfTokenizer, TiktokenTokenizer, build_tokenizer, load_tokenizer
 
 SAMPLE = "Hello world!  Ünïcödé → 日本語 😀\n\n\tTabs,   spaces\r\nand 123 numbers.\n"
 

@@ -12,7 +12,7 @@ from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, 
 
 from pipeline import config, params
 from pipeline.errors import UserError
-from pipeline.training import train
+from pipeline.train.loop import train
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_two_processes_equal_one_process_with_twice_the_accumulation(tokens_dir,
     params = tiny_params(tokens_dir, two, max_steps=8, grad_accum=1, launcher="deepspeed", num_gpus=2, master_port=29631)
     (two / "params.yaml").write_text(yaml.safe_dump(params))
     out = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "train.py"), "--params", "params.yaml"], cwd=two, capture_output=True, text=True, env=clean_env()
+        [sys.executable, "-m", "pipeline.train", "--params", "params.yaml"], cwd=two, capture_output=True, text=True, env=clean_env()
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "launching" in out.stderr
@@ -145,7 +145,7 @@ def test_two_simulated_nodes_on_localhost_match_one_process(tokens_dir, tmp_path
 
 @pytest.mark.slow
 def test_the_readme_hostfile_command_runs_on_one_machine_without_sshd(tokens_dir, tmp_path):
-    """`deepspeed --hostfile hostfile --no_ssh_check --master_addr 127.0.0.1 stages/train.py` with `localhost slots=2`."""
+    """`deepspeed --hostfile hostfile --no_ssh_check --master_addr 127.0.0.1 --module pipeline.train` with `localhost slots=2`."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     run_training(tiny_params(tokens_dir, one, max_steps=4, grad_accum=2))
@@ -164,7 +164,7 @@ def test_the_hostfile_from_params_with_include_launches_the_same_run(tokens_dir,
     raw = tiny_params(tokens_dir, tmp_path, max_steps=4, grad_accum=1, launcher="deepspeed", hostfile=str(tmp_path / "hostfile"),
                       include="localhost:0,1", master_port=29711, launcher_args=["--no_ssh_check", "--master_addr", "127.0.0.1"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    out = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "--params", "params.yaml"], cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", "params.yaml"], cwd=tmp_path,
                          capture_output=True, text=True, env=clean_env())
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "--include localhost:0,1" in out.stderr
@@ -208,7 +208,7 @@ def test_sample_ad_hoc_from_a_checkpoint_or_the_export(tokens_dir, tmp_path, zer
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.inference import load_for_inference
+    from pipeline.model.inference import load_for_inference
 
     raw = tiny_params(tokens_dir, tmp_path, max_steps=4, zero_stage=zero_stage)
     run_training(raw)
@@ -229,14 +229,14 @@ def test_sample_ad_hoc_from_a_checkpoint_or_the_export(tokens_dir, tmp_path, zer
 
 @pytest.mark.slow
 def test_evaluate_split_over_two_ranks_equals_one_process(tokens_dir, tmp_path):
-    from pipeline.evaluation import evaluate
+    from pipeline.eval.stage import evaluate_model as evaluate
 
     raw = tiny_params(tokens_dir, tmp_path, max_steps=2)
     run_training(raw)
     raw["evaluate"] = {"metrics_file": str(tmp_path / "one.json"), "batch_size": 3}
     single = evaluate(params.validate_params(raw))
     raw["evaluate"]["metrics_file"] = str(tmp_path / "two.json")
-    finish(launch(["--num_gpus", "2", "--master_port", "29651"], raw, tmp_path, script="evaluate"))
+    finish(launch(["--num_gpus", "2", "--master_port", "29651"], raw, tmp_path, module="pipeline.eval"))
     double = json.loads((tmp_path / "two.json").read_text())
     assert double["val"]["tokens"] == single["val"]["tokens"]
     for key in ("loss", "bits_per_byte", "token_accuracy"):
@@ -247,7 +247,7 @@ def test_a_checkpoint_stands_alone_after_its_tokens_are_deleted(tokens_dir, tmp_
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.inference import load_for_inference
+    from pipeline.model.inference import load_for_inference
 
     tokens = tmp_path / "tokens"
     shutil.copytree(tokens_dir, tokens)
@@ -266,9 +266,9 @@ def test_a_checkpoint_stands_alone_after_its_tokens_are_deleted(tokens_dir, tmp_
 
 
 def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir, tmp_path, monkeypatch):
-    from pipeline.evaluation import evaluate
-    from pipeline.inference import load_for_inference, model_context
-    from pipeline.sampling import generate_samples
+    from pipeline.eval.stage import evaluate_model as evaluate
+    from pipeline.model.inference import load_for_inference, model_context
+    from pipeline.sample.stage import generate_samples
 
     # A preset's shape, made tiny so the real stages run here: what matters is that each stage reads it.
     monkeypatch.setitem(config.GPT2_PRESETS, "gpt2-124m", {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 48})

@@ -15,13 +15,13 @@ from conftest import exported_weights, finish, launch, logged, run_training, tin
 from safetensors.torch import load_file
 
 from pipeline import config, params
-from pipeline.checkpoints import checkpoint_weights
-from pipeline.data import open_tokens
-from pipeline.encoding import tokenize_corpus
+from pipeline.checkpoints.folder import checkpoint_weights
 from pipeline.errors import UserError
 from pipeline.layout import RunDir
-from pipeline.reports import build_report
-from pipeline.sources import prepare_corpus
+from pipeline.prepare.stage import prepare_corpus
+from pipeline.report.stage import build_report
+from pipeline.tokenize.stage import tokenize_corpus
+from pipeline.tokens import open_tokens
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from conftest import ROOT, run_training, tiny_params
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.data import HEADER, HEADER_BYTES, open_tokens
 from pipeline.errors import UserError
+from pipeline.tokens import HEADER, HEADER_BYTES, open_tokens
 
 runner = CliRunner()
 
@@ -68,7 +68,7 @@ def test_damaged_tokens_stop_training_before_it_starts(tokens_dir, tmp_path, cas
 
 def test_damaged_val_tokens_stop_evaluate_before_it_scores(tokens_dir, tmp_path):
     from pipeline import params
-    from pipeline.evaluation import evaluate
+    from pipeline.eval.stage import evaluate_model as evaluate
 
     tokens = copy_tokens(tokens_dir, tmp_path)
     raw = tiny_params(tokens, tmp_path, tokenize={"kind": "char", "out_dir": str(tokens)}, max_steps=2)
@@ -216,5 +216,5 @@ def test_fp16_on_an_accelerator_without_it_moves_no_folder(tokens_dir, tmp_path,
 
 def test_the_stage_script_prints_one_line_not_a_traceback(project):
     (project / "params.yaml").write_text("train:\n  precision: fp16\n  zero_stage: 7\n")
-    out = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py")], capture_output=True, text=True, cwd=project)
+    out = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, cwd=project)
     assert out.returncode == 2 and "train.zero_stage" in out.stderr and "Traceback" not in out.stderr

@@ -16,11 +16,12 @@ import torch
 from conftest import exported_weights, run_training, tiny_params
 
 from pipeline import params
-from pipeline.checkpoints import prune
+from pipeline.checkpoints.deepspeed_io import read_zero_weights
+from pipeline.checkpoints.folder import prune_checkpoints as prune
 from pipeline.errors import UserError
-from pipeline.evaluation import evaluate
-from pipeline.inference import load_for_inference
+from pipeline.eval.stage import evaluate_model as evaluate
 from pipeline.layout import RunDir
+from pipeline.model.inference import load_for_inference
 
 
 class Planted:
@@ -174,11 +175,10 @@ def test_pruning_keeps_the_step_latest_names(runs, tmp_path):
 @pytest.mark.parametrize("stage, name", [(0, "mp_rank_00_model_states.pt"), (3, "zero_pp_rank_0_mp_rank_00_model_states.pt")])
 def test_the_weight_loader_itself_refuses_a_planted_pickle(runs, tmp_path, stage, name):
     """Defence in depth: a file swapped after verify() still runs nothing when the weights are read."""
-    from pipeline import engine as ds
 
     root, run = damaged_copy(runs, stage, tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"module": Planted(marker)}, run.root / "step-000008" / name)
     with pytest.raises(pickle.UnpicklingError):
-        ds.checkpoint_weights(run.root, "step-000008", stage)
+        read_zero_weights(run.root, "step-000008", stage)
     assert not marker.exists()

@@ -204,7 +204,7 @@ def test_sigkill_at_any_moment_then_resume_ends_bit_identical(tokens_dir, tmp_pa
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "params.yaml").write_text(yaml.safe_dump(tiny_params(tokens_dir, killed, **settings)))
-    cmd = [sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(killed / "params.yaml")]
+    cmd = [sys.executable, "-m", "pipeline.train", "--params", str(killed / "params.yaml")]
     rng = random.Random(1234)
     mid_save = trials = 0
     for trial in range(KILL_TRIALS):

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import Params, PrepareConfig
-from pipeline.data import open_tokens
 from pipeline.errors import UserError
 from pipeline.params import load_params, validate_params
-from pipeline.sources import prepare_corpus
+from pipeline.prepare.stage import prepare_corpus
+from pipeline.tokens import open_tokens
 
 # CI replays the same examples every run (a failure there reproduces); elsewhere each run explores new ones.
 FUZZ = settings(max_examples=300, deadline=None, derandomize=bool(os.environ.get("CI")),
@@ -119,7 +119,7 @@ def test_any_damage_to_a_real_token_file_opens_or_fails_with_one_user_error(tmp_
     """Random bytes never pass the magic; damage to a real file reaches the header fields, the CRC and the ids."""
     import zlib
 
-    from pipeline.data import HEADER, HEADER_BYTES, write_tokens
+    from pipeline.tokens import HEADER, HEADER_BYTES, write_tokens
 
     path = tmp_path_factory.mktemp("t") / "train.bin"
     write_tokens(path, np.arange(60, dtype=np.uint16) % 50, vocab_size=50, eot_id=0)

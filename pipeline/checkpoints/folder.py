@@ -1,0 +1,214 @@
+"""A step folder: saved on every rank and completed by rank 0 (checksums last), verified before any use, loaded
+back with each rank's RNG state, pruned to what train.keep_last keeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints.deepspeed_io import check_loadable, load_engine, read_zero_weights, save_engine
+from pipeline.errors import UserError
+from pipeline.files import write_failure, write_json_atomic, write_text_atomic
+from pipeline.infra.distributed import Dist, any_rank, barrier
+from pipeline.layout import CheckpointDir, RunDir, TrainMetrics, step_tag
+from pipeline.tokenize.tokenizers import Tokenizer
+
+
+def verify_checkpoint(ckpt: CheckpointDir) -> str | None:
+    """Why ckpt must not be used, naming the file; None when it is complete, intact and safe to load.
+
+    Complete: checksums.json (written last) is there. Intact: every file has the sha256 it lists, and no torch
+    file the list does not know. Safe: every torch file loads without running code. Consistent: state.json
+    is the step its folder name says.
+    """
+    if not ckpt.checksums.is_file():
+        return "incomplete (no checksums.json: the save was interrupted)"
+    try:
+        listed = json.loads(ckpt.checksums.read_text())
+        assert isinstance(listed, dict) and all(isinstance(v, str) for v in listed.values())
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        return f"{ckpt.checksums.name} is not a checksum list"
+    for name, digest in listed.items():
+        path = ckpt.root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():  # only files inside the folder
+            return f"{name} is missing"
+        if sha256(path) != digest:
+            return f"{name} is corrupt (its sha256 differs from {ckpt.checksums.name})"
+    unlisted = sorted(str(p.relative_to(ckpt.root)) for p in ckpt.root.rglob("*.pt") if str(p.relative_to(ckpt.root)) not in listed)
+    if unlisted:
+        return f"{unlisted[0]} is not in {ckpt.checksums.name}"
+    try:
+        state = json.loads(ckpt.state.read_text())
+        if state.get("tag") != ckpt.tag or state.get("step") != int(ckpt.tag.removeprefix("step-")):
+            return f"{ckpt.state.name} describes {state.get('tag')} (step {state.get('step')}), not this folder"
+    except (ValueError, OSError):
+        return f"{ckpt.state.name} is unreadable"
+    for name in listed:
+        if name.endswith(".pt"):
+            problem = check_loadable(ckpt.root / name)
+            if problem:
+                return f"{name}: {problem}"
+    return None
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def latest_tag(run: RunDir) -> str | None:
+    """What `latest` names when that checkpoint is complete (for messages; resume uses choose_resume)."""
+    if not run.latest.is_file():
+        return None
+    tag = run.latest.read_text().strip()
+    return tag if run.step(tag).checksums.is_file() else None
+
+
+def save_checkpoint(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer,
+         metrics: TrainMetrics) -> str:
+    """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones.
+
+    A write that fails (a full disk) on any rank removes the incomplete folder and ends the run on every rank
+    with one message; the checkpoints before it stay intact.
+    """
+    tag = step_tag(step)
+    ckpt = run.step(tag)
+    if dist.is_main and ckpt.root.exists():
+        shutil.rmtree(ckpt.root)  # a leftover of a crash, or a damaged copy: never mix its files with new ones
+    barrier()
+    failure = _attempt(lambda: _write_shards(engine, run, ckpt, dist), ckpt.root)
+    if not any_rank(failure is not None, dist.device) and dist.is_main:
+        failure = _attempt(lambda: _complete(engine, run, ckpt, state, tokenizer, metrics, keep_last), ckpt.root)
+    if any_rank(failure is not None, dist.device):
+        if dist.is_main:
+            shutil.rmtree(ckpt.root, ignore_errors=True)
+        before = latest_tag(run)
+        resume = f"a rerun resumes from {run.root / before}" if before else "no earlier checkpoint exists"
+        raise UserError(f"train: {failure or 'another process failed to write its part'} while saving {ckpt.root};"
+                        f" the incomplete checkpoint was removed and {resume}")
+    return tag
+
+
+def _write_shards(engine, run: RunDir, ckpt: CheckpointDir, dist: Dist) -> None:
+    save_engine(engine, run.root, ckpt.tag)
+    torch.save(capture_rng(), ckpt.rng(dist.rank))
+
+
+def _complete(engine, run: RunDir, ckpt: CheckpointDir, state: dict, tokenizer: Tokenizer, metrics: TrainMetrics,
+              keep_last: int) -> None:
+    """Rank 0, after every rank saved: what makes the folder stand alone, the checksums last, then the pointers."""
+    engine.module.config.to_json_file(ckpt.model_config)  # the model rebuilds from it for inference
+    tokenizer.save(ckpt.tokenizer)
+    copy_metrics(metrics, TrainMetrics(ckpt.metrics))
+    write_json_atomic(ckpt.state, {**state, "tag": ckpt.tag})
+    files = sorted(p for p in ckpt.root.rglob("*") if p.is_file() and p != ckpt.checksums)
+    write_json_atomic(ckpt.checksums, {str(p.relative_to(ckpt.root)): sha256(p) for p in files})
+    write_text_atomic(run.latest, ckpt.tag)
+    if state.get("best_tag") == ckpt.tag:
+        write_text_atomic(run.best, ckpt.tag)
+    prune_checkpoints(run, keep_last)
+
+
+def _attempt(write, path: Path) -> UserError | None:
+    """Run write(); a failure the user fixes (a full disk, permissions) comes back as a message, a bug raises."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001 - narrowed by write_failure: anything else re-raises unchanged
+        failure = write_failure(e, path)
+        if failure is None:
+            raise
+        return failure
+    return None
+
+
+def prune_checkpoints(run: RunDir, keep_last: int) -> None:
+    """Keep the newest keep_last complete checkpoints, the best and the one `latest` names; remove the rest."""
+    best = run.best.read_text().strip() if run.best.is_file() else None
+    latest = run.latest.read_text().strip() if run.latest.is_file() else None
+    steps = run.steps()
+    complete = [c.tag for c in steps if c.checksums.is_file()]
+    keep = set(complete[-keep_last:]) | {best, latest}
+    for ckpt in steps:
+        # Incomplete folders older than `latest` are leftovers of a crash mid-save.
+        if ckpt.tag not in keep and (ckpt.tag in complete or (latest and ckpt.tag < latest)):
+            shutil.rmtree(ckpt.root, ignore_errors=True)
+    for converted in (run.root / "universal").glob("step-*"):
+        if converted.name not in keep:  # the step it was converted from is gone
+            shutil.rmtree(converted, ignore_errors=True)
+
+
+def load_checkpoint(engine, run: RunDir, tag: str, dist: Dist, universal: Path | None = None) -> dict:
+    """Load weights, optimizer and this rank's RNG state (checked by verify first); return the saved training state.
+
+    universal: the step converted for another world size (prepare_elastic_resume); a rank the saving run did not
+    have starts a generator of its own, seeded by the step and its rank.
+    """
+    ckpt = run.step(tag)
+    if universal is not None:
+        load_engine(engine, universal.parent, universal.name, universal=True)
+    else:
+        load_engine(engine, run.root, tag)
+    state = json.loads(ckpt.state.read_text())
+    if ckpt.rng(dist.rank).is_file():
+        restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=True))
+    else:
+        seed_rng(1_000_003 * state["step"] + dist.rank)
+    return state
+
+
+def seed_rng(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
+    """The training curves and summary so far: saved with a checkpoint, put back when a run resumes from it,
+    so the curves continue exactly from the resumed step (no rows of steps trained again, none of another run)."""
+    for path in (dst.curves, dst.summary, dst.samples):
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
+    dst.root.mkdir(parents=True, exist_ok=True)
+    # Contents only, not modes: a checkpoint that DVC links into its cache is read-only, and the copy is appended to.
+    if src.curves.is_dir():
+        shutil.copytree(src.curves, dst.curves, copy_function=shutil.copyfile)
+    for name in ("summary", "samples"):
+        if getattr(src, name).is_file():
+            shutil.copyfile(getattr(src, name), getattr(dst, name))
+
+
+def capture_rng() -> dict:
+    """Every generator's state as tensors and numbers only, so the file loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_weights(ckpt: CheckpointDir) -> dict:
+    """The full model weights of a checkpoint, consolidated from its ZeRO partitions when there are several."""
+    state = json.loads(ckpt.state.read_text())
+    zero_stage = state["params"]["train"]["zero_stage"]
+    return read_zero_weights(ckpt.root.parent, ckpt.tag, zero_stage)

@@ -1,0 +1,198 @@
+"""x"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+from pipeline.checkpoints.folder import verify_checkpoint
+from pipeline.config import Batch, Params, TrainConfig
+from pipeline.errors import UserError
+from pipeline.files import write_failure, write_json_atomic
+from pipeline.infra.distributed import Dist, any_rank, barrier, broadcast
+from pipeline.layout import CheckpointDir, RunDir
+from pipeline.output import Echo, silent
+
+# Changing these keeps the run: they say how long to train, how often to look and where things go, not what to learn.
+RESUME_SAFE = {
+    "max_steps", "epochs", "decay_steps", "log_interval", "eval_interval", "eval_batches", "eval_at_start",
+    "early_stopping_patience", "early_stopping_min_delta", "hellaswag_interval", "hellaswag_limit", "sample_interval",
+    "sample_prompts", "sample_max_new_tokens", "save_interval", "keep_last", "run_name", "resume", "export", "export_dtype",
+    "loggers", "wandb_project", "peak_tflops", "launcher", "hostfile", "num_gpus", "num_nodes", "include", "exclude",
+    "master_port", "launcher_args", "collective_timeout", "compile", "tf32", "out_dir", "export_dir", "metrics_dir",
+}  # fmt: skip
+
+
+# Not part of a run's identity as set: they only split the global batch across processes and micro steps. The
+# global batch they add up to is (tokens_per_step), so a run continues on another number of processes when it is kept.
+BATCH_SPLIT = {"grad_accum", "global_batch_tokens"}
+
+
+# Raised when gptpipe changes what it builds from the same params (a model's activation or vocabulary padding)
+# or what a run's identity holds, so a checkpoint of an earlier gptpipe is not resumed into a different model.
+RUN_FORMAT = 3
+
+
+def run_identity(p: Params, data: dict, batch: Batch) -> dict:
+    """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens.
+
+    The world size is not in it: the same global batch on another number of processes continues the same run.
+    """
+    identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
+    identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k not in RESUME_SAFE | BATCH_SPLIT})
+    identity.update({f"data.{k}": v for k, v in data.items()})
+    identity["train.tokens_per_step"] = batch.tokens_per_step
+    return identity
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_folder(out_dir: str | Path, identity: dict) -> RunDir:
+    return RunDir(Path(out_dir) / f"run-{_hash(identity)}")
+
+
+def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
+    """When other runs exist in out_dir, what differs from the newest: the reason this one starts fresh."""
+    mine = run_folder(out_dir, identity)
+    others = sorted(Path(out_dir).glob("run-*/run.json"), key=lambda f: f.stat().st_mtime)
+    others = [f for f in others if RunDir(f.parent) != mine]
+    if not others:
+        return None
+    previous = json.loads(others[-1].read_text())
+    reason = f"{differences(previous, identity)} since {others[-1].parent} (kept there)"
+    if {k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k)} == {"train.tokens_per_step"}:
+        # Most often another number of processes with a fixed micro batch and accumulation: say how to keep the run.
+        reason += (f". To continue that run on this number of processes, keep its global batch:"
+                   f" train.global_batch_tokens={previous['train.tokens_per_step']}")
+    return reason
+
+
+def differences(saved: dict, identity: dict) -> str:
+    keys = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in keys)
+
+
+def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent) -> tuple[RunDir, str | None]:
+    """(the run folder, the checkpoint to resume or None), decided on rank 0 and the same on every rank.
+
+    train.resume: auto resumes the newest intact checkpoint; never moves an existing folder aside to
+    <folder>.previous and starts over; a checkpoint folder resumes that step (a later branch is moved aside).
+    """
+    answer = None
+    if dist.is_main:
+        try:
+            run, tag = _open_run(t, identity, echo)
+            answer = ("ok", (str(run.root), tag))
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = broadcast(answer) if dist.world_size > 1 else answer
+    if kind == "error":
+        raise UserError(value)
+    return RunDir(value[0]), value[1]
+
+
+def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str | None]:
+    if t.resume not in ("auto", "never"):
+        ckpt = find_checkpoint(t.resume, "train.resume")
+        if ckpt is None:
+            raise UserError(f"train.resume: {t.resume} is not a checkpoint (run-*/step-*) nor a run folder")
+        run = RunDir(ckpt.root.parent)
+        saved = json.loads(run.identity.read_text()) if run.identity.is_file() else {}
+        if saved != identity:
+            raise UserError(f"train.resume: {ckpt.root} was trained with other settings ({differences(saved, identity)}); resuming"
+                            " needs the same model, data and optimizer settings")
+        later = [c for c in run.steps() if c.tag > ckpt.tag]
+        if later:
+            aside = run.root / f"abandoned-after-{ckpt.tag}"
+            n = 1
+            while aside.exists():  # train.resume left in params.yaml: each rerun branches off the same step again
+                n += 1
+                aside = run.root / f"abandoned-after-{ckpt.tag}.{n}"
+            aside.mkdir()
+            for c in later:
+                c.root.rename(aside / c.tag)
+            echo(f"train: resuming {ckpt.tag} as asked; the later {', '.join(c.tag for c in later)} moved to {aside}."
+                 " Set train.resume back to auto, or every run starts again from this checkpoint")
+        return run, ckpt.tag
+
+    run = RunDir(Path(t.out_dir) / t.run_name) if t.run_name else run_folder(t.out_dir, identity)
+    if t.resume == "never" and run.root.exists():
+        aside = run.root.with_name(run.root.name + ".previous")
+        shutil.rmtree(aside, ignore_errors=True)
+        run.root.rename(aside)
+        echo(f"train: train.resume=never: starting over; the earlier {run.root} is now {aside}")
+        return run, None
+    if t.run_name and run.identity.is_file():
+        saved = json.loads(run.identity.read_text())
+        if saved != identity:
+            raise UserError(f"train.run_name={t.run_name}: {run.root} holds a run with other settings ({differences(saved, identity)});"
+                            " choose another run_name, or set train.resume=never to start it over (the old folder is kept as"
+                            f" {run.root.name}.previous)")
+    return run, choose_resume(run, echo)
+
+
+def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
+    """Create the run folder (rank 0) with what identifies it and the DeepSpeed config that runs; then every rank
+    checks it sees the folder, since rank 0 reads every rank's checkpoint files (out_dir must be shared)."""
+    if dist.is_main:
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run.identity, identity)
+            write_json_atomic(run.ds_config, ds_config)
+        except OSError as e:
+            raise write_failure(e, run.root) or e from None
+    barrier()
+    unseen = not run.identity.is_file()
+    if any_rank(unseen, dist.device):
+        where = f"rank {dist.rank} on {socket.gethostname()} cannot see {run.identity}" if unseen else "another rank cannot see it"
+        raise UserError(f"train.out_dir={run.root.parent} must be on storage every node sees (a shared file system): {where},"
+                        " which rank 0 wrote")
+
+
+def choose_resume(run: RunDir, echo: Echo = silent) -> str | None:
+    """The newest intact checkpoint of the run, or None when it has none (a fresh start).
+
+    `latest` is a convenience, not the only record: a missing or bad pointer falls back to the newest step
+    folder that verifies. A run whose every complete checkpoint is damaged is an error, never overwritten.
+    """
+    complete = [c for c in reversed(run.steps()) if c.checksums.is_file()]
+    damaged = []
+    for ckpt in complete:
+        problem = verify_checkpoint(ckpt)
+        if problem is None:
+            pointer = run.latest.read_text().strip() if run.latest.is_file() else None
+            for tag, why in damaged:
+                echo(f"train: skipping checkpoint {run.root / tag}: {why}")
+            if pointer != ckpt.tag:
+                echo(f"train: `latest` names {pointer or 'nothing'}; the newest intact checkpoint is {ckpt.tag}")
+            return ckpt.tag
+        damaged.append((ckpt.tag, problem))
+    if damaged:
+        listing = "; ".join(f"{tag}: {why}" for tag, why in damaged)
+        raise UserError(f"train: every checkpoint in {run.root} is damaged ({listing}). Nothing was overwritten: move the"
+                        f" folder away (mv {run.root} {run.root}.damaged) to start this run over, or restore it from a backup")
+    return None
+
+
+
+def find_checkpoint(folder: str | Path, key: str) -> CheckpointDir | None:
+    """The verified checkpoint a folder names: a step folder itself, or a run folder's newest intact one;
+    None when the folder is neither. A damaged checkpoint is a UserError naming the file (key: the param)."""
+    folder = Path(folder)
+    ckpt = CheckpointDir(folder)
+    if ckpt.checksums.is_file() or ckpt.state.is_file():
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise UserError(f"{key}: checkpoint {folder} cannot be used: {problem}")
+        return ckpt
+    if RunDir(folder).identity.is_file():
+        tag = choose_resume(RunDir(folder))
+        if tag is None:
+            raise UserError(f"{key}: the run folder {folder} has no complete checkpoint yet")
+        return RunDir(folder).step(tag)
+    return None

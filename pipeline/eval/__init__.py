@@ -1,0 +1,1 @@
+"""Evaluating: LM metrics and HellaSwag (shared with training), and the evaluate stage."""

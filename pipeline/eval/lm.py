@@ -1,0 +1,105 @@
+"""Language-model metrics on token windows: loss, perplexity, bits per byte and token accuracy, summed across ranks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.infra.distributed import all_reduce_sum
+from pipeline.tokenize.tokenizers import Tokenizer
+
+IGNORE = -100  # target of padded positions
+
+
+@dataclass
+class ValSums:
+    """What val metrics are made of, summed over windows: adds up across ranks."""
+
+    loss: float = 0.0  # nats over every predicted token
+    correct: int = 0  # argmax predictions equal to the target
+    tokens: int = 0  # predicted tokens
+
+    def __add__(self, other: ValSums) -> ValSums:
+        return ValSums(self.loss + other.loss, self.correct + other.correct, self.tokens + other.tokens)
+
+
+def count_windows(n_tokens: int, block_size: int) -> int:
+    """Windows of block_size predictions that predict every token after the first once (the last may be short)."""
+    return math.ceil((n_tokens - 1) / block_size) if n_tokens > 1 else 0
+
+
+@torch.no_grad()
+def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_windows: int | None = None,
+             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> ValSums:
+    """This rank's sums over windows rank, rank + world_size, ... of the first max_windows.
+
+    Window i is tokens[i*T : i*T + T + 1]: inputs are its first T tokens, targets the last T.
+    """
+    T = block_size
+    n = min(count_windows(len(tokens), T), max_windows or math.inf)
+    mine = range(rank, n, world_size)
+    device = next(model.parameters()).device
+    sums = ValSums()
+    for first in range(0, len(mine), batch_size):
+        windows = [np.asarray(tokens[i * T : i * T + T + 1], dtype=np.int64) for i in mine[first : first + batch_size]]
+        # Only the final window can be short: pad it on the right, which a causal model never sees.
+        x = torch.zeros(len(windows), T, dtype=torch.long)
+        y = torch.full((len(windows), T), IGNORE, dtype=torch.long)
+        for row, w in enumerate(windows):
+            x[row, : len(w) - 1] = torch.from_numpy(w[:-1])
+            y[row, : len(w) - 1] = torch.from_numpy(w[1:])
+        x, y = x.to(device), y.to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
+        scored = y != IGNORE
+        sums += ValSums(loss.item(), int(((logits.argmax(-1) == y) & scored).sum()), int(scored.sum()))
+        if progress:
+            progress(len(windows))
+    return sums
+
+
+def metrics_from_sums(sums: ValSums, text_bytes: int | None) -> dict:
+    loss = sums.loss / max(sums.tokens, 1)
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": sums.loss / math.log(2) / text_bytes if text_bytes else None,
+        "token_accuracy": sums.correct / max(sums.tokens, 1),
+        "tokens_scored": sums.tokens,
+    }
+
+
+def val_metrics(model, tokens: np.ndarray, block_size: int, batch_size: int, text_bytes: int | None,
+                max_windows: int | None = None, rank: int = 0, world_size: int = 1,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """Loss over the val tokens in non-overlapping windows (deterministic), summed over ranks.
+
+    bits_per_byte divides the loss in bits by text_bytes, the UTF-8 size of the text the scored windows cover
+    (the first token's text included, though it is not predicted): meta.json's text_bytes for the whole split,
+    covered_text_bytes of the windows' tokens for a part. None leaves it out.
+    """
+    sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress)
+    if world_size > 1:
+        loss, correct, count = all_reduce_sum([sums.loss, sums.correct, sums.tokens], next(model.parameters()).device)
+        sums = ValSums(loss, round(correct), round(count))
+    return metrics_from_sums(sums, text_bytes)
+
+
+def covered_text_bytes(tokenizer: Tokenizer, tokens: np.ndarray) -> int:
+    """UTF-8 bytes of the text that tokens encode, end-of-text tokens excluded (they stand for no text).
+
+    Decoded document by document: a document boundary is always a clean place to cut the ids.
+    """
+    tokens = np.asarray(tokens)
+    cuts = np.flatnonzero(tokens == tokenizer.eot_id)
+    total, start = 0, 0
+    for end in [*cuts.tolist(), len(tokens)]:
+        if end > start:
+            total += len(tokenizer.decode(tokens[start:end]).encode("utf-8"))
+        start = end + 1
+    return total

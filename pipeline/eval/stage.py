@@ -1,0 +1,76 @@
+"""The evaluate stage: val loss, perplexity, bits per byte, accuracy and HellaSwag of the trained model."""
+
+from __future__ import annotations
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.eval.hellaswag import accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
+from pipeline.eval.lm import count_windows, covered_text_bytes, val_metrics
+from pipeline.files import write_json_atomic
+from pipeline.infra.distributed import Dist
+from pipeline.infra.hardware import use_tf32
+from pipeline.layout import TokensDir
+from pipeline.model.build import count_params, inference_dtype
+from pipeline.model.inference import load_for_inference, model_context
+from pipeline.output import ProgressFactory, no_progress
+from pipeline.tokens import open_split, read_meta
+
+
+def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactory = no_progress) -> dict:
+    """The evaluate stage: metrics of the trained model, written to evaluate.metrics_file by rank 0.
+
+    Launched on several processes (dist), each scores its share of the windows and items.
+    """
+    cfg = p.evaluate
+    rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+    ref = p.model_for("evaluate")
+    use_tf32(p.train.tf32)
+    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, inference_dtype(p.train), key=ref.key)
+    notes = []
+
+    tokens_dir = TokensDir(p.tokenize.out_dir)
+    meta = read_meta(tokens_dir.root)
+    val = open_split(tokens_dir, "val", meta)
+    if (val.vocab_size, val.eot_id) != (tokenizer.vocab_size, tokenizer.eot_id):
+        raise UserError(f"{val.path} was tokenized with vocab_size={val.vocab_size}, eot_id={val.eot_id} but the model in "
+                        f"{ref.path} has a tokenizer with {tokenizer.vocab_size}, {tokenizer.eot_id}: evaluate the model "
+                        "trained on these tokens, or rerun the tokenize stage")
+    block_size = p.eval_block_size
+    context = model_context(model)
+    if context and block_size > context:
+        notes.append(f"block_size {block_size} capped at the model's context of {context} tokens")
+        block_size = context
+    n_windows = count_windows(len(val), block_size)
+    if n_windows == 0:
+        raise UserError(f"{val.path} holds {len(val)} token(s): at least 2 are needed to score a prediction")
+    if cfg.max_windows and cfg.max_windows < n_windows:
+        n_windows = cfg.max_windows
+        text_bytes = covered_text_bytes(tokenizer, val.tokens[: n_windows * block_size + 1])
+        notes.append(f"val: the first {n_windows} windows of {block_size} tokens (evaluate.max_windows)")
+    else:
+        split = meta.get("splits", {}).get("val", {})
+        if split.get("tokens") != len(val):
+            raise UserError(f"{tokens_dir.meta} does not describe {val.path} ({split.get('tokens')} "
+                            f"tokens vs {len(val)}): rerun the tokenize stage")
+        text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
+    with progress("val windows", len(range(rank, n_windows, world_size))) as advance:
+        v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance)
+    metrics = {
+        "val": {"loss": v["val_loss"], "perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"],
+                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"], "block_size": block_size},
+    }
+
+    if cfg.hellaswag or cfg.hellaswag_url:
+        items = load_hellaswag(p, cfg.hellaswag_limit, progress)
+        endings = sum(len(i.endings) for i in items)
+        with progress("HellaSwag endings", len(range(rank, endings, world_size))) as advance:
+            logliks = choice_logliks(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
+        metrics["hellaswag"] = scores_from_counts(accuracy_counts(items, logliks))
+    else:
+        notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
+
+    metrics["model"] = {"parameters": count_params(model), "dir": str(ref.path)}
+    metrics["notes"] = notes
+    if rank == 0:
+        write_json_atomic(cfg.metrics_file, metrics)
+    return metrics

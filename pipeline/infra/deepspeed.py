@@ -1,0 +1,224 @@
+"""Everything that calls DeepSpeed's engine: the generated config, the engine and its optimizer groups, one
+optimizer step with clipping, and the whole model's weights gathered from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.config import Batch, TrainConfig
+from pipeline.errors import UserError
+from pipeline.output import Echo, silent
+
+# Keys that the data path derives from train.* itself: a user JSON may not change them.
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
+    """The DeepSpeed JSON for train.*, one key at a time; the lr schedule is set by the loop each step."""
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage > 0:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": batch.global_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum,
+        # ZeRO 0 in fp32: the loop clips (and so learns the norm) in one pass; DeepSpeed would compute it again.
+        "gradient_clipping": 0.0 if clips_in_loop(train) else train.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [train.beta1, train.beta2],
+                "eps": train.eps,
+                "weight_decay": train.weight_decay,
+                # torch's AdamW needs no compiled op, and its fused kernel (CPU and GPU) beats the foreach one;
+                # DeepSpeed's CPU Adam is used when offloading.
+                "torch_adam": not train.offload_optimizer,
+                **({"fused": True} if not train.offload_optimizer else {}),
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def merge_user_config(generated: dict, path: str | None) -> tuple[dict, list[str]]:
+    """Put a user's DeepSpeed JSON on top of the generated one; return it and the keys it changed."""
+    if not path:
+        return generated, []
+    try:
+        user = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"train.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"train.deepspeed_config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
+    fixed = [k for k in BATCH_KEYS if k in user and user[k] != generated[k]]
+    if fixed:
+        raise UserError(
+            f"train.deepspeed_config: {path} sets {', '.join(fixed)}, which gptpipe derives from train.micro_batch_size,"
+            " train.grad_accum / train.global_batch_tokens and the world size: set those params instead"
+        )
+    changed: list[str] = []
+    return _merge(generated, user, "", changed), changed
+
+
+def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value, f"{prefix}{key}.", changed)
+        else:
+            if key in base and base[key] != value:
+                changed.append(f"{prefix}{key}: {base[key]!r} -> {value!r}")
+            out[key] = value
+    return out
+
+
+def check_precision(train: TrainConfig) -> None:
+    """UserError, before anything is written, when this machine's accelerator lacks train.precision."""
+    if train.precision == "fp32":
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    supported = accel.is_bf16_supported() if train.precision == "bf16" else accel.is_fp16_supported()
+    if not supported:
+        raise UserError(f"train.precision={train.precision} is not supported on this machine's {accel._name} accelerator:"
+                        " use fp32 (or bf16 where supported; `gptpipe doctor` shows which)")
+
+
+def engine_config(train: TrainConfig, batch: Batch, echo: Echo = silent) -> dict:
+    """The DeepSpeed config a run trains with: generated from train.*, a user JSON merged on top."""
+    check_precision(train)
+    ds_config, changed = merge_user_config(deepspeed_config(train, batch), train.deepspeed_config)
+    for change in changed:
+        echo(f"train: {train.deepspeed_config} overrides {change}")
+    return ds_config
+
+
+@contextmanager
+def model_init(ds_config: dict) -> Iterator[None]:
+    """Where a model to train from scratch is built: under ZeRO-3, inside deepspeed.zero.Init, so each process only
+    ever holds its partition of the weights (a model larger than one process's memory can be made).
+
+    transformers does this itself while an HfDeepSpeedConfig is alive, and then runs its weight initialisation on
+    gathered parameters; without that, _init_weights would touch empty partitions and leave PyTorch's defaults.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it while building
+    try:
+        yield
+    finally:
+        del alive
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> object:
+    """The DeepSpeed engine that trains model with ds_config (engine_config). AdamW decays matrices only (not
+    biases or norm gains)."""
+    import deepspeed
+
+    decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    if torch_dist.get_world_size() == 1 and train.zero_stage == 0:
+        # One process has nothing to all-reduce: skip DeepSpeed's flatten, reduce and unflatten of every gradient.
+        engine.enable_backward_allreduce = False
+    if train.compile:
+        engine.compile()  # torch.compile of the module in place: its parameter names, and so the checkpoints, stay the same
+    return engine
+
+
+def _ndim(p: torch.Tensor) -> int:
+    """A parameter's dimensions, also when ZeRO-3 has partitioned it into a flat placeholder."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clips_in_loop(train: TrainConfig) -> bool:
+    """ZeRO 0 in fp32: DeepSpeed keeps no gradient norm there, so the loop clips (one pass gives the norm too)."""
+    return train.zero_stage == 0 and train.precision == "fp32"
+
+
+def optimizer_step(engine, boundary: bool, grad_clip: float) -> float | None:
+    """engine.step() after a micro step; at an accumulation boundary, return the global gradient norm.
+
+    ZeRO stages and DeepSpeed's bf16/fp16 optimizers keep the norm they clip with. In plain fp32 data
+    parallelism every rank holds the full averaged gradients before the step, so clipping them here gives
+    the global norm in the same pass (clips_in_loop: DeepSpeed's own clipping is off then).
+    """
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf, foreach=True))
+    engine.step()
+    if not boundary:
+        return None
+    tracked = engine.get_global_grad_norm()
+    return float(tracked) if tracked is not None else norm
+
+
+def full_state_dict(engine, dtype: torch.dtype) -> dict | None:
+    """The whole model's weights in dtype on rank 0 (None elsewhere); call on every rank (ZeRO-3 gathers).
+
+    With bf16/fp16 training these are the fp32 master weights the optimizer holds, cast once to dtype, not the
+    low-precision copies the forward pass used.
+    """
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
+    else:
+        state = module.state_dict() if torch_dist.get_rank() == 0 else None
+    masters = _master_weights(engine) if engine.bfloat16_enabled() or engine.fp16_enabled() else {}
+    if torch_dist.get_rank() != 0:
+        return None
+    return {name: masters.get(name, tensor).detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
+            for name, tensor in state.items()}
+
+
+def _master_weights(engine) -> dict[str, torch.Tensor]:
+    """name -> fp32 master copy of each parameter (tied names included); ZeRO-3 gathers, so every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    optimizer, masters = engine.optimizer, {}
+    # ZeRO 0 in bf16/fp16 runs DeepSpeed's unfused optimizer: fp32 copies side by side with the module's groups.
+    by_id = {id(low): high for lows, highs in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+             for low, high in zip(lows, highs)}
+    for name, param in engine.module.named_parameters(remove_duplicate=False):
+        master = by_id.get(id(param))
+        if master is None:
+            master = safe_get_full_fp32_param(param)
+        if master is not None:
+            masters[name] = master.view(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
+    return masters

@@ -1,0 +1,148 @@
+"""The process group and its collectives: joining a launcher's world (or making one of one), sums and broadcasts
+across ranks, and naming the ranks that froze or died."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# Set when init_distributed made a world of one itself: the variables it sets are not a launcher's.
+_own_world = False
+
+
+def local_rank() -> int | None:
+    """This process's index on its node when a launcher started it (LOCAL_RANK), else None."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None and not _own_world else None
+
+
+def is_launched() -> bool:
+    """True inside a process the deepspeed launcher (or torchrun) started."""
+    return local_rank() is not None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", local_rank() or 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(single_process_group: bool = True, timeout_s: int = 600) -> Dist:
+    """Join the launcher's process group, or (single_process_group) create a group of one as DeepSpeed needs.
+
+    Without single_process_group, a process no launcher started gets a world of one and no group (evaluate).
+    A collective that waits more than timeout_s for another process raises instead of hanging forever.
+    """
+    if not is_launched() and not single_process_group:
+        return Dist(0, 1, 0, default_device())
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn it guessed
+    import deepspeed
+
+    # The deepspeed launcher sets these; a plain `python stages/train.py` gets a world of one.
+    if "RANK" not in os.environ:
+        global _own_world
+        _own_world = True
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    cuda = torch.cuda.is_available()
+    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default (30 minutes for gloo),
+    # not the world's timeout: every group of this process gets the same one, so no collective hangs longer.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    if not torch_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False)
+    device = default_device()
+    if cuda:
+        torch.cuda.set_device(device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank() or 0, device)
+
+
+def leave_process_group() -> None:
+    """End a launched process's part in its group once every rank is done: a process that exits with gloo's
+    threads still running can abort ("terminate called without an active exception", exit -6)."""
+    if is_launched() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if torch_dist.get_world_size() == 1:
+        return [float(v) for v in values]  # a world of one: nothing to add
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when flag is true on at least one: all ranks then take the same branch."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def broadcast(obj, src: int = 0):
+    """rank src's obj on every rank."""
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a failed collective means for the user ("frozen" or "gone"), or None when e is something else."""
+    text = str(e)
+    if isinstance(e, RuntimeError) and re.search(r"[Tt]imed out|[Tt]imeout", text):
+        return "frozen"
+    if isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset)|Broken pipe|connection refused", text, re.I):
+        return "gone"
+    return None
+
+
+def unresponsive_ranks(dist: Dist, wait_s: float) -> list[int]:
+    """After a collective failed: the ranks that do not check in within wait_s through the rendezvous store.
+
+    Every live rank writes its key and then waits for the others' keys, so the ones still missing are the frozen
+    or dead ones. Empty when the store itself is gone (the rendezvous host died) or the world is one process.
+    """
+    if dist.world_size == 1:
+        return []
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=max(1.0, wait_s)))  # the store lives in rank 0: it may be the frozen one
+        store.set(f"gptpipe/alive/{dist.rank}", "1")
+        keys = [f"gptpipe/alive/{r}" for r in range(dist.world_size)]
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and not store.check(keys):
+            time.sleep(0.2)
+        return [r for r, key in enumerate(keys) if not store.check([key])]
+    except (RuntimeError, ValueError, OSError):
+        return []
+
+
+def barrier() -> None:
+    torch_dist.barrier()

@@ -1,0 +1,1 @@
+"""Models: built from scratch or loaded (with the dtype policy), loaded for inference, and generation."""

@@ -1,0 +1,217 @@
+"""Causal language models from Hugging Face transformers, built from scratch or loaded to fine-tune.
+
+Nothing here knows about DeepSpeed: the engine wraps whatever this returns.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import UserError
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# A vocabulary padded to a multiple of 64 makes the embedding and output matmuls faster on GPUs; the extra ids
+# never occur in the data, so training learns to give them no probability. A small vocabulary (characters) is
+# padded to a multiple of 8 only: 65 characters padded to 128 would double the output layer's work for nothing.
+VOCAB_MULTIPLE = 64
+SMALL_VOCAB_MULTIPLE = 8
+
+
+def padded_vocab(vocab_size: int, multiple: int | None = None) -> int:
+    multiple = multiple or (VOCAB_MULTIPLE if vocab_size >= 1024 else SMALL_VOCAB_MULTIPLE)
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
+    """The transformers config of a model trained from scratch on a tokenizer of vocab_size ids."""
+    n_layer, n_head, n_embd, block_size = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size
+    common = dict(vocab_size=padded_vocab(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id, tie_word_embeddings=cfg.tie_embeddings)
+    # Imported where used: transformers loads each architecture's module on first access (Llama's costs ~1.5 s).
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            n_positions=block_size,
+            resid_pdrop=cfg.dropout or 0.0,
+            embd_pdrop=cfg.dropout or 0.0,
+            attn_pdrop=cfg.dropout or 0.0,
+            # Exact GELU in one fused kernel, as nanoGPT; GPT-2's tanh approximation ("gelu_new") is six
+            # element-wise ops forward and back, about a fifth of a small model's step on a CPU.
+            activation_function="gelu",
+            **common,
+        )
+    from transformers import LlamaConfig
+
+    # Llama's MLP has three matrices, so 2/3 of GPT-2's 4x width keeps the parameter count comparable.
+    intermediate = cfg.intermediate_size or 64 * math.ceil(4 * n_embd * 2 / 3 / 64)
+    return LlamaConfig(
+        num_hidden_layers=n_layer,
+        num_attention_heads=n_head,
+        num_key_value_heads=cfg.n_kv_head or n_head,
+        hidden_size=n_embd,
+        intermediate_size=intermediate,
+        max_position_embeddings=block_size,
+        attention_dropout=cfg.dropout or 0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        **common,
+    )
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str = "fp32",
+                activation_checkpointing: bool = False, shards: int = 1) -> PreTrainedModel:
+    """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, ready to train.
+
+    A fresh model starts in fp32, so its initialisation does not depend on the precision (DeepSpeed keeps fp32
+    master weights for bf16/fp16 anyway); a checkpoint loads in the training precision. shards: the processes a
+    fresh model's weights are split over as it is built (ZeRO-3 under engine.model_init).
+    """
+    if cfg.is_scratch:
+        config = scratch_config(cfg, vocab_size, eot_id)
+        check_fits_in_memory(config, shards)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    else:
+        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
+        max_positions = context_length(model.config)
+        if max_positions and cfg.block_size > max_positions:
+            raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
+        n_embeddings = model.get_input_embeddings().weight.shape[0]
+        if vocab_size > n_embeddings:
+            # The tokenizer has tokens the checkpoint has no rows for (added specials): give them rows.
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=VOCAB_MULTIPLE)
+    if activation_checkpointing:
+        # Recompute each block in backward; transformers 5 renamed the method (and its argument).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def check_fits_in_memory(config, shards: int = 1) -> None:
+    """UserError when a fresh model's fp32 weights alone (this process's share of them) would not fit in this
+    machine's free memory: a shape such as n_layer=1024, n_embd=65536 is then one message, not an allocation
+    failure or minutes of swapping."""
+    import psutil
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        n = count_params(AutoModelForCausalLM.from_config(config))
+    need, free = 4 * n / shards, psutil.virtual_memory().available
+    if need > free:
+        share = f"this process's 1/{shards} of their fp32 weights" if shards > 1 else "their fp32 weights alone"
+        raise UserError(f"model.n_layer/n_head/n_embd describe {n / 1e9:,.1f}B parameters: {share} need"
+                        f" {need / 1e9:,.1f} GB, and this machine has {free / 1e9:,.1f} GB free. Choose a smaller shape")
+
+
+def check_vocabulary(model: PreTrainedModel, init: str, tokenizer) -> None:
+    """A pretrained model must speak the tokenizer's ids. An hf tokenizer is the checkpoint's own (its added tokens
+    got rows in build_model); tiktoken's gpt2 encoding fits GPT-2 checkpoints only, so check that it is one."""
+    if init == "scratch" or tokenizer.kind == "hf":
+        return
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < tokenizer.vocab_size or model.config.eos_token_id != tokenizer.eot_id:
+        raise UserError(f"model.init={init!r} does not use the ids of tokenize.kind={tokenizer.kind} ({rows} embedding rows, end-of-text"
+                        f" {model.config.eos_token_id}; the tokenizer has {tokenizer.vocab_size} ids, end-of-text {tokenizer.eot_id}):"
+                        f" use tokenize.kind=hf with tokenize.pretrained={init!r}")
+
+
+def export_dtype(choice: str, cfg: ModelConfig) -> torch.dtype:
+    """train.export_dtype resolved: auto = fp32 for a model trained from scratch, the checkpoint's own dtype for a fine-tune."""
+    if choice != "auto":
+        return TORCH_DTYPES[choice]
+    if cfg.is_scratch:
+        return torch.float32
+    config = AutoConfig.from_pretrained(cfg.init, trust_remote_code=cfg.trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into."""
+    config = AutoConfig.from_pretrained(config_dir)
+    return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw))
+
+
+# The config keys that hold a dropout probability, by architecture family (GPT-2's three; Llama, Gemma, Mistral
+# and Qwen's attention_dropout; BERT-style names some causal LMs reuse).
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "embed_dropout", "resid_dropout", "dropout")
+
+
+def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init",
+                    dropout: float | None = None) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had.
+
+    dropout, when given, replaces every dropout probability the checkpoint's config has.
+    """
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if dropout is not None:
+            for attr in DROPOUT_KEYS:
+                if isinstance(getattr(config, attr, None), (int, float)):
+                    setattr(config, attr, dropout)
+        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(
+            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
+    except OSError as e:
+        reason = str(e).splitlines()[0]
+        if Path(name).exists():
+            raise UserError(f"{key}={name!r}: cannot load this folder ({reason})") from None
+        raise UserError(
+            f"{key}={name!r}: cannot load this hub id ({reason}). Offline? Use a local folder saved with save_pretrained,"
+            " or download it once with network access (HF_HOME caches it)."
+        ) from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise UserError(f"{key}={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
+        raise UserError(f"{key}={name!r}: cannot load this model ({str(e).splitlines()[0]})") from None
+
+
+def _with_sdpa(make):
+    """make(attn_implementation="sdpa") (PyTorch's fused attention), or make() for architectures without it."""
+    try:
+        return make(attn_implementation="sdpa")
+    except ValueError as e:
+        if "sdpa" not in str(e).lower():
+            raise
+        return make()
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once); whole ones, also when ZeRO-3 has partitioned them."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(model: PreTrainedModel, n_params: int, block_size: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls with weights plus attention's 12 * L * C * T (PaLM, appendix B)."""
+    c = model.config
+    n_layer = getattr(c, "num_hidden_layers", None) or c.n_layer
+    n_embd = getattr(c, "hidden_size", None) or c.n_embd
+    return 6 * n_params + 12 * n_layer * n_embd * block_size
+
+
+def inference_dtype(train: TrainConfig) -> torch.dtype:
+    """What evaluate and sample run in: the training precision on a GPU; fp32 on a CPU, where bf16 gains little
+    outside matmuls and changes the numbers."""
+    if torch.cuda.is_available() and train.precision != "fp32":
+        return torch.bfloat16 if train.precision == "bf16" else torch.float16
+    return torch.float32

@@ -1,0 +1,1 @@
+"""The report stage: curves, metrics and samples on one page."""

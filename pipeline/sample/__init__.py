@@ -1,0 +1,1 @@
+"""The sample stage: texts from the trained model."""

@@ -1,0 +1,35 @@
+"""`gptpipe tokenize` (and `python -m pipeline.tokenize`, the DVC stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.console import ParamsOption, SetOption, byte_progress, print_summary, stage_command
+from pipeline.params import load_params
+
+
+@stage_command("tokenize")
+def tokenize(params: ParamsOption = Path("params.yaml"), set_: SetOption = []):  # noqa: B006
+    """Train or load the tokenizer and write memory-mappable token files."""
+    from pipeline.files import write_json_atomic
+    from pipeline.prepare.documents import prepared_size
+    from pipeline.tokenize.stage import tokenize_corpus
+
+    p = load_params(params, set_)
+    with byte_progress("tokenize", prepared_size(p.prepare.out_dir)) as advance:
+        meta, throughput = tokenize_corpus(p.tokenize, p.prepare.out_dir, progress=advance)
+    write_json_atomic(p.tokenize.metrics_file, throughput)
+    print_summary(
+        f"tokenize -> {p.tokenize.out_dir}",
+        {
+            "tokenizer": meta["tokenizer"]["kind"],
+            "vocab size": meta["vocab_size"],
+            "train tokens": meta["splits"]["train"]["tokens"],
+            "val tokens": meta["splits"]["val"]["tokens"],
+            "dtype": meta["dtype"],
+            "shards": sum(len(s["shards"]) for s in meta["splits"].values()),
+            **({"kept from the interrupted run": throughput["resumed_tokens"]} if throughput["resumed_tokens"] else {}),
+            "tokens/s": throughput["tokens_per_s"],
+            "MB/s": throughput["mb_per_s"],
+        },
+    )

@@ -1,0 +1,248 @@
+"""The tokenize stage: a prepared corpus -> token shards per split (data.py's files), tokenizer/ and meta.json.
+
+Documents stream through in chunks encoded on every core, so memory stays bounded whatever the corpus size.
+Each split's ids go into shards of exactly tokenize.shard_tokens (the last one shorter), so the output does not
+depend on how the work was chunked or whether it was interrupted: a killed run resumes from its finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from pipeline.config import TokenizeConfig
+from pipeline.errors import UserError
+from pipeline.files import MARKER, resumable_dir, write_json_atomic
+from pipeline.layout import SPLITS, PreparedDir, TokensDir
+from pipeline.prepare.documents import iter_documents, iter_prepared, read_manifest
+from pipeline.tokenize.tokenizers import Tokenizer, build_tokenizer
+from pipeline.tokens import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_tokens, token_dtype
+
+
+@dataclass
+class Chunk:
+    """Whole documents of one split to encode as a unit; end: the stream position after its last document."""
+
+    split: str
+    docs: list[str] = field(default_factory=list)
+    size: int = 0
+    end: int = 0
+
+
+def chunk_documents(docs: Iterable[tuple[int, str, str]], chunk_bytes: int) -> Iterator[Chunk]:
+    """Each split's documents, in order, grouped into chunks of about chunk_bytes of UTF-8 (a longer document is a
+    chunk of its own). docs: (stream position, split, text); the splits may be interleaved."""
+    filling: dict[str, Chunk] = {}
+    for position, split, doc in docs:  # once per document: kept lean
+        chunk = filling.get(split) or filling.setdefault(split, Chunk(split))
+        chunk.docs.append(doc)
+        chunk.size += len(doc) if doc.isascii() else len(doc.encode("utf-8"))  # text_bytes, inlined
+        chunk.end = position + 1
+        if chunk.size >= chunk_bytes:
+            yield filling.pop(split)
+    yield from filling.values()
+
+
+def encode_chunks(encode: Callable[[Chunk], np.ndarray], chunks: Iterable[Chunk], workers: int) -> Iterator[tuple[Chunk, np.ndarray]]:
+    """encode(chunk) for each chunk on `workers` threads; yields (chunk, ids) in order.
+
+    At most 2 x workers chunks are queued or in flight, so memory is bounded whatever the corpus size.
+    """
+    pending: deque[tuple[Future, Chunk]] = deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+    try:
+        for chunk in chunks:
+            pending.append((pool.submit(encode, chunk), chunk))
+            if len(pending) >= 2 * workers:
+                future, done = pending.popleft()
+                yield done, future.result()
+        while pending:
+            future, done = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's or taskset's share, not the whole machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
+    """Threads encoding chunks: tokenize.workers (0 = a core each), or 1 where the tokenizer is parallel inside."""
+    return 1 if tok.parallel_inside else cfg.workers or usable_cores()
+
+
+class SplitWriter:
+    """One split's ids into shards of exactly shard_tokens: finished shards are whole token files, the one being
+    filled is a TokenWriter's .tmp. state() is what a resumed run needs to carry on from here."""
+
+    def __init__(self, out: TokensDir, split: str, tok: Tokenizer, shard_tokens: int, resume: dict | None = None):
+        self.out, self.split, self.tok, self.shard_tokens = out, split, tok, shard_tokens
+        state = resume or {"shards": [], "partial": 0, "position": 0, "documents": 0, "text_bytes": 0}
+        self.shards, self.position = list(state["shards"]), state["position"]
+        self.documents, self.text_bytes = state["documents"], state["text_bytes"]
+        self.current = TokenWriter(out.shard(split, len(self.shards)), tok.vocab_size, tok.eot_id, keep=state["partial"])
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.shards) + self.current.count
+
+    def write(self, chunk: Chunk, ids: np.ndarray) -> bool:
+        """Append a chunk's ids; True when a shard was finished."""
+        finished = False
+        while ids.size:
+            room = self.shard_tokens - self.current.count
+            self.current.write(ids[:room])
+            ids = ids[room:]
+            if self.current.count == self.shard_tokens:
+                self.current.close()
+                self.shards.append(self.shard_tokens)
+                self.current = TokenWriter(self.out.shard(self.split, len(self.shards)), self.tok.vocab_size, self.tok.eot_id)
+                finished = True
+        self.position, self.documents, self.text_bytes = chunk.end, self.documents + len(chunk.docs), self.text_bytes + chunk.size
+        return finished
+
+    def state(self) -> dict:
+        self.current.file.flush()  # the partial shard's bytes reach the file before the state that counts them
+        return {"shards": self.shards, "partial": self.current.count, "position": self.position,
+                "documents": self.documents, "text_bytes": self.text_bytes}
+
+    def close(self) -> dict:
+        if self.current.count or not self.shards:  # an exact multiple of shard_tokens leaves an empty writer
+            self.current.close()
+            self.shards.append(self.current.count)
+        else:
+            self.current.abort()
+        return {"documents": self.documents, "tokens": sum(self.shards), "text_bytes": self.text_bytes, "shards": self.shards}
+
+
+def measure_rates(tokens: int, size: int, seconds: float) -> dict:
+    seconds = max(seconds, 1e-9)
+    return {"tokens_per_s": round(tokens / seconds), "mb_per_s": round(size / 1e6 / seconds, 2)}
+
+
+def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
+                    progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+    """Build the tokenizer on the train split, then write the shards, tokenizer/ and meta.json to out_dir.
+
+    Returns (meta, throughput). meta.json holds only what the inputs and params determine, so identical text
+    gives a byte-identical out_dir (and DVC skips the stages after it); the throughput is the caller's to
+    report (the stage writes it to tokenize.metrics_file). progress(n) is called with the UTF-8 bytes encoded
+    since the last call (once per chunk). out_dir is built in .<name>.partial beside it and swapped in at the
+    end, never half-written; a run that is killed or fails leaves that folder, and the next run with the same
+    inputs and params keeps its finished shards and encodes only the rest.
+    """
+    start = time.perf_counter()
+    tok = build_tokenizer(cfg, lambda: iter_prepared(prepared_dir, "train"))
+    build_seconds = time.perf_counter() - start
+    read_manifest(prepared_dir)  # present and readable, before any folder is made
+    identity = {"manifest": hashlib.sha256(PreparedDir(prepared_dir).manifest.read_bytes()).hexdigest(),
+                "params": cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file"}),
+                "tokenizer": tok.describe(), "format": VERSION}
+    workers = encode_workers(tok, cfg)
+    with resumable_dir(cfg.out_dir, "tokenize.out_dir") as folder:
+        out = TokensDir(folder)
+        shutil.rmtree(folder / "tokenizer.new", ignore_errors=True)  # an interrupted run's, maybe of another tokenizer
+        tok.save(folder / "tokenizer.new")
+        identity["tokenizer_files"] = _digest_folder(folder / "tokenizer.new")
+        resume = _resume_state(out, identity, token_dtype(tok.vocab_size).itemsize)
+        writers = {split: SplitWriter(out, split, tok, cfg.shard_tokens, resume.get(split)) for split in SPLITS}
+        resumed = {split: w.tokens for split, w in writers.items()}
+        if progress and any(resumed.values()):
+            progress(sum(w.text_bytes for w in writers.values()))
+
+        def encode(chunk: Chunk) -> np.ndarray:
+            try:
+                return tok.encode_documents(chunk.docs)
+            except UserError as e:  # e.g. an unknown character: say which split it is in
+                raise UserError(f"{PreparedDir(prepared_dir).root} ({chunk.split} split): {e}") from None
+
+        # The documents not in a finished shard yet; those before a split's position are skipped, not encoded.
+        done = {split: w.position for split, w in writers.items()}
+        todo = ((i, split, text) for i, (split, text) in enumerate(iter_documents(prepared_dir)) if i >= done[split])
+        encode_start, encoded_bytes = time.perf_counter(), 0
+        for chunk, ids in encode_chunks(encode, chunk_documents(todo, cfg.chunk_bytes), workers):
+            if writers[chunk.split].write(chunk, ids):
+                write_json_atomic(out.progress, {"identity": identity, **{s: w.state() for s, w in writers.items()}})
+            encoded_bytes += chunk.size
+            if progress:
+                progress(chunk.size)
+        encode_seconds = time.perf_counter() - encode_start
+        splits = {split: w.close() for split, w in writers.items()}
+        if out.tokenizer.exists():
+            shutil.rmtree(out.tokenizer)
+        os.replace(folder / "tokenizer.new", out.tokenizer)
+        out.progress.unlink(missing_ok=True)
+        tokens = sum(s["tokens"] for s in splits.values())
+        size = sum(s["text_bytes"] for s in splits.values())
+        meta = {
+            "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": token_dtype(tok.vocab_size).name,
+            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
+            "splits": splits,
+            "tokens": tokens,
+            "text_bytes": size,
+            # Where things go and how fast they are made (workers, chunk_bytes) never change the tokens.
+            "params": identity["params"],
+        }
+        write_json_atomic(out.meta, meta)
+    encoded = tokens - sum(resumed.values())
+    throughput = {
+        "tokens": tokens,
+        "text_bytes": size,
+        "resumed_tokens": sum(resumed.values()),
+        "tokenizer_seconds": round(build_seconds, 3),
+        "encode_seconds": round(encode_seconds, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+        **measure_rates(encoded, encoded_bytes, encode_seconds),
+        "workers": workers,
+    }
+    return meta, throughput
+
+
+def _digest_folder(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _resume_state(out: TokensDir, identity: dict, itemsize: int) -> dict:
+    """What an interrupted run with the same identity finished, each split's shards checked; {} to start afresh
+    (then everything an earlier run left in the folder goes, except the tokenizer just saved)."""
+    try:
+        state = json.loads(out.progress.read_text())
+        if state.get("identity") != identity:
+            raise ValueError("other inputs or params")
+        for split in SPLITS:
+            s = state[split]
+            if [open_tokens(out.shard(split, i)).count for i in range(len(s["shards"]))] != s["shards"]:
+                raise ValueError("a finished shard does not match")
+            shard = out.shard(split, len(s["shards"]))
+            partial = shard.with_name(shard.name + ".tmp")
+            if s["partial"] and not partial.exists() and shard.exists():
+                os.replace(shard, partial)  # killed after this shard was finished, before the state that says so
+            if s["partial"] and partial.stat().st_size < HEADER_BYTES + s["partial"] * itemsize:
+                raise ValueError("the partial shard is short")
+        return {split: state[split] for split in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        pass
+    for path in out.root.iterdir():
+        if path.name not in ("tokenizer.new", MARKER):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return {}

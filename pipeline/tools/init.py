@@ -1,0 +1,240 @@
+"""`gptpipe init DIR`: a new git + DVC project whose stages call the installed gptpipe, not this repository's code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipeline.config import Params
+from pipeline.errors import UserError
+from pipeline.output import Echo, silent
+from pipeline.tools import recipes
+
+# DVC's cache link type, as in this repository's .dvc/config: outputs become hard links into the cache instead of
+# copies, so data is not stored twice. Hardlink first: DVC 3.67 commits a stage's outputs by linking only when the
+# first type is hardlink (with reflink first it copies them, measured here). DVC makes linked files read-only.
+CACHE_TYPE = "hardlink,copy"
+
+# The same stages, params, outputs and plots as this repository's dvc.yaml (tests/test_recipes.py compares
+# them), with `gptpipe <stage>` as each command. The code is the installed package, so it is no dependency:
+# after upgrading gptpipe, `dvc repro -f` runs everything again.
+DVC_YAML = """\
+# The pipeline: each stage runs the installed gptpipe. Paths come from params.yaml (${...}).
+stages:
+  prepare:
+    cmd: gptpipe prepare
+    deps:
+      - data/raw
+    params:
+      - prepare
+    outs:
+      - ${prepare.out_dir}:
+          persist: true
+
+  tokenize:
+    cmd: gptpipe tokenize
+    deps:
+      - ${prepare.out_dir}
+    params:
+      - tokenize
+    outs:
+      - ${tokenize.out_dir}:
+          persist: true
+    metrics:
+      - ${tokenize.metrics_file}:
+          cache: false
+
+  train:
+    cmd: gptpipe train
+    deps:
+      - ${tokenize.out_dir}
+    params:
+      - model
+      - train
+    outs:
+      - ${train.out_dir}:
+          persist: true
+      - ${train.export_dir}:
+          persist: true
+      - ${train.metrics_dir}/plots:
+          cache: false
+      - ${train.metrics_dir}/samples.jsonl:
+          cache: false
+    metrics:
+      - ${train.metrics_dir}/metrics.json:
+          cache: false
+
+  evaluate:
+    cmd: gptpipe evaluate
+    deps:
+      - ${train.export_dir}
+      - ${tokenize.out_dir}
+    params:
+      - evaluate
+    metrics:
+      - ${evaluate.metrics_file}:
+          cache: false
+
+  sample:
+    cmd: gptpipe sample
+    deps:
+      - ${train.export_dir}
+    params:
+      - sample
+    outs:
+      - ${sample.out_dir}/samples.md:
+          cache: false
+      - ${sample.out_dir}/samples.jsonl:
+          cache: false
+
+  report:
+    cmd: gptpipe report
+    deps:
+      - ${train.metrics_dir}/plots
+      - ${train.metrics_dir}/metrics.json
+      - ${train.metrics_dir}/samples.jsonl
+      - ${evaluate.metrics_file}
+      - ${sample.out_dir}/samples.jsonl
+    params:
+      - report
+    outs:
+      - ${report.out_dir}/report.md:
+          cache: false
+      - ${report.out_dir}/report.html:
+          cache: false
+      - ${report.out_dir}/plots:
+          cache: false
+
+plots:
+  - loss:
+      x: step
+      y:
+        ${train.metrics_dir}/plots/metrics/train/loss.tsv: loss
+        ${train.metrics_dir}/plots/metrics/val/loss.tsv: loss
+  - learning rate:
+      x: step
+      y:
+        ${train.metrics_dir}/plots/metrics/train/lr.tsv: lr
+  - throughput (tokens/s):
+      x: step
+      y:
+        ${train.metrics_dir}/plots/metrics/train/tokens_per_s.tsv: tokens_per_s
+  - gradient norm:
+      x: step
+      y:
+        ${train.metrics_dir}/plots/metrics/train/grad_norm.tsv: grad_norm
+"""
+
+GITIGNORE = """\
+__pycache__/
+.venv/
+# Downloads; the pipeline's outputs are ignored by DVC itself.
+/data/cache/
+/checkpoints
+# What an interrupted tokenize keeps for its next run.
+.*.partial/
+"""
+
+DVCIGNORE = """\
+# Files DVC should not look at.
+.venv/
+"""
+
+
+README = """\
+# {name}
+
+A language model trained with [gptpipe](https://pypi.org/project/gptpipe/): `params.yaml` says what to train,
+`dvc repro` trains it, DVC versions every run.
+
+```bash
+dvc repro                         # prepare -> tokenize -> train -> evaluate -> sample -> report
+dvc exp run -S train.lr=3e-4      # an experiment with one param changed; `dvc exp show` compares them
+```
+
+Your data goes in `data/raw/` (DVC tracks it as the prepare stage's input) when `prepare.source` points there
+(`kind: files`, `path: data/raw/...`): text files (one document per file, or set `prepare.source.separator`),
+JSONL, JSON, CSV/TSV or Parquet. The default params read a corpus every Python carries instead, offline.
+
+Results: `models/final/` (a Hugging Face model folder), `reports/report.html`, `reports/metrics.json`.
+Every param is described in `params.yaml` and by `gptpipe <stage> --help`; `gptpipe recipe list` shows the
+recipes (`gptpipe recipe use NAME` writes one to `params.yaml`).
+
+Several GPUs or nodes: `train.launcher: deepspeed` (and `train.hostfile`), or by hand on every node
+(gptpipe is installed there, so no script path is needed):
+
+```bash
+deepspeed --hostfile hostfile --no_local_rank --module pipeline.cli train
+```
+"""
+
+
+def commented_params() -> str:
+    """Every param at its default, each with its description as a comment: the schema as a params.yaml."""
+    lines = ["# gptpipe params: every key at its default, described. Change what you need; `gptpipe <stage> --help` lists",
+             "# them too, and `gptpipe recipe list` shows complete setups for common workflows.", ""]
+    _describe_section(Params, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _describe_section(model: type[BaseModel], depth: int, lines: list[str]) -> None:
+    for name, field in model.model_fields.items():
+        indent = "  " * depth
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):  # a nested section: its own keys, indented
+            lines.append(f"{indent}{name}:")
+            _describe_section(type(default), depth + 1, lines)
+            if depth == 0:
+                lines.append("")
+            continue
+        value = json.dumps(default, ensure_ascii=False)  # JSON is YAML: null, true, "\n" all read back as written
+        lines.append(f"{f'{indent}{name}: {value}':<44} # {field.description}")
+
+
+def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = silent) -> Path:
+    """Create folder as a new git + DVC project with the stages, params (a recipe, or every default described) and
+    a README; it must not exist or be empty."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty: gptpipe init makes a new project in a new (or empty) folder")
+    params = recipes.render(recipe, []) if recipe else commented_params()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"dvc.yaml": DVC_YAML, "params.yaml": params, ".gitignore": GITIGNORE, ".dvcignore": DVCIGNORE,
+             # data/raw must exist (a dependency of prepare); a hidden file keeps it in git without becoming corpus.
+             "data/raw/.gitkeep": "", "README.md": README.format(name=folder.resolve().name)}
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(content, encoding="utf-8")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"],
+                # Outputs linked to DVC's cache, not copied: a 20 GB token folder is not stored twice (docs/benchmarks.md).
+                ["dvc", "config", "cache.type", CACHE_TYPE], ["git", "add", "-A"]):
+        run(cmd, folder)
+    # DVC experiments need a first commit; without a git identity, say how to make it rather than invent one.
+    commit = subprocess.run(["git", "commit", "-qm", "gptpipe init"], cwd=folder, capture_output=True, text=True)
+    if commit.returncode != 0:
+        echo(f"init: files staged but not committed ({(commit.stderr.strip().splitlines() or ['git commit failed'])[-1]});"
+             " set git's user.name and user.email, then `git commit -m init`")
+    echo(f"init: {folder} is ready" + (f" with recipe {recipe}" if recipe else "") + f"; next: {next_step(params)}")
+    return folder
+
+
+def next_step(params_text: str) -> str:
+    """What the user does next: bring the data the params read, then dvc repro."""
+    import yaml
+
+    source = Params.model_validate(yaml.safe_load(params_text) or {}).prepare.source
+    if source.kind == "files":
+        return f"put your text where prepare.source.path says ({source.path}), then run dvc repro"
+    return f"dvc repro (prepare reads the {source.kind} source {source.url or source.dataset or source.name})"
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError(f"init needs {cmd[0]} on PATH (dvc comes with gptpipe: activate the environment it is installed in)") from None
+    if out.returncode != 0:
+        raise UserError(f"init: `{' '.join(cmd)}` failed in {cwd}: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")

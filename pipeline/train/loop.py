@@ -1,0 +1,384 @@
+"""The training loop: `setup` builds the run, `fit` trains it, `train` does both and exports the model."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.checkpoints.elastic import prepare_elastic_resume
+from pipeline.checkpoints.folder import copy_metrics, latest_tag, load_checkpoint, save_checkpoint, verify_checkpoint
+from pipeline.checkpoints.run import open_run, run_identity, start_run, why_fresh
+from pipeline.config import Batch, Params
+from pipeline.errors import UserError
+from pipeline.eval.hellaswag import Item, accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
+from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
+from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
+from pipeline.infra.hardware import peak_tflops, use_tf32
+from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
+from pipeline.model.build import build_model, check_vocabulary, count_params, export_dtype, flops_per_token
+from pipeline.model.generate import sample_tokens
+from pipeline.output import Echo, ProgressFactory, no_progress, silent
+from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
+from pipeline.tokens import open_split, read_meta
+from pipeline.train.batches import WindowSampler, fixed_windows, full_windows, window_batch
+from pipeline.train.export import export_model
+from pipeline.train.metrics_log import MetricsLog
+from pipeline.train.schedules import decay_end, lr_at
+
+
+@dataclass
+class State:
+    """What a checkpoint restores besides weights and optimizer: where the run is."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_tag: str | None = None
+    val_loss: float | None = None
+    evals_without_improvement: int = 0  # toward train.early_stopping_patience
+    decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> State:
+        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
+
+
+@dataclass
+class Run:
+    p: Params
+    dist: Dist
+    engine: object
+    tokenizer: Tokenizer
+    batch: Batch
+    total_steps: int
+    train_data: WindowSampler
+    val_tokens: np.ndarray
+    val_starts: np.ndarray  # the fixed val windows, the same for every world size
+    hellaswag: list[Item]
+    run_dir: RunDir
+    n_params: int
+    flops_per_token: float
+    peak_flops: float
+    export_dtype: torch.dtype
+    log: MetricsLog
+    state: State = field(default_factory=State)
+    stop_reason: str | None = None
+    seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time by phase
+
+
+def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print) -> dict | None:
+    """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
+    start = time.perf_counter()
+    dist = init_distributed(timeout_s=p.train.collective_timeout)
+    run = None
+    try:
+        run = setup(p, dist, echo if dist.is_main else silent)
+        run.seconds["setup"] = time.perf_counter() - start
+        fit(run, progress)
+        with timed(run, "export"):
+            exported = export_run(run)
+    except RuntimeError as e:
+        failure = collective_error(e, p, dist, run)  # another process froze or died: one message
+        if failure is None:
+            raise
+        raise failure from None
+    run.seconds["total"] = time.perf_counter() - start
+    stopped = run.stop_reason or ("epochs" if p.train.epochs else "max_steps")
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped})
+    run.log.close()
+    if not dist.is_main:
+        return None
+    s = run.state
+    return {
+        "run": str(run.run_dir.root),
+        "steps": s.step,
+        "tokens seen": s.tokens_seen,
+        "parameters": run.n_params,
+        "val loss": s.val_loss,
+        "best val loss": s.best_val_loss,
+        "stopped": run.stop_reason or (f"after train.epochs={p.train.epochs:g} ({run.total_steps} steps)" if p.train.epochs
+                                       else f"at train.max_steps ({run.total_steps})"),
+        "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
+        **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
+    }
+
+
+def setup(p: Params, dist: Dist, echo: Echo = silent) -> Run:
+    t, tokens = p.train, TokensDir(p.tokenize.out_dir)
+    check_precision(t)  # before any folder is made or moved
+    use_tf32(t.tf32)
+    # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
+    meta = read_meta(tokens.root)
+    train_tokens, val_tokens = (open_split(tokens, split, meta) for split in ("train", "val"))
+    tokenizer = load_tokenizer(tokens.tokenizer)
+    hellaswag = load_hellaswag(p, t.hellaswag_limit) if t.hellaswag_interval else []
+    batch = t.batch(dist.world_size, p.model.block_size)
+    total_steps = t.total_steps(full_windows(train_tokens.tokens, batch.block_size), batch)
+
+    # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
+    data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
+    identity = run_identity(p, data, batch)
+    run_dir, tag = open_run(t, identity, dist, echo)
+    reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
+    echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
+    if p.model.trust_remote_code:
+        echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
+    # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
+    universal = prepare_elastic_resume(run_dir, tag, dist, echo) if tag else None
+    ds_config = engine_config(t, batch, echo)
+
+    torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
+    with model_init(ds_config) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
+        model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing,
+                            shards=dist.world_size if t.zero_stage == 3 else 1)
+    check_vocabulary(model, p.model.init, tokenizer)
+    n_params = count_params(model)
+    engine = build_engine(model, t, ds_config)
+    start_run(run_dir, identity, ds_config, dist)
+    state = State.from_saved(load_checkpoint(engine, run_dir, tag, dist, universal)) if tag else State()
+    if not tag:
+        torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
+    elif dist.is_main and run_dir.step(tag).metrics.is_dir():
+        copy_metrics(TrainMetrics(run_dir.step(tag).metrics), TrainMetrics(t.metrics_dir))
+    state.decay_end, note = decay_end(t, total_steps, state.decay_end)
+    echo(describe_run(p, batch, total_steps, n_params, run_dir) + (f"\ntrain: {note}" if note else ""))
+
+    return Run(
+        p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch, total_steps=total_steps,
+        train_data=WindowSampler(train_tokens.tokens, batch=batch, seed=t.seed, rank=dist.rank),
+        val_tokens=val_tokens.tokens,
+        val_starts=fixed_windows(val_tokens.tokens, batch.block_size, t.eval_windows, seed=t.seed + 1),
+        hellaswag=hellaswag, run_dir=run_dir, n_params=n_params,
+        flops_per_token=flops_per_token(model, n_params, batch.block_size),
+        peak_flops=peak_tflops(t, dist.device) * 1e12 * dist.world_size,
+        export_dtype=export_dtype(t.export_dtype, p.model),
+        log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo, run_name=run_dir.root.name, config=p.model_dump(mode="json"),
+                       run_root=run_dir.root, start_step=state.step),
+        state=state,
+    )  # fmt: skip
+
+
+def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_dir: RunDir) -> str:
+    """The resolved configuration, one compact block at the start of the log."""
+    m, t = p.model, p.train
+    model = f"{m.init} (fine-tune)" if not m.is_scratch else f"{m.arch} {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads"
+    length = f"{total_steps:,} steps" + (f" ({t.epochs:g} epochs)" if t.epochs is not None else "")
+    schedule = "constant" if t.schedule == "constant" else f"{t.schedule} to {t.final_lr:.2e}"
+    return "\n".join([
+        f"train: model     {model}, context {m.block_size}, {n_params:,} parameters",
+        f"train: batch     {batch.micro_batch_size} x {batch.grad_accum} accumulation x {batch.world_size} processes"
+        f" = {batch.global_size:,} sequences = {batch.tokens_per_step:,} tokens per step",
+        f"train: length    {length}, {total_steps * batch.tokens_per_step:,} tokens",
+        f"train: optimizer AdamW lr {t.lr:.2e}, warmup {t.warmup_steps}, {schedule}, weight decay {t.weight_decay}, clip {t.grad_clip}",
+        f"train: engine    {t.precision}, ZeRO {t.zero_stage}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
+    ])  # fmt: skip
+
+
+def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
+    t, s, engine, dist, batch = run.p.train, run.state, run.engine, run.dist, run.batch
+    engine.train()
+    if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
+        run.stop_reason = early_stop_reason(run)  # stopped before this resume: nothing more to do
+        return
+    if t.eval_at_start and s.step == 0:
+        with timed(run, "eval"):
+            run.log.val(0, 0, estimate_val_loss(run), math.inf)  # the starting point; not a candidate for the best
+    run.log.start(s.step, run.total_steps, progress)
+    window_seconds, window_steps = 0.0, 0  # training time alone since the last log line: evals and saves excluded
+    x, y = run.train_data.micro_batch(s.step, 0, dist.device)
+    while s.step < run.total_steps:
+        step_start = time.perf_counter()
+        lr = lr_at(s.step, t, s.decay_end)
+        set_lr(engine, lr)
+        losses = []
+        for micro in range(batch.grad_accum):
+            loss = lm_loss(engine, x, y)
+            # The next micro batch is made while a GPU still runs this one (its kernels are queued, not finished);
+            # a batch depends only on (step, micro), so making it early changes nothing.
+            following = (s.step, micro + 1) if micro + 1 < batch.grad_accum else (s.step + 1, 0)
+            x, y = run.train_data.micro_batch(*following, dist.device)
+            engine.backward(loss)
+            grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
+            losses.append(loss.detach())
+        loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
+        (loss_total,) = all_reduce_sum([loss_sum], dist.device)
+        train_loss = loss_total / (batch.grad_accum * batch.world_size)
+        if not math.isfinite(train_loss):
+            latest = latest_tag(run.run_dir)
+            raise UserError(
+                f"train: the loss is {train_loss} at step {s.step + 1}; stopped without saving. The last good checkpoint is"
+                f" {run.run_dir.root / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
+            )
+        s.step += 1
+        s.tokens_seen += batch.tokens_per_step
+        last = s.step == run.total_steps
+        step_seconds = time.perf_counter() - step_start
+        run.seconds["train"] += step_seconds
+        window_seconds, window_steps = window_seconds + step_seconds, window_steps + 1
+
+        if should(s.step, t.log_interval, last):
+            tokens_per_s = window_steps * batch.tokens_per_step / window_seconds
+            run.log.train(s.step, s.tokens_seen, train_loss, lr, grad_norm, tokens_per_s, 1000 * window_seconds / window_steps,
+                          tokens_per_s * run.flops_per_token / run.peak_flops)
+            window_seconds, window_steps = 0.0, 0
+        save = should(s.step, t.save_interval, last)
+        if should(s.step, t.eval_interval, last) or save:
+            with timed(run, "eval"):
+                improved = record_eval(run, estimate_val_loss(run))
+            # The best weights must be on disk to be exported: an improvement is saved, as nanoGPT does.
+            save = save or (improved and t.export == "best")
+            if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
+                run.stop_reason = early_stop_reason(run)
+        if t.hellaswag_interval and should(s.step, t.hellaswag_interval, last):
+            with timed(run, "eval"):
+                run.log.hellaswag(s.step, s.tokens_seen, score_hellaswag(run))
+        if t.sample_interval and should(s.step, t.sample_interval, last):
+            with timed(run, "eval"):
+                run.log.samples(s.step, training_samples(run))
+        if save or run.stop_reason:
+            with timed(run, "save"):
+                run.log.write_summary()
+                saved = {**asdict(s), "params": run.p.model_dump(), "world_size": dist.world_size}
+                save_checkpoint(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
+        run.log.advance()
+        if run.stop_reason:
+            run.log.echo(f"train: {run.stop_reason}")
+            break
+
+
+def should(step: int, interval: int, last: bool) -> bool:
+    return step % interval == 0 or last
+
+
+def record_eval(run: Run, val_loss: float) -> bool:
+    """Log a val loss and track the best and early stopping; True when it is a new best."""
+    t, s = run.p.train, run.state
+    improved = val_loss < s.best_val_loss
+    if val_loss <= s.best_val_loss - t.early_stopping_min_delta:
+        s.evals_without_improvement = 0
+    else:
+        s.evals_without_improvement += 1
+    s.val_loss = val_loss
+    if improved:
+        s.best_val_loss, s.best_tag = val_loss, step_tag(s.step)
+    run.log.val(s.step, s.tokens_seen, val_loss, s.best_val_loss)
+    return improved
+
+
+def early_stop_reason(run: Run) -> str:
+    t, s = run.p.train, run.state
+    return (f"stopped early at step {s.step}: {s.evals_without_improvement} evaluations without a val loss improvement of"
+            f" {t.early_stopping_min_delta} or more (train.early_stopping_patience={t.early_stopping_patience}); best"
+            f" {s.best_val_loss:.4f} at {s.best_tag}")
+
+
+@contextmanager
+def timed(run: Run, phase: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        run.seconds[phase] += time.perf_counter() - start
+
+
+def collective_error(e: RuntimeError, p: Params, dist: Dist, run: Run | None) -> UserError | None:
+    """One message for a collective that failed because another process froze or died, else None.
+
+    The processes still alive say so through the rendezvous store, so the message names the ones that did not.
+    """
+    cause = collective_failure(e)
+    if cause is None:
+        return None
+    t = p.train
+    missing = unresponsive_ranks(dist, wait_s=min(30, t.collective_timeout))
+    who = f"rank {', '.join(map(str, missing))}" if missing else "another process"
+    why = (f"{who} did not answer for more than train.collective_timeout={t.collective_timeout} s: it is frozen (stopped, or stuck"
+           " in I/O)" if cause == "frozen" else f"{who} ended (see its log)")
+    where = f"at step {run.state.step + 1}" if run is not None else "while setting up"
+    latest = latest_tag(run.run_dir) if run is not None else None
+    resume = f"; a rerun resumes from {run.run_dir.root / latest}" if latest else ""
+    return UserError(f"train: {why}, {where} (seen by rank {dist.rank}){resume}")
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy (mean, or sum over tokens); x, y are (B, T) inputs and targets shifted by one."""
+    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+
+
+@torch.no_grad()
+def estimate_val_loss(run: Run) -> float:
+    """Mean val loss over the fixed val windows, each rank scoring windows rank, rank + world_size, ...
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside each one), so a rank
+    with fewer windows scores a placeholder window with weight 0.
+    """
+    dist, B = run.dist, run.batch.micro_batch_size
+    mine = run.val_starts[dist.rank :: dist.world_size]
+    n_batches = math.ceil(math.ceil(len(run.val_starts) / dist.world_size) / B)
+    run.engine.eval()
+    loss_sum, tokens = 0.0, 0
+    for b in range(n_batches):
+        starts, weight = mine[b * B : (b + 1) * B], 1.0
+        if len(starts) == 0:
+            starts, weight = run.val_starts[:1], 0.0
+        x, y = window_batch(run.val_tokens, starts, run.batch.block_size, dist.device)
+        loss_sum += weight * lm_loss(run.engine, x, y, reduction="sum").item()
+        tokens += int(weight) * y.numel()
+    run.engine.train()
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], dist.device)
+    return loss_sum / tokens
+
+
+def score_hellaswag(run: Run) -> dict:
+    """HellaSwag acc and acc_norm of the model now, the items split over the ranks."""
+    run.engine.eval()
+    logliks = choice_logliks(run.engine, run.tokenizer, run.hellaswag, run.batch.micro_batch_size,
+                             dist=run.dist if run.dist.world_size > 1 else None, max_len=run.batch.block_size)
+    run.engine.train()
+    return scores_from_counts(accuracy_counts(run.hellaswag, logliks))
+
+
+def training_samples(run: Run) -> list[tuple[str, str]]:
+    """(prompt, text) for each of train.sample_prompts, top-k 50 with a fixed seed, so the steps compare.
+
+    Every rank generates (ZeRO-3 needs all of them in each forward pass); the same seed gives each the same text.
+    """
+    t, tok = run.p.train, run.tokenizer
+    generator = torch.Generator().manual_seed(t.seed)
+    run.engine.eval()
+    out = []
+    for prompt in t.sample_prompts:
+        ids = sample_tokens(run.engine.module, tok.encode_prompt(prompt), t.sample_max_new_tokens, temperature=1.0, top_k=50,
+                            top_p=1.0, generator=generator, eot_id=tok.eot_id, stop_at_eot=True, vocab_size=tok.vocab_size)
+        out.append((prompt, tok.decode(ids)))
+    run.engine.train()
+    return out
+
+
+def export_run(run: Run) -> dict:
+    """Export the best checkpoint's weights (train.export: best) or the last ones; what was exported."""
+    t, s = run.p.train, run.state
+    which, tag, val_loss = "last", step_tag(s.step), s.val_loss
+    if t.export == "best" and s.best_tag == tag:
+        which = "best"  # the last step is the best
+    elif t.export == "best" and s.best_tag:
+        problem = verify_checkpoint(run.run_dir.step(s.best_tag)) if run.dist.is_main else None
+        problem = broadcast(problem) if run.dist.world_size > 1 else problem
+        if problem is None:
+            which, tag, val_loss = "best", s.best_tag, s.best_val_loss
+            # The best weights (and their fp32 masters) into the engine; saved by another number of processes, converted.
+            universal = prepare_elastic_resume(run.run_dir, tag, run.dist, run.log.echo)
+            load_checkpoint(run.engine, run.run_dir, tag, run.dist, universal)
+        else:  # e.g. train.export switched to best on a resume, when improvements were not being saved
+            run.log.echo(f"train: exporting the last weights: the best checkpoint {s.best_tag} cannot be used ({problem})")
+    info = {"exported": which, "step": int(tag.removeprefix("step-")), "tag": tag, "val_loss": val_loss, "tokens_seen": s.tokens_seen}
+    export_model(run.engine, run.p, info, run.dist, run.tokenizer, run.export_dtype)
+    return {"which": which, "tag": tag, "val_loss": val_loss if val_loss is not None else math.nan}
