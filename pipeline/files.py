@@ -138,3 +138,14 @@ def swap_dir(new: Path, out_dir: Path) -> None:
         os.replace(out_dir, old)
     os.replace(new, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def parse_json(text: str, where: str):
+    """json.loads with one message naming where for malformed or absurdly nested input (a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise UserError(f"{where}: malformed JSON ({e.msg} at {at})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply to be data") from None

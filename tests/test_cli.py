@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 from typer.testing import CliRunner
 
 from pipeline.cli import app

@@ -299,7 +299,7 @@ def torch_equal(x, y) -> bool:
 KILLED_TOKENIZE = """
 import sys, time
 from pipeline.config import TokenizeConfig
-from pipeline.encoding import tokenize_corpus
+from pipeline.tokenize.stage import tokenize_corpus
 cfg = TokenizeConfig(kind="tiktoken", out_dir=sys.argv[2], shard_tokens=4096, chunk_bytes=2048, workers=1)
 tokenize_corpus(cfg, sys.argv[1], progress=lambda n: time.sleep(0.02))  # slow, so the kill lands mid-run
 """

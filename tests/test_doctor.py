@@ -1,4 +1,4 @@
-"""pipeline.doctor: real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
+"""pipeline.tools.doctor: real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
 
 import socket
 from pathlib import Path

@@ -1,6 +1,5 @@
 """dvc.yaml against the code, and the real pipeline through real DVC in a temporary git repo."""
 
-import ast
 import hashlib
 import json
 import os
@@ -13,60 +12,53 @@ import pytest
 import yaml
 from conftest import ROOT, clean_env
 
+from pipeline.tools.dvc_yaml import STAGES, repository_yaml, stage_code
+
 DVC = str(Path(sys.executable).with_name("dvc"))
-STAGES = ("prepare", "tokenize", "train", "evaluate", "sample", "report")
 
 
 # ----------------------------------------------------------------------------------- dvc.yaml's deps
 
 
-def pipeline_imports(tree: ast.AST) -> set[str]:
-    """pipeline.* modules imported anywhere in tree, function-level (lazy) imports included."""
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
-            found |= {f"pipeline.{a.name}" for a in node.names} if node.module == "pipeline" else {node.module}
-        elif isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
-    return found
+def test_dvc_yaml_is_what_its_one_source_renders():
+    """dvc.yaml lists each stage's import closure; a change of imports or layout must regenerate it."""
+    assert (ROOT / "dvc.yaml").read_text() == repository_yaml(ROOT), "dvc.yaml is stale: run `python -m pipeline.tools.dvc_yaml`"
 
 
-def module_path(module: str) -> str:
-    return module.replace(".", "/") + ".py"
+def test_each_stage_depends_on_its_own_code_and_never_on_another_stage_or_a_tool():
+    for name, stage in STAGES.items():
+        code = stage_code(stage["package"], ROOT)
+        assert f"pipeline/{stage['package']}/stage.py" in code or name == "train"
+        others = [f"pipeline/{s['package']}/{part}" for s in STAGES.values() if s is not stage for part in ("stage.py", "command.py", "__main__.py")]
+        assert not set(code) & set(others), (name, sorted(set(code) & set(others)))
+        assert not [c for c in code if c.startswith("pipeline/tools/") or c == "pipeline/cli.py"], name
 
 
-def stage_closure(stage: str) -> set[str]:
-    """Files a stage runs: its script, cli.py's top level, the command's function (and the cli helpers it calls),
-    then every pipeline module those import, transitively."""
-    cli = ast.parse((ROOT / "pipeline" / "cli.py").read_text())
-    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
-    modules = set().union(*(pipeline_imports(n) for n in cli.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))))
-    reached, todo = set(), [stage]
-    while todo:
-        name = todo.pop()
-        if name not in reached:
-            reached.add(name)
-            modules |= pipeline_imports(functions[name])
-            todo += [c.func.id for c in ast.walk(functions[name]) if isinstance(c, ast.Call) and getattr(c.func, "id", None) in functions]
-    modules |= pipeline_imports(ast.parse((ROOT / "stages" / f"{stage}.py").read_text()))
-    seen: set[str] = set()
-    while modules:
-        module = modules.pop()
-        if module not in seen:
-            seen.add(module)
-            if module != "pipeline.cli":  # only the stage's own part of the CLI, taken above
-                modules |= pipeline_imports(ast.parse((ROOT / module_path(module)).read_text()))
-    return {f"stages/{stage}.py"} | {module_path(m) for m in seen}
+# Edits of one file, and the stages each must make stale: only those whose code it is.
+BLAST_RADIUS = {
+    "pipeline/prepare/formats.py": {"prepare", "tokenize"},  # the CSV reader: tokenize reads sources again (store: index)
+    "pipeline/tools/doctor.py": set(),
+    "pipeline/tools/recipes.py": set(),
+    "pipeline/cli.py": set(),
+    "pipeline/eval/stage.py": {"evaluate"},
+    "pipeline/sample/stage.py": {"sample"},  # the samples writer
+    "pipeline/infra/launcher.py": {"train"},
+    "pipeline/report/stage.py": {"report"},
+    "pipeline/eval/hellaswag.py": {"train", "evaluate"},  # in-training HellaSwag scores with it too
+}
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_depends_on_exactly_the_code_it_imports(stage):
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) == set(STAGES)
-    declared = {d for d in stages[stage]["deps"] if d.endswith(".py")}
-    needed = stage_closure(stage)
-    assert not needed - declared, f"dvc.yaml: stage {stage} misses {sorted(needed - declared)}"
-    assert not declared - needed, f"dvc.yaml: stage {stage} depends on code it never imports: {sorted(declared - needed)}"
+def check_blast_radius(repo: Path) -> None:
+    """After a complete `dvc repro`: each edit makes exactly its stages stale (`dvc status`), then is undone."""
+    for path, expected in BLAST_RADIUS.items():
+        original = (repo / path).read_text()
+        (repo / path).write_text(original + "\n# an edit\n")
+        try:
+            stale = set(json.loads(sh(DVC, "status", "--json", cwd=repo).strip() or "{}"))
+        finally:
+            (repo / path).write_text(original)
+        assert stale == expected, f"editing {path} makes {sorted(stale)} stale, expected {sorted(expected)}"
+    assert json.loads(sh(DVC, "status", "--json", cwd=repo).strip() or "{}") == {}
 
 
 # ------------------------------------------------------------------------------------- real dvc runs
@@ -84,7 +76,7 @@ def repo(tmp_path, shared_data) -> Path:
     """A copy of the project's pipeline in a fresh git + DVC repo, with small params."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "stages", "pipeline", "data/raw"):
+    for name in ("dvc.yaml", "pipeline", "data/raw"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
     (repo / "data" / "raw" / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:60_000])
@@ -138,6 +130,7 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
 
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
+    check_blast_radius(repo)
 
     # Identical text gives byte-identical prepare and tokenize outputs, so nothing after them reruns.
     out = sh(DVC, "repro", "-f", "tokenize", cwd=repo)
@@ -227,7 +220,7 @@ def test_the_committed_lock_holds_the_hashes_the_default_pipeline_makes(tmp_path
     """A fresh clone's `make repro` must find prepare and tokenize up to date with dvc.lock, not rewrite them."""
     repo = tmp_path / "clone"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "stages", "pipeline", "data"):
+    for name in ("dvc.yaml", "params.yaml", "pipeline", "data"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "prepared", "tokens", "cache"))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, clean_env, exported_weights, finish, launch, logged, run_training, saved_world_size, tiny_params
+from conftest import clean_env, exported_weights, finish, launch, logged, run_training, saved_world_size, tiny_params
 
 from pipeline import config, params
 from pipeline.errors import UserError
@@ -267,7 +267,8 @@ def test_a_checkpoint_stands_alone_after_its_tokens_are_deleted(tokens_dir, tmp_
 
 def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir, tmp_path, monkeypatch):
     from pipeline.eval.stage import evaluate_model as evaluate
-    from pipeline.model.inference import load_for_inference, model_context
+    from pipeline.model.build import model_context
+    from pipeline.model.inference import load_for_inference
     from pipeline.sample.stage import generate_samples
 
     # A preset's shape, made tiny so the real stages run here: what matters is that each stage reads it.

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from pipeline.config import Params
 from pipeline.downloads import download
 from pipeline.errors import UserError
+from pipeline.files import parse_json
 from pipeline.infra.distributed import Dist
-from pipeline.model.inference import model_context
+from pipeline.model.build import model_context
 from pipeline.output import ProgressFactory, no_progress
-from pipeline.prepare.formats import parse_json
 from pipeline.tokenize.tokenizers import Tokenizer
 
 

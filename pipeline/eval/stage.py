@@ -10,8 +10,8 @@ from pipeline.files import write_json_atomic
 from pipeline.infra.distributed import Dist
 from pipeline.infra.hardware import use_tf32
 from pipeline.layout import TokensDir
-from pipeline.model.build import count_params, inference_dtype
-from pipeline.model.inference import load_for_inference, model_context
+from pipeline.model.build import count_params, inference_dtype, model_context
+from pipeline.model.inference import load_for_inference
 from pipeline.output import ProgressFactory, no_progress
 from pipeline.tokens import open_split, read_meta
 

@@ -195,6 +195,11 @@ def context_length(config) -> int | None:
             return value
     return None
 
+def model_context(model) -> int | None:
+    """The longest input the model takes (its position count), or None when unlimited."""
+    return context_length(model.config)
+
+
 
 def count_params(model: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once); whole ones, also when ZeRO-3 has partitioned them."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model.inference import model_context
+from pipeline.model.build import model_context
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -43,6 +43,22 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def cached_step(model, input_ids: torch.Tensor, out):
+    """The model's output for input_ids (N, 1) read after the context whose KV cache out (the last output) holds.
+
+    transformers 5 names the cache `cache`, on the output and as forward's argument; `past_key_values` still works
+    but warns and goes in 5.40. A model with remote code may take past_key_values only: only when forward rejects
+    `cache` as an unexpected keyword is it called the old way, so an error inside forward is never retried.
+    """
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # remote code may return its own output type
+    try:
+        return model(input_ids=input_ids, cache=cache, use_cache=True)
+    except TypeError as error:
+        if "unexpected keyword argument 'cache'" not in str(error):
+            raise
+        return model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+
+
 @torch.inference_mode()
 def sample_batch(model, prompt_ids: list[int], n: int, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, generator: torch.Generator, eot_id: int, stop_at_eot: bool, vocab_size: int,
@@ -77,7 +93,7 @@ def sample_batch(model, prompt_ids: list[int], n: int, max_new_tokens: int, temp
         if not kv_cache or (max_len and cached >= max_len):
             out, cached = read_all()  # learned positions can't slide: recompute the cropped window
         else:
-            out = model(input_ids=tokens[:, None].to(device), past_key_values=out.past_key_values, use_cache=True)
+            out = cached_step(model, tokens[:, None].to(device), out)
             cached += 1
     rows = new.tolist()
     if stop_at_eot:  # a row that stopped early keeps what it made before its end-of-text

@@ -13,7 +13,7 @@ from pipeline.checkpoints.run import find_checkpoint
 from pipeline.errors import UserError
 from pipeline.infra.distributed import default_device
 from pipeline.layout import ExportDir
-from pipeline.model.build import context_length, load_pretrained, model_from_config
+from pipeline.model.build import load_pretrained, model_from_config
 from pipeline.tokenize.tokenizers import HfTokenizer, Tokenizer, load_tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -58,8 +58,3 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
         raise UserError(f"{key}: the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model only {rows} "
                         "embedding rows: the folder mixes two models")
     return model.to(device or default_device()).eval(), tokenizer
-
-
-def model_context(model) -> int | None:
-    """The longest input the model takes (its position count), or None when unlimited."""
-    return context_length(model.config)

@@ -49,11 +49,11 @@ def iter_documents(out_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> Ite
         raise UserError(f"{out.manifest}: not this gptpipe's manifest; rerun the prepare stage") from None
     if not out.plan.is_file() or out.plan.stat().st_size != plan["documents"]:
         raise UserError(f"{out.plan}: missing or not {plan['documents']} bytes as {out.manifest} says; rerun the prepare stage")
-    replay = replay(cfg, read_codes(out.plan), plan["cut"], plan["download_dir"], SourceStats(), str(out.root), manifest["inputs"])
+    documents = replay(cfg, read_codes(out.plan), plan["cut"], plan["download_dir"], SourceStats(), str(out.root), manifest["inputs"])
     if set(splits) == set(SPLITS):
-        yield from replay  # tokenize: every document, no test per document
+        yield from documents  # tokenize: every document, no test per document
     else:
-        yield from ((split, text) for split, text in replay if split in splits)
+        yield from ((split, text) for split, text in documents if split in splits)
 
 
 def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:

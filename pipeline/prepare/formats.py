@@ -6,7 +6,6 @@ import codecs
 import csv
 import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 from pipeline.config import SourceConfig
 from pipeline.errors import UserError
+from pipeline.files import parse_json
 
 CHUNK = 1 << 20  # bytes per read; tests lower it to exercise chunk boundaries
 DATA_EXTRA = "pip install 'gptpipe[data]'"
@@ -148,16 +148,6 @@ def as_text(value, where: str, column: str) -> str:
 def missing_column(where: str, column: str, names: Iterable) -> UserError:
     return UserError(f"{where}: no {column!r} column (it has: {', '.join(map(str, names)) or 'none'}); set text_column")
 
-
-def parse_json(text: str, where: str):
-    """json.loads with one message naming where for malformed or absurdly nested input (a RecursionError)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        at = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
-        raise UserError(f"{where}: malformed JSON ({e.msg} at {at})") from None
-    except RecursionError:
-        raise UserError(f"{where}: JSON nested too deeply to be data") from None
 
 
 def _jsonl_docs(src: _Input, column: str) -> Iterator[str]:

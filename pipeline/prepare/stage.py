@@ -76,9 +76,9 @@ def _count(cfg: PrepareConfig, plan: Plan) -> tuple[dict, dict]:
     nbytes = {split: int(n) for split, n in zip(SPLITS, bincount(plan.codes, weights=plan.sizes)[[TRAIN, VAL]])}
     if plan.cut:
         codes = itertools.chain(itertools.repeat(SHORT, plan.cut[0]), [CUT])  # skip to it, read it
-        replay = replay(cfg, codes, plan.cut, cfg.download_dir, SourceStats(), "prepare.source", [])
-        for split, text in itertools.islice(replay, 2):  # its two halves; the rest of the source is not read
+        halves = replay(cfg, codes, plan.cut, cfg.download_dir, SourceStats(), "prepare.source", [])
+        for split, text in itertools.islice(halves, 2):  # its two halves; the rest of the source is not read
             documents[split] += 1
             nbytes[split] += text_bytes(text)
-        replay.close()
+        halves.close()
     return documents, nbytes

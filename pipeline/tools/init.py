@@ -12,121 +12,16 @@ from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.output import Echo, silent
 from pipeline.tools import recipes
+from pipeline.tools.dvc_yaml import render as render_dvc_yaml
 
 # DVC's cache link type, as in this repository's .dvc/config: outputs become hard links into the cache instead of
 # copies, so data is not stored twice. Hardlink first: DVC 3.67 commits a stage's outputs by linking only when the
 # first type is hardlink (with reflink first it copies them, measured here). DVC makes linked files read-only.
 CACHE_TYPE = "hardlink,copy"
 
-# The same stages, params, outputs and plots as this repository's dvc.yaml (tests/test_recipes.py compares
-# them), with `gptpipe <stage>` as each command. The code is the installed package, so it is no dependency:
-# after upgrading gptpipe, `dvc repro -f` runs everything again.
-DVC_YAML = """\
-# The pipeline: each stage runs the installed gptpipe. Paths come from params.yaml (${...}).
-stages:
-  prepare:
-    cmd: gptpipe prepare
-    deps:
-      - data/raw
-    params:
-      - prepare
-    outs:
-      - ${prepare.out_dir}:
-          persist: true
-
-  tokenize:
-    cmd: gptpipe tokenize
-    deps:
-      - ${prepare.out_dir}
-    params:
-      - tokenize
-    outs:
-      - ${tokenize.out_dir}:
-          persist: true
-    metrics:
-      - ${tokenize.metrics_file}:
-          cache: false
-
-  train:
-    cmd: gptpipe train
-    deps:
-      - ${tokenize.out_dir}
-    params:
-      - model
-      - train
-    outs:
-      - ${train.out_dir}:
-          persist: true
-      - ${train.export_dir}:
-          persist: true
-      - ${train.metrics_dir}/plots:
-          cache: false
-      - ${train.metrics_dir}/samples.jsonl:
-          cache: false
-    metrics:
-      - ${train.metrics_dir}/metrics.json:
-          cache: false
-
-  evaluate:
-    cmd: gptpipe evaluate
-    deps:
-      - ${train.export_dir}
-      - ${tokenize.out_dir}
-    params:
-      - evaluate
-    metrics:
-      - ${evaluate.metrics_file}:
-          cache: false
-
-  sample:
-    cmd: gptpipe sample
-    deps:
-      - ${train.export_dir}
-    params:
-      - sample
-    outs:
-      - ${sample.out_dir}/samples.md:
-          cache: false
-      - ${sample.out_dir}/samples.jsonl:
-          cache: false
-
-  report:
-    cmd: gptpipe report
-    deps:
-      - ${train.metrics_dir}/plots
-      - ${train.metrics_dir}/metrics.json
-      - ${train.metrics_dir}/samples.jsonl
-      - ${evaluate.metrics_file}
-      - ${sample.out_dir}/samples.jsonl
-    params:
-      - report
-    outs:
-      - ${report.out_dir}/report.md:
-          cache: false
-      - ${report.out_dir}/report.html:
-          cache: false
-      - ${report.out_dir}/plots:
-          cache: false
-
-plots:
-  - loss:
-      x: step
-      y:
-        ${train.metrics_dir}/plots/metrics/train/loss.tsv: loss
-        ${train.metrics_dir}/plots/metrics/val/loss.tsv: loss
-  - learning rate:
-      x: step
-      y:
-        ${train.metrics_dir}/plots/metrics/train/lr.tsv: lr
-  - throughput (tokens/s):
-      x: step
-      y:
-        ${train.metrics_dir}/plots/metrics/train/tokens_per_s.tsv: tokens_per_s
-  - gradient norm:
-      x: step
-      y:
-        ${train.metrics_dir}/plots/metrics/train/grad_norm.tsv: grad_norm
-"""
+# The same stages, params, outputs and plots as this repository's dvc.yaml, from the same source, with
+# `gptpipe <stage>` as each command.
+DVC_YAML = render_dvc_yaml(code=None)
 
 GITIGNORE = """\
 __pycache__/

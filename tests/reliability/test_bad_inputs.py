@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_training, tiny_params
+from conftest import run_training, tiny_params
 from typer.testing import CliRunner
 
 from pipeline.cli import app

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import ROOT, clean_env, exported_weights, launch, run_training, tiny_params
+from conftest import clean_env, exported_weights, launch, run_training, tiny_params
 
 from pipeline.errors import UserError
 
