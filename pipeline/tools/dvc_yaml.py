@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 # Each stage: the package its command lives in, the data it reads, the params it reads (whole sections or single
-# keys; paths it reads are already in deps through ${...}), what it writes, and its metrics.
+# keys; paths it reads are already in deps through ${...}), what it writes, and its metrics. DVC refuses to run a
+# stage whose declared key is missing from params.yaml, so every single key named here is written out in
+# params.yaml, each recipe and `gptpipe init`'s params (tests/test_recipes.py checks them).
 STAGES: dict[str, dict] = {
     "prepare": {
         "package": "prepare",
@@ -40,7 +42,7 @@ STAGES: dict[str, dict] = {
         "package": "eval",
         "deps": ["${train.export_dir}", "${tokenize.out_dir}"],
         # The window length defaults to the model's; the dtype and TF32 follow training's precision.
-        "params": ["evaluate", "model.block_size", "train.precision", "train.tf32", "train.collective_timeout", "prepare.download_dir"],
+        "params": ["evaluate", "model.block_size", "train.precision", "train.tf32", "prepare.download_dir"],
         "metrics": ["${evaluate.metrics_file}"],
     },
     "sample": {
