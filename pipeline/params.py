@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from pipeline.config import Params, Problems
 from pipeline.errors import UserError
@@ -28,14 +29,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return [p.strip() for p in parts], value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], new_section: Callable[[], dict] = dict) -> dict:
+    """raw with each KEY=VALUE set in place; a missing or empty section is made with new_section (a recipe passes
+    ruamel's CommentedMap, so the file keeps its comments)."""
     for text in overrides:
         parts, value = parse_override(text)
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = node[part] = new_section()
             if not isinstance(child, dict):
                 raise UserError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = child
@@ -126,17 +129,24 @@ def _model_in(annotation) -> type[BaseModel] | None:
     return None
 
 
-def describe(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field under model, nested sections expanded."""
-    rows = []
+def walk_schema(model: type[BaseModel] = Params, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, FieldInfo, int, bool]]:
+    """Every field under model in file order: (dotted key, field, depth, whether it is a section whose keys follow)."""
     for name, field in model.model_fields.items():
-        key = f"{prefix}.{name}"
+        key = f"{prefix}.{name}" if prefix else name
         sub = _model_in(field.annotation)
-        if sub is not None and field.default is not None:
-            rows += describe(sub, key)
-            continue
-        default = field.get_default(call_default_factory=True)
-        rows.append((key, "null" if default is None else repr(default), field.description or ""))
+        section = sub is not None and field.default is not None  # a section that may be null (val_source) is a value
+        yield key, field, depth, section
+        if section:
+            yield from walk_schema(sub, key, depth + 1)
+
+
+def describe(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every value under model, nested sections expanded."""
+    rows = []
+    for key, field, _, section in walk_schema(model, prefix):
+        if not section:
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, "null" if default is None else repr(default), field.description or ""))
     return rows
 
 

@@ -172,6 +172,20 @@ def test_the_scaffold_has_the_same_stages_outputs_and_plots_as_this_repository()
             assert spec.get(key) == other.get(key), (stage, key)
 
 
+def test_every_single_key_a_stage_declares_is_written_out_for_dvc():
+    """DVC refuses to run a stage whose declared params key is missing from params.yaml."""
+    from pipeline.tools.dvc_yaml import declared_keys
+    from pipeline.tools.recipes import names, render
+
+    files = {"params.yaml": (ROOT / "params.yaml").read_text(), "gptpipe init": commented_params()}
+    files.update({f"recipe {n}": render(n, []) for n in names()})
+    assert declared_keys(), "no single keys: nothing to check"
+    for what, text in files.items():
+        raw = yaml.safe_load(text)
+        missing = [k for k in declared_keys() if k.partition(".")[2] not in (raw.get(k.partition(".")[0]) or {})]
+        assert not missing, f"{what} lacks {missing}"
+
+
 def test_the_commented_params_are_every_default():
     raw = yaml.safe_load(commented_params())
     assert params.validate_params(raw) == params.validate_params({})

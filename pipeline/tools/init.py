@@ -6,11 +6,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.output import Echo, silent
+from pipeline.params import walk_schema
 from pipeline.tools import recipes
 from pipeline.tools.dvc_yaml import render as render_dvc_yaml
 
@@ -70,23 +69,15 @@ deepspeed --hostfile hostfile --no_local_rank --module pipeline.cli train
 def commented_params() -> str:
     """Every param at its default, each with its description as a comment: the schema as a params.yaml."""
     lines = ["# gptpipe params: every key at its default, described. Change what you need; `gptpipe <stage> --help` lists",
-             "# them too, and `gptpipe recipe list` shows complete setups for common workflows.", ""]
-    _describe_section(Params, 0, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _describe_section(model: type[BaseModel], depth: int, lines: list[str]) -> None:
-    for name, field in model.model_fields.items():
-        indent = "  " * depth
-        default = field.get_default(call_default_factory=True)
-        if isinstance(default, BaseModel):  # a nested section: its own keys, indented
-            lines.append(f"{indent}{name}:")
-            _describe_section(type(default), depth + 1, lines)
-            if depth == 0:
-                lines.append("")
+             "# them too, and `gptpipe recipe list` shows complete setups for common workflows."]
+    for key, field, depth, section in walk_schema():
+        indent, name = "  " * depth, key.rpartition(".")[2]
+        if section:
+            lines += [""] * (depth == 0) + [f"{indent}{name}:"]
             continue
-        value = json.dumps(default, ensure_ascii=False)  # JSON is YAML: null, true, "\n" all read back as written
+        value = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)  # JSON is YAML: null, true, "\n"
         lines.append(f"{f'{indent}{name}: {value}':<44} # {field.description}")
+    return "\n".join(lines) + "\n\n"
 
 
 def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = silent) -> Path:

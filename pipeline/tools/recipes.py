@@ -15,7 +15,7 @@ import yaml as safe_yaml
 
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
-from pipeline.params import parse_override, validate_params
+from pipeline.params import apply_overrides, validate_params
 
 
 def names() -> list[str]:
@@ -43,19 +43,17 @@ def render(name: str, overrides: list[str]) -> str:
     yaml = YAML()  # round trip: comments and key order survive
     yaml.width = 4096
     doc = yaml.load(text(name))
-    for override in overrides:
-        parts, value = parse_override(override)
-        node = doc
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = CommentedMap()
-            node = node[part]
-        node[parts[-1]] = value
+    apply_overrides(doc, overrides, new_section=CommentedMap)
+    source = f"recipe {name} with {' '.join(overrides) or 'no overrides'}"
+    rendered = dump(yaml, doc)
+    validate_params(safe_yaml.safe_load(rendered) or {}, source=source)
+    return rendered
+
+
+def dump(yaml, doc) -> str:
     out = io.StringIO()
     yaml.dump(doc, out)
-    rendered = out.getvalue()
-    validate_params(safe_yaml.safe_load(rendered) or {}, source=f"recipe {name} with {' '.join(overrides) or 'no overrides'}")
-    return rendered
+    return out.getvalue()
 
 
 def use(name: str, overrides: list[str], dest: str | Path = "params.yaml", force: bool = False) -> Path:
