@@ -126,7 +126,7 @@ def test_a_zero3_scratch_model_is_built_partitioned_with_the_same_initialisation
     torch.manual_seed(0)
     plain = build_model(model_cfg, 1000, 0)
     torch.manual_seed(0)
-    with model_init(engine_config(t, t.batch(1, 64))):
+    with model_init(engine_config(t, t.batch(1, 64)), t.collective_timeout):
         sharded = build_model(model_cfg, 1000, 0, shards=1)
     params = dict(sharded.named_parameters())
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values()), "not partitioned by zero.Init"

@@ -25,7 +25,7 @@ def evaluate(
     # Started by a launcher: the work is split across ranks, which wait for each other no longer than training does.
     dist = init_distributed(single_process_group=False, timeout_s=p.train.collective_timeout)
     metrics = run_evaluation(p, dist, progress=count_progress)
-    leave_process_group()
+    leave_process_group(dist)
     if dist.is_main:
         rows = {f"{group} {k}": v for group in ("val", "hellaswag") for k, v in (metrics.get(group) or {}).items()}
         print_summary(f"evaluate -> {p.evaluate.metrics_file}", rows)

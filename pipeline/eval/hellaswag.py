@@ -178,10 +178,11 @@ def accuracy_counts(items: list[Item], logliks: list[list[float]]) -> dict:
     return {"correct": correct, "correct_norm": correct_norm, "n": len(items)}
 
 
-def hellaswag_scores(model, tokenizer: Tokenizer, items: list[Item], batch_size: int,
-                     progress: Callable[[int], None] | None = None) -> dict:
-    """{"acc", "acc_norm", "n"} of the model on items, zero-shot as lm-evaluation-harness scores HellaSwag."""
-    counts = accuracy_counts(items, choice_logliks(model, tokenizer, items, batch_size, progress))
+def hellaswag_scores(model, tokenizer: Tokenizer, items: list[Item], batch_size: int, progress: Callable[[int], None] | None = None,
+                     dist: Dist | None = None, max_len: int | None = None) -> dict:
+    """{"acc", "acc_norm", "n"} of the model on items, zero-shot as lm-evaluation-harness scores HellaSwag: the one
+    scoring chain, for the evaluate stage and training's evaluations (dist and max_len as choice_logliks takes them)."""
+    counts = accuracy_counts(items, choice_logliks(model, tokenizer, items, batch_size, progress, dist, max_len))
     return scores_from_counts(counts)
 
 

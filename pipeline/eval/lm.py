@@ -34,20 +34,26 @@ def count_windows(n_tokens: int, block_size: int) -> int:
 
 
 @torch.no_grad()
-def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_windows: int | None = None,
-             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> ValSums:
-    """This rank's sums over windows rank, rank + world_size, ... of the first max_windows.
+def window_sums(model, tokens: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int, rank: int = 0,
+                world_size: int = 1, count_correct: bool = True, progress: Callable[[int], None] | None = None) -> ValSums:
+    """This rank's sums over the windows at starts[rank], starts[rank + world_size], ...: the one val loss of gptpipe,
+    for the evaluate stage (consecutive windows) and training's evaluations (a fixed random set).
 
-    Window i is tokens[i*T : i*T + T + 1]: inputs are its first T tokens, targets the last T.
+    Window s is tokens[s : s + T + 1]: inputs are its first T tokens, targets the last T; one cut short by the end of
+    the tokens is padded on the right, which a causal model never sees. Every rank runs the same number of forward
+    passes (ZeRO-3 gathers parameters inside each one), so a rank with fewer windows scores a placeholder that
+    counts for nothing. model may be a DeepSpeed engine or a plain module.
     """
     T = block_size
-    n = min(count_windows(len(tokens), T), max_windows or math.inf)
-    mine = range(rank, n, world_size)
+    mine = starts[rank::world_size]
+    n_batches = math.ceil(math.ceil(len(starts) / world_size) / batch_size)
     device = next(model.parameters()).device
     sums = ValSums()
-    for first in range(0, len(mine), batch_size):
-        windows = [np.asarray(tokens[i * T : i * T + T + 1], dtype=np.int64) for i in mine[first : first + batch_size]]
-        # Only the final window can be short: pad it on the right, which a causal model never sees.
+    for b in range(n_batches):
+        batch, counts = mine[b * batch_size : (b + 1) * batch_size], True
+        if len(batch) == 0:
+            batch, counts = starts[:1], False
+        windows = [np.asarray(tokens[s : s + T + 1], dtype=np.int64) for s in batch]
         x = torch.zeros(len(windows), T, dtype=torch.long)
         y = torch.full((len(windows), T), IGNORE, dtype=torch.long)
         for row, w in enumerate(windows):
@@ -56,11 +62,22 @@ def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_wi
         x, y = x.to(device), y.to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
+        if not counts:
+            continue
         scored = y != IGNORE
-        sums += ValSums(loss.item(), int(((logits.argmax(-1) == y) & scored).sum()), int(scored.sum()))
+        correct = int(((logits.argmax(-1) == y) & scored).sum()) if count_correct else 0
+        sums += ValSums(loss.item(), correct, int(scored.sum()))
         if progress:
             progress(len(windows))
     return sums
+
+
+def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_windows: int | None = None,
+             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> ValSums:
+    """This rank's sums over the consecutive windows that predict every token once (the first max_windows)."""
+    n = min(count_windows(len(tokens), block_size), max_windows or math.inf)
+    return window_sums(model, tokens, np.arange(n, dtype=np.int64) * block_size, block_size, batch_size, rank, world_size,
+                       progress=progress)
 
 
 def metrics_from_sums(sums: ValSums, text_bytes: int | None) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.eval.hellaswag import accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
+from pipeline.eval.hellaswag import hellaswag_scores, load_hellaswag
 from pipeline.eval.lm import count_windows, covered_text_bytes, val_metrics
 from pipeline.files import write_json_atomic
 from pipeline.infra.distributed import Dist
@@ -64,8 +64,7 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
         items = load_hellaswag(p, cfg.hellaswag_limit, progress)
         endings = sum(len(i.endings) for i in items)
         with progress("HellaSwag endings", len(range(rank, endings, world_size))) as advance:
-            logliks = choice_logliks(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
-        metrics["hellaswag"] = scores_from_counts(accuracy_counts(items, logliks))
+            metrics["hellaswag"] = hellaswag_scores(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
 

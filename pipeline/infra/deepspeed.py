@@ -7,6 +7,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -99,11 +100,7 @@ def check_precision(train: TrainConfig) -> None:
     """UserError, before anything is written, when this machine's accelerator lacks train.precision."""
     if train.precision == "fp32":
         return
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
+    accel = accelerator()
     supported = accel.is_bf16_supported() if train.precision == "bf16" else accel.is_fp16_supported()
     if not supported:
         raise UserError(f"train.precision={train.precision} is not supported on this machine's {accel._name} accelerator:"
@@ -120,7 +117,7 @@ def engine_config(train: TrainConfig, batch: Batch, echo: Echo = silent) -> dict
 
 
 @contextmanager
-def model_init(ds_config: dict) -> Iterator[None]:
+def model_init(ds_config: dict, timeout_s: int) -> Iterator[None]:
     """Where a model to train from scratch is built: under ZeRO-3, inside deepspeed.zero.Init, so each process only
     ever holds its partition of the weights (a model larger than one process's memory can be made).
 
@@ -134,20 +131,55 @@ def model_init(ds_config: dict) -> Iterator[None]:
 
     alive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference: hold it while building
     try:
-        yield
+        with deepspeed_world(timeout_s):  # zero.Init makes process groups too
+            yield
     finally:
         del alive
+
+
+def accelerator():
+    """DeepSpeed's accelerator. DeepSpeed reads which one from DS_ACCELERATOR alone: on a machine without CUDA it
+    is set to cpu (unless the user chose), rather than have DeepSpeed warn that it guessed."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+@contextmanager
+def deepspeed_world(timeout_s: int) -> Iterator[None]:
+    """While DeepSpeed makes its process groups (the process group itself is made first, by init_distributed):
+    torch's default timeout is the world's, then put back.
+
+    DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default timeout (30 minutes for
+    gloo), not the world's: so no collective of theirs waits longer than train.collective_timeout for a frozen rank.
+    """
+    import deepspeed
+    from torch.distributed import distributed_c10d
+
+    accelerator()
+    # DeepSpeed's own view of the process group (zero.Init asks it for the world size before any engine exists).
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    before = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    try:
+        yield
+    finally:
+        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = before
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> object:
     """The DeepSpeed engine that trains model with ds_config (engine_config). AdamW decays matrices only (not
     biases or norm gains)."""
+    accelerator()
     import deepspeed
 
     decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    with deepspeed_world(train.collective_timeout):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     if torch_dist.get_world_size() == 1 and train.zero_stage == 0:
         # One process has nothing to all-reduce: skip DeepSpeed's flatten, reduce and unflatten of every gradient.
         engine.enable_backward_allreduce = False

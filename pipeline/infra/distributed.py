@@ -20,20 +20,17 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    launched: bool = False  # a launcher started this process (not a world of one made here)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-# Set when init_distributed made a world of one itself: the variables it sets are not a launcher's.
-_own_world = False
-
-
 def local_rank() -> int | None:
     """This process's index on its node when a launcher started it (LOCAL_RANK), else None."""
     value = os.environ.get("LOCAL_RANK")
-    return int(value) if value is not None and not _own_world else None
+    return int(value) if value is not None else None
 
 
 def is_launched() -> bool:
@@ -50,37 +47,35 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
 
     Without single_process_group, a process no launcher started gets a world of one and no group (evaluate).
     A collective that waits more than timeout_s for another process raises instead of hanging forever.
+
+    A world of one is made on a free local port. DeepSpeed reads this process's rank from the environment, not
+    from the process group, and not only while it starts (ZeRO-3 reads LOCAL_RANK at every forward pass), so
+    a process no launcher started gets the variables a launcher would have set; `launched` keeps telling the two apart.
     """
-    if not is_launched() and not single_process_group:
+    launched = is_launched()
+    if not launched and not single_process_group:
         return Dist(0, 1, 0, default_device())
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say so, rather than have DeepSpeed warn it guessed
-    import deepspeed
-
-    # The deepspeed launcher sets these; a plain `python stages/train.py` gets a world of one.
-    if "RANK" not in os.environ:
-        global _own_world
-        _own_world = True
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     cuda = torch.cuda.is_available()
-    # DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default (30 minutes for gloo),
-    # not the world's timeout: every group of this process gets the same one, so no collective hangs longer.
-    from torch.distributed import distributed_c10d
-
-    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not torch_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), verbose=False)
+        backend, timeout = "nccl" if cuda else "gloo", timedelta(seconds=timeout_s)
+        if launched:  # the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+            torch_dist.init_process_group(backend, timeout=timeout)
+        else:
+            torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout)
+    if not launched:
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     device = default_device()
     if cuda:
         torch.cuda.set_device(device)
-    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank() or 0, device)
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank() or 0, device, launched)
 
 
-def leave_process_group() -> None:
+def leave_process_group(dist: Dist) -> None:
     """End a launched process's part in its group once every rank is done: a process that exits with gloo's
     threads still running can abort ("terminate called without an active exception", exit -6)."""
-    if is_launched() and torch_dist.is_initialized():
+    if dist.launched and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
 

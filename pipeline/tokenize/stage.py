@@ -24,7 +24,7 @@ from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import MARKER, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, PreparedDir, TokensDir
-from pipeline.prepare.documents import iter_documents, iter_prepared, read_manifest
+from pipeline.prepare.documents import iter_documents, iter_prepared, read_manifest, text_bytes
 from pipeline.tokenize.tokenizers import Tokenizer, build_tokenizer
 from pipeline.tokens import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_tokens, token_dtype
 
@@ -46,7 +46,7 @@ def chunk_documents(docs: Iterable[tuple[int, str, str]], chunk_bytes: int) -> I
     for position, split, doc in docs:  # once per document: kept lean
         chunk = filling.get(split) or filling.setdefault(split, Chunk(split))
         chunk.docs.append(doc)
-        chunk.size += len(doc) if doc.isascii() else len(doc.encode("utf-8"))  # text_bytes, inlined
+        chunk.size += text_bytes(doc)
         chunk.end = position + 1
         if chunk.size >= chunk_bytes:
             yield filling.pop(split)

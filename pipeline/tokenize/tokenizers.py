@@ -118,7 +118,7 @@ class TiktokenTokenizer(Tokenizer):
             reason = reason if len(reason) <= 100 else reason[:100] + "..."
             raise UserError(
                 f"tokenize.encoding: tiktoken encoding {encoding!r} could not be loaded ({type(e).__name__}: {reason}); "
-                "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files (e.g. ../shared/data/tiktoken_cache) "
+                "set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache files (copied from a machine where it loaded) "
                 "or go online once so tiktoken can download them"
             ) from e
         self.encoding = encoding

@@ -217,7 +217,7 @@ def estimated_parameters(p: Params) -> int | None:
     """The model's parameter count from its config alone (built on the meta device: no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.model.build import scratch_config
+    from pipeline.model.build import count_params, scratch_config
 
     try:
         if p.model.is_scratch:
@@ -229,7 +229,7 @@ def estimated_parameters(p: Params) -> int | None:
             return None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+        return count_params(model)
     except (OSError, ValueError):
         return None
 

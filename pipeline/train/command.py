@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline.console import ParamsOption, SetOption, count_progress, echo, print_summary, stage_command
-from pipeline.infra.distributed import is_launched, leave_process_group
+from pipeline.infra.distributed import init_distributed, is_launched, leave_process_group
 from pipeline.infra.launcher import relaunch
 from pipeline.params import load_params
 
@@ -29,7 +29,8 @@ def train(
 
     from pipeline.train.loop import train as run_training
 
-    summary = run_training(p, progress=count_progress, echo=echo)
-    leave_process_group()
+    dist = init_distributed(timeout_s=p.train.collective_timeout)
+    summary = run_training(p, progress=count_progress, echo=echo, dist=dist)
+    leave_process_group(dist)
     if summary:
         print_summary(f"train -> {p.train.export_dir}", summary)

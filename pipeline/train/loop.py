@@ -17,7 +17,8 @@ from pipeline.checkpoints.folder import copy_metrics, latest_tag, load_checkpoin
 from pipeline.checkpoints.run import open_run, run_identity, start_run, why_fresh
 from pipeline.config import Batch, Params
 from pipeline.errors import UserError
-from pipeline.eval.hellaswag import Item, accuracy_counts, choice_logliks, load_hellaswag, scores_from_counts
+from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
+from pipeline.eval.lm import window_sums
 from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
 from pipeline.infra.hardware import peak_tflops, use_tf32
@@ -27,7 +28,7 @@ from pipeline.model.generate import sample_tokens
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
 from pipeline.tokens import open_split, read_meta
-from pipeline.train.batches import WindowSampler, fixed_windows, full_windows, window_batch
+from pipeline.train.batches import WindowSampler, fixed_windows, full_windows
 from pipeline.train.export import export_model
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.schedules import decay_end, lr_at
@@ -73,10 +74,10 @@ class Run:
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time by phase
 
 
-def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print) -> dict | None:
+def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print, dist: Dist | None = None) -> dict | None:
     """Train (resuming when a compatible checkpoint exists) and export; the summary on rank 0, else None."""
     start = time.perf_counter()
-    dist = init_distributed(timeout_s=p.train.collective_timeout)
+    dist = dist or init_distributed(timeout_s=p.train.collective_timeout)
     run = None
     try:
         run = setup(p, dist, echo if dist.is_main else silent)
@@ -135,7 +136,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent) -> Run:
     ds_config = engine_config(t, batch, echo)
 
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
-    with model_init(ds_config) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
+    with model_init(ds_config, t.collective_timeout) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
         model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing,
                             shards=dist.world_size if t.zero_stage == 3 else 1)
     check_vocabulary(model, p.model.init, tokenizer)
@@ -313,37 +314,24 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") ->
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
 
 
-@torch.no_grad()
 def estimate_val_loss(run: Run) -> float:
-    """Mean val loss over the fixed val windows, each rank scoring windows rank, rank + world_size, ...
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside each one), so a rank
-    with fewer windows scores a placeholder window with weight 0.
-    """
-    dist, B = run.dist, run.batch.micro_batch_size
-    mine = run.val_starts[dist.rank :: dist.world_size]
-    n_batches = math.ceil(math.ceil(len(run.val_starts) / dist.world_size) / B)
+    """Mean val loss over the fixed val windows, the same for every world size, split over the ranks."""
+    dist = run.dist
     run.engine.eval()
-    loss_sum, tokens = 0.0, 0
-    for b in range(n_batches):
-        starts, weight = mine[b * B : (b + 1) * B], 1.0
-        if len(starts) == 0:
-            starts, weight = run.val_starts[:1], 0.0
-        x, y = window_batch(run.val_tokens, starts, run.batch.block_size, dist.device)
-        loss_sum += weight * lm_loss(run.engine, x, y, reduction="sum").item()
-        tokens += int(weight) * y.numel()
+    sums = window_sums(run.engine, run.val_tokens, run.val_starts, run.batch.block_size, run.batch.micro_batch_size,
+                       dist.rank, dist.world_size, count_correct=False)
     run.engine.train()
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], dist.device)
+    loss_sum, tokens = all_reduce_sum([sums.loss, sums.tokens], dist.device)
     return loss_sum / tokens
 
 
 def score_hellaswag(run: Run) -> dict:
     """HellaSwag acc and acc_norm of the model now, the items split over the ranks."""
     run.engine.eval()
-    logliks = choice_logliks(run.engine, run.tokenizer, run.hellaswag, run.batch.micro_batch_size,
-                             dist=run.dist if run.dist.world_size > 1 else None, max_len=run.batch.block_size)
+    scores = hellaswag_scores(run.engine, run.tokenizer, run.hellaswag, run.batch.micro_batch_size,
+                              dist=run.dist if run.dist.world_size > 1 else None, max_len=run.batch.block_size)
     run.engine.train()
-    return scores_from_counts(accuracy_counts(run.hellaswag, logliks))
+    return scores
 
 
 def training_samples(run: Run) -> list[tuple[str, str]]:
