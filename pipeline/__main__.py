@@ -1,4 +1,4 @@
-"""`python -m pipeline <command>`: the same as `gptpipe <command>` (for `deepspeed --module pipeline ...` too)."""
+"""`python -m pipeline <command>`: the same as `gptpipe <command>`."""
 
 from pipeline.cli import app
 

@@ -251,113 +251,53 @@ class Batch:
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class TrainConfig(Section):
-    """train: the DeepSpeed run. Batch sizes are in sequences of model.block_size tokens."""
+# Marks a train.* key that says how long to train, how often to look or where things go, not what is learned:
+# changing it keeps the run (its checkpoints resume). Every other train.* key is part of the run's identity.
+KEEPS_RUN = {"keeps_run": True}
 
-    # How long: exactly one of max_steps and epochs.
-    max_steps: int | None = Field(300, ge=1, le=BIG, description="optimizer steps in total (a resumed run continues up to this); null when epochs is set")
+
+class TrainPart(Section):
+    """Base of the train.* groups below: each adds its cross-field problems, so one message names them all."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return []
+
+
+class LengthConfig(TrainPart):
+    """How long to train: exactly one of max_steps and epochs."""
+
+    max_steps: int | None = Field(300, ge=1, le=BIG, description="optimizer steps in total (a resumed run continues up to this); null when epochs is set", json_schema_extra=KEEPS_RUN)
     epochs: float | None = Field(
-        None, gt=0, le=1e6, description="passes over the train split instead of max_steps (set max_steps: null): steps = epochs x windows / global batch"
-    )
-    # Batch.
+        None, gt=0, le=1e6, description="passes over the train split instead of max_steps (set max_steps: null): steps = epochs x windows / global batch", json_schema_extra=KEEPS_RUN)
+
+    def total_steps(self, train_windows: int, batch: Batch) -> int:
+        """max_steps, or the steps epochs passes over train_windows take at this global batch."""
+        if self.max_steps is not None:
+            return self.max_steps
+        steps = max(1, math.ceil(self.epochs * train_windows / batch.global_size))
+        if self.warmup_steps > steps:
+            raise UserError(f"train.warmup_steps={self.warmup_steps} is more than the {steps} steps train.epochs={self.epochs:g} gives"
+                            f" ({train_windows:,} windows, {batch.global_size} per step): lower warmup_steps or raise epochs")
+        return steps
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if (self.max_steps is None) == (self.epochs is None):
+            fix = "set max_steps: null to train by epochs" if self.epochs is not None else "set one of them"
+            problems.append(("max_steps", f"train.max_steps and train.epochs: exactly one must be set ({fix})"))
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            problems.append(("warmup_steps", f"{self.warmup_steps} is more than train.max_steps={self.max_steps}"))
+        return [*super().problems(), *problems]
+
+
+class BatchConfig(TrainPart):
+    """The batch, in sequences of model.block_size tokens."""
+
     micro_batch_size: int = Field(16, ge=1, le=1 << 16, description="sequences per process per forward/backward")
     grad_accum: int | None = Field(None, ge=1, le=1 << 16, description="micro steps per optimizer step; null = from global_batch_tokens (or 1)")
     global_batch_tokens: int | None = Field(
         None, ge=1, le=1 << 40, description="tokens per optimizer step over all processes; grad_accum is derived from it"
     )
-    # Optimizer and schedule.
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the decay; null = lr / 10")
-    warmup_steps: int = Field(30, ge=0, le=BIG, description="steps of linear warmup from 0 to lr")
-    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
-        "cosine", description="after warmup: cosine or linear decay to min_lr, constant lr, or wsd (warmup-stable-decay: lr, then a linear decay over the last decay_fraction)"
-    )
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: the fraction of the steps after warmup spent decaying to min_lr")
-    decay_steps: int | None = Field(
-        None, ge=1, le=BIG, description="the step the decay ends at (then min_lr holds; nanoGPT's lr_decay_iters); null = the run's first length, kept when max_steps is raised later"
-    )
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only (not biases, norms)")
-    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
-    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
-    # Precision and memory.
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 keeps fp32 master weights)")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters")
-    offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer state in CPU memory (compiles DeepSpeed's CPU Adam)")
-    offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory")
-    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    compile: bool = Field(
-        False, description="torch.compile the model (through DeepSpeed): faster on GPUs; on a CPU small models gain little for their compile time"
-    )
-    tf32: bool = Field(
-        True, description="GPUs, fp32: matmuls and convolutions in TF32 on tensor cores (Ampere and newer), as nanoGPT sets; MFU is then against the TF32 peak"
-    )
-    seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of initialisation, data order and dropout")
-    # What happens along the way.
-    log_interval: int = Field(10, ge=1, le=BIG, description="log train metrics every N steps")
-    eval_interval: int = Field(50, ge=1, le=BIG, description="evaluate val loss every N steps (and at the end)")
-    eval_batches: int = Field(
-        4, ge=1, le=1 << 20, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes"
-    )
-    eval_at_start: bool = Field(False, description="evaluate before the first step (a pretrained model's val loss before fine-tuning)")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, le=1 << 20, description="stop after this many evaluations without a val loss improvement of at least early_stopping_min_delta; null = off"
-    )
-    early_stopping_min_delta: float = Field(0.0, ge=0, description="the smallest val loss decrease that counts as an improvement for early stopping")
-    hellaswag_interval: int | None = Field(
-        None, ge=1, le=BIG, description="score HellaSwag (evaluate.hellaswag) every N steps, logged as hellaswag/acc_norm; null = off"
-    )
-    hellaswag_limit: int | None = Field(200, ge=1, le=BIG, description="HellaSwag items scored during training; null = evaluate.hellaswag_limit")
-    sample_interval: int | None = Field(None, ge=1, le=BIG, description="generate from sample_prompts every N steps into the training log and report; null = off")
-    sample_prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts sampled during training (one sample each, top-k 50, a fixed seed)")
-    sample_max_new_tokens: int = Field(64, ge=1, le=1 << 16, description="tokens generated per prompt during training")
-    save_interval: int = Field(100, ge=1, le=BIG, description="checkpoint every N steps (and at the end)")
-    keep_last: int = Field(2, ge=1, le=1 << 20, description="checkpoints kept, plus the best by val loss")
-    # The run and its results.
-    run_name: str | None = Field(
-        None, description="the checkpoint folder's name under out_dir (and the name loggers show); null = run-<hash of what must match to resume>"
-    )
-    resume: str = Field(
-        "auto", min_length=1, description="auto (the newest intact checkpoint of this run), never (start over; the old folder is kept as <folder>.previous) or a checkpoint folder"
-    )
-    export: Literal["best", "last"] = Field("best", description="export the checkpoint with the lowest val loss (best) or the last weights")
-    export_dtype: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="dtype of the exported weights: auto = fp32 for a model trained from scratch, the checkpoint's own for a fine-tune"
-    )
-    loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["dvclive"], description="where metrics go; DVCLive is always on (DVC plots need it), tensorboard and wandb are extras"
-    )
-    wandb_project: str = Field("gptpipe", min_length=1, description="wandb: the project (set WANDB_MODE=offline to log without network)")
-    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)")
-    # Launching.
-    launcher: Literal["python", "deepspeed"] = Field(
-        "python", description="python: one process; deepspeed: re-launch through the deepspeed launcher (GPUs, hostfile)"
-    )
-    hostfile: str | None = Field(None, description="deepspeed launcher: hostfile for multi-node runs (see hostfile.example)")
-    num_gpus: int | None = Field(None, ge=1, le=1 << 12, description="deepspeed launcher: processes per node; null = all devices")
-    num_nodes: int | None = Field(None, ge=1, le=1 << 16, description="deepspeed launcher: nodes to use from the hostfile; null = all")
-    include: str | None = Field(None, description="deepspeed launcher --include: hosts and devices to use, e.g. localhost:2,3 or worker-1@worker-2:0,1")
-    exclude: str | None = Field(None, description="deepspeed launcher --exclude: hosts and devices to leave out, e.g. worker-2:0")
-    master_port: int = Field(29500, ge=1024, le=65535, description="deepspeed launcher: rendezvous port on the first node")
-    launcher_args: list[str] = Field(default_factory=list, description="extra deepspeed launcher arguments, e.g. [--no_ssh_check, --master_addr, 10.0.0.1]")
-    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged on top of the generated config")
-    collective_timeout: int = Field(
-        600, ge=10, le=86400, description="seconds a process waits for the others in a collective before the run ends with a message (a frozen rank)"
-    )
-    # Where things go.
-    out_dir: str = Field("checkpoints", min_length=1, description="checkpoints, one folder per run (a DVC out with persist: true)")
-    export_dir: str = Field("models/final", min_length=1, description="the trained model as a Hugging Face folder")
-    metrics_dir: str = Field("reports/train", min_length=1, description="DVCLive metrics and plots of training")
-
-    @property
-    def final_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
-    @property
-    def eval_windows(self) -> int:
-        """Val windows scored at each in-training evaluation, whatever the number of processes."""
-        return self.eval_batches * self.micro_batch_size
 
     def batch(self, world_size: int, block_size: int) -> Batch:
         """The batch arithmetic for this world size; UserError when the batch keys disagree."""
@@ -379,39 +319,157 @@ class TrainConfig(Section):
                 )
         return Batch(self.micro_batch_size, accum, world_size, block_size)
 
-    def total_steps(self, train_windows: int, batch: Batch) -> int:
-        """max_steps, or the steps epochs passes over train_windows take at this global batch."""
-        if self.max_steps is not None:
-            return self.max_steps
-        steps = max(1, math.ceil(self.epochs * train_windows / batch.global_size))
-        if self.warmup_steps > steps:
-            raise UserError(f"train.warmup_steps={self.warmup_steps} is more than the {steps} steps train.epochs={self.epochs:g} gives"
-                            f" ({train_windows:,} windows, {batch.global_size} per step): lower warmup_steps or raise epochs")
-        return steps
 
-    @model_validator(mode="after")
-    def _checks(self):
+class OptimizerConfig(TrainPart):
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the decay; null = lr / 10")
+    warmup_steps: int = Field(30, ge=0, le=BIG, description="steps of linear warmup from 0 to lr")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="after warmup: cosine or linear decay to min_lr, constant lr, or wsd (warmup-stable-decay: lr, then a linear decay over the last decay_fraction)"
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: the fraction of the steps after warmup spent decaying to min_lr")
+    decay_steps: int | None = Field(
+        None, ge=1, le=BIG, description="the step the decay ends at (then min_lr holds; nanoGPT's lr_decay_iters); null = the run's first length, kept when max_steps is raised later", json_schema_extra=KEEPS_RUN)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay, on matrices only (not biases, norms)")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def problems(self) -> list[tuple[str, str]]:
         problems = []
-        if (self.max_steps is None) == (self.epochs is None):
-            fix = "set max_steps: null to train by epochs" if self.epochs is not None else "set one of them"
-            problems.append(("max_steps", f"train.max_steps and train.epochs: exactly one must be set ({fix})"))
         if self.min_lr is not None and self.min_lr > self.lr:
             problems.append(("min_lr", f"{self.min_lr} is above train.lr={self.lr}"))
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            problems.append(("warmup_steps", f"{self.warmup_steps} is more than train.max_steps={self.max_steps}"))
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
             problems.append(("decay_steps", f"{self.decay_steps} is before the end of warmup (train.warmup_steps={self.warmup_steps})"))
+        return [*super().problems(), *problems]
+
+
+class PrecisionConfig(TrainPart):
+    """Precision, memory and speed: DeepSpeed's ZeRO and offload, activation checkpointing, compile, the seed."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision (bf16 keeps fp32 master weights)")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 + gradients, 3 + parameters")
+    offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer state in CPU memory (compiles DeepSpeed's CPU Adam)")
+    offload_params: bool = Field(False, description="ZeRO 3: keep parameters in CPU memory")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    compile: bool = Field(
+        False, description="torch.compile the model (through DeepSpeed): faster on GPUs; on a CPU small models gain little for their compile time", json_schema_extra=KEEPS_RUN)
+    tf32: bool = Field(
+        True, description="GPUs, fp32: matmuls and convolutions in TF32 on tensor cores (Ampere and newer), as nanoGPT sets; MFU is then against the TF32 peak", json_schema_extra=KEEPS_RUN)
+    seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of initialisation, data order and dropout")
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
         if self.offload_params and self.zero_stage != 3:
             problems.append(("offload_params", "needs train.zero_stage=3"))
         if self.offload_optimizer and self.zero_stage == 0:
             problems.append(("offload_optimizer", "needs train.zero_stage 1, 2 or 3"))
         if self.precision == "fp16" and self.zero_stage == 0 and self.offload_optimizer:
             problems.append(("precision", "fp16 with offload needs ZeRO"))
+        return [*super().problems(), *problems]
+
+
+class CadenceConfig(TrainPart):
+    """What happens along the way, and how often: logs, evaluations, HellaSwag, samples, checkpoints, early stopping."""
+
+    log_interval: int = Field(10, ge=1, le=BIG, description="log train metrics every N steps", json_schema_extra=KEEPS_RUN)
+    eval_interval: int = Field(50, ge=1, le=BIG, description="evaluate val loss every N steps (and at the end)", json_schema_extra=KEEPS_RUN)
+    eval_batches: int = Field(
+        4, ge=1, le=1 << 20, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes", json_schema_extra=KEEPS_RUN)
+    eval_at_start: bool = Field(False, description="evaluate before the first step (a pretrained model's val loss before fine-tuning)", json_schema_extra=KEEPS_RUN)
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1 << 20, description="stop after this many evaluations without a val loss improvement of at least early_stopping_min_delta; null = off", json_schema_extra=KEEPS_RUN)
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="the smallest val loss decrease that counts as an improvement for early stopping", json_schema_extra=KEEPS_RUN)
+    hellaswag_interval: int | None = Field(
+        None, ge=1, le=BIG, description="score HellaSwag (evaluate.hellaswag) every N steps, logged as hellaswag/acc_norm; null = off", json_schema_extra=KEEPS_RUN)
+    hellaswag_limit: int | None = Field(200, ge=1, le=BIG, description="HellaSwag items scored during training; null = evaluate.hellaswag_limit", json_schema_extra=KEEPS_RUN)
+    sample_interval: int | None = Field(None, ge=1, le=BIG, description="generate from sample_prompts every N steps into the training log and report; null = off", json_schema_extra=KEEPS_RUN)
+    sample_prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts sampled during training (one sample each, top-k 50, a fixed seed)", json_schema_extra=KEEPS_RUN)
+    sample_max_new_tokens: int = Field(64, ge=1, le=1 << 16, description="tokens generated per prompt during training", json_schema_extra=KEEPS_RUN)
+    save_interval: int = Field(100, ge=1, le=BIG, description="checkpoint every N steps (and at the end)", json_schema_extra=KEEPS_RUN)
+    keep_last: int = Field(2, ge=1, le=1 << 20, description="checkpoints kept, plus the best by val loss", json_schema_extra=KEEPS_RUN)
+
+    @property
+    def eval_windows(self) -> int:
+        """Val windows scored at each in-training evaluation, whatever the number of processes."""
+        return self.eval_batches * self.micro_batch_size
+
+
+class RunConfig(TrainPart):
+    """The run and its results: its name, whether to resume, what to export, where metrics are logged."""
+
+    run_name: str | None = Field(
+        None, description="the checkpoint folder's name under out_dir (and the name loggers show); null = run-<hash of what must match to resume>", json_schema_extra=KEEPS_RUN)
+    resume: str = Field(
+        "auto", min_length=1, description="auto (the newest intact checkpoint of this run), never (start over; the old folder is kept as <folder>.previous) or a checkpoint folder", json_schema_extra=KEEPS_RUN)
+    export: Literal["best", "last"] = Field("best", description="export the checkpoint with the lowest val loss (best) or the last weights", json_schema_extra=KEEPS_RUN)
+    export_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="dtype of the exported weights: auto = fp32 for a model trained from scratch, the checkpoint's own for a fine-tune", json_schema_extra=KEEPS_RUN)
+    loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["dvclive"], description="where metrics go; DVCLive is always on (DVC plots need it), tensorboard and wandb are extras", json_schema_extra=KEEPS_RUN)
+    wandb_project: str = Field("gptpipe", min_length=1, description="wandb: the project (set WANDB_MODE=offline to log without network)", json_schema_extra=KEEPS_RUN)
+    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)", json_schema_extra=KEEPS_RUN)
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
         if self.run_name is not None and not RUN_NAME.match(self.run_name):
             problems.append(("run_name", f"{self.run_name!r}: letters, digits, '.', '_' and '-' only (it names a folder)"))
+        return [*super().problems(), *problems]
+
+
+class LaunchConfig(TrainPart):
+    """Launching: the deepspeed launcher, hostfile and devices, a DeepSpeed JSON on top, the collective timeout."""
+
+    launcher: Literal["python", "deepspeed"] = Field(
+        "python", description="python: one process; deepspeed: re-launch through the deepspeed launcher (GPUs, hostfile)", json_schema_extra=KEEPS_RUN)
+    hostfile: str | None = Field(None, description="deepspeed launcher: hostfile for multi-node runs (see hostfile.example)", json_schema_extra=KEEPS_RUN)
+    num_gpus: int | None = Field(None, ge=1, le=1 << 12, description="deepspeed launcher: processes per node; null = all devices", json_schema_extra=KEEPS_RUN)
+    num_nodes: int | None = Field(None, ge=1, le=1 << 16, description="deepspeed launcher: nodes to use from the hostfile; null = all", json_schema_extra=KEEPS_RUN)
+    include: str | None = Field(None, description="deepspeed launcher --include: hosts and devices to use, e.g. localhost:2,3 or worker-1@worker-2:0,1", json_schema_extra=KEEPS_RUN)
+    exclude: str | None = Field(None, description="deepspeed launcher --exclude: hosts and devices to leave out, e.g. worker-2:0", json_schema_extra=KEEPS_RUN)
+    master_port: int = Field(29500, ge=1024, le=65535, description="deepspeed launcher: rendezvous port on the first node", json_schema_extra=KEEPS_RUN)
+    launcher_args: list[str] = Field(default_factory=list, description="extra deepspeed launcher arguments, e.g. [--no_ssh_check, --master_addr, 10.0.0.1]", json_schema_extra=KEEPS_RUN)
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged on top of the generated config")
+    collective_timeout: int = Field(
+        600, ge=10, le=86400, description="seconds a process waits for the others in a collective before the run ends with a message (a frozen rank)", json_schema_extra=KEEPS_RUN)
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
         if (self.include or self.exclude) and (self.num_gpus or self.num_nodes):
             problems.append(("include" if self.include else "exclude", "cannot be combined with train.num_gpus or train.num_nodes (the launcher refuses it): keep one way"))
-        check(problems)
+        return [*super().problems(), *problems]
+
+
+class OutputsConfig(TrainPart):
+    """Where training writes."""
+
+    out_dir: str = Field("checkpoints", min_length=1, description="checkpoints, one folder per run (a DVC out with persist: true)", json_schema_extra=KEEPS_RUN)
+    export_dir: str = Field("models/final", min_length=1, description="the trained model as a Hugging Face folder", json_schema_extra=KEEPS_RUN)
+    metrics_dir: str = Field("reports/train", min_length=1, description="DVCLive metrics and plots of training", json_schema_extra=KEEPS_RUN)
+
+
+class TrainConfig(OutputsConfig, LaunchConfig, RunConfig, CadenceConfig, PrecisionConfig, OptimizerConfig, BatchConfig, LengthConfig):
+    """train: the DeepSpeed run. Batch sizes are in sequences of model.block_size tokens.
+
+    The keys stay flat (train.lr, train.zero_stage); each group of them, with its own checks, is a class above
+    (listed last to first, so the keys keep the order of the groups).
+    """
+
+    @classmethod
+    def identity_keys(cls) -> list[str]:
+        """The train.* keys a run's identity holds: every one not marked KEEPS_RUN."""
+        return [name for name, field in cls.model_fields.items() if not (field.json_schema_extra or {}).get("keeps_run")]
+
+    @model_validator(mode="after")
+    def _checks(self):
+        check(self.problems())
         return self
 
 

@@ -81,9 +81,9 @@ def logged(run_dir: Path, name: str) -> list[float]:
 
 def saved_world_size(run: Path) -> int:
     """How many processes saved a run folder's newest checkpoint (its state.json says)."""
-    import json
+    from pipeline.checkpoints.state import TrainState
 
-    return json.loads((run / (run / "latest").read_text().strip() / "state.json").read_text())["world_size"]
+    return TrainState.read(run / (run / "latest").read_text().strip() / "state.json").world_size
 
 
 def exported_weights(run_dir: Path) -> dict:

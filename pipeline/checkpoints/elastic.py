@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.checkpoints.deepspeed_io import deepspeed_to_universal, partitioned_optimizer
 from pipeline.checkpoints.folder import sha256
+from pipeline.checkpoints.state import TrainState
 from pipeline.errors import UserError
 from pipeline.files import write_failure, write_json_atomic, write_text_atomic
 from pipeline.infra.distributed import Dist, barrier
@@ -19,7 +20,7 @@ from pipeline.output import Echo, silent
 
 
 def saved_world_size(run: RunDir, tag: str) -> int | None:
-    return json.loads(run.step(tag).state.read_text()).get("world_size")
+    return TrainState.read(run.step(tag).state).world_size
 
 
 def prepare_elastic_resume(run: RunDir, tag: str, dist: Dist, echo: Echo = silent) -> Path | None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoints.deepspeed_io import check_loadable, load_engine, read_zero_weights, save_engine
+from pipeline.checkpoints.state import TrainState
 from pipeline.errors import UserError
 from pipeline.files import write_failure, write_json_atomic, write_text_atomic
 from pipeline.infra.distributed import Dist, any_rank, barrier
@@ -45,11 +46,11 @@ def verify_checkpoint(ckpt: CheckpointDir) -> str | None:
     if unlisted:
         return f"{unlisted[0]} is not in {ckpt.checksums.name}"
     try:
-        state = json.loads(ckpt.state.read_text())
-        if state.get("tag") != ckpt.tag or state.get("step") != int(ckpt.tag.removeprefix("step-")):
-            return f"{ckpt.state.name} describes {state.get('tag')} (step {state.get('step')}), not this folder"
-    except (ValueError, OSError):
+        state = TrainState.read(ckpt.state)
+    except (ValueError, TypeError, OSError):
         return f"{ckpt.state.name} is unreadable"
+    if state.tag != ckpt.tag or state.step != int(ckpt.tag.removeprefix("step-")):
+        return f"{ckpt.state.name} describes {state.tag} (step {state.step}), not this folder"
     for name in listed:
         if name.endswith(".pt"):
             problem = check_loadable(ckpt.root / name)
@@ -71,14 +72,14 @@ def latest_tag(run: RunDir) -> str | None:
     return tag if run.step(tag).checksums.is_file() else None
 
 
-def save_checkpoint(engine, run: RunDir, step: int, state: dict, dist: Dist, keep_last: int, tokenizer: Tokenizer,
-         metrics: TrainMetrics) -> str:
+def save_checkpoint(engine, run: RunDir, state: TrainState, dist: Dist, keep_last: int, tokenizer: Tokenizer,
+                    metrics: TrainMetrics) -> str:
     """Save on every rank; rank 0 then completes the folder, moves `latest` (and `best`) and prunes old ones.
 
     A write that fails (a full disk) on any rank removes the incomplete folder and ends the run on every rank
     with one message; the checkpoints before it stay intact.
     """
-    tag = step_tag(step)
+    tag = step_tag(state.step)
     ckpt = run.step(tag)
     if dist.is_main and ckpt.root.exists():
         shutil.rmtree(ckpt.root)  # a leftover of a crash, or a damaged copy: never mix its files with new ones
@@ -101,17 +102,17 @@ def _write_shards(engine, run: RunDir, ckpt: CheckpointDir, dist: Dist) -> None:
     torch.save(capture_rng(), ckpt.rng(dist.rank))
 
 
-def _complete(engine, run: RunDir, ckpt: CheckpointDir, state: dict, tokenizer: Tokenizer, metrics: TrainMetrics,
+def _complete(engine, run: RunDir, ckpt: CheckpointDir, state: TrainState, tokenizer: Tokenizer, metrics: TrainMetrics,
               keep_last: int) -> None:
     """Rank 0, after every rank saved: what makes the folder stand alone, the checksums last, then the pointers."""
     engine.module.config.to_json_file(ckpt.model_config)  # the model rebuilds from it for inference
     tokenizer.save(ckpt.tokenizer)
     copy_metrics(metrics, TrainMetrics(ckpt.metrics))
-    write_json_atomic(ckpt.state, {**state, "tag": ckpt.tag})
+    state.write(ckpt.state)
     files = sorted(p for p in ckpt.root.rglob("*") if p.is_file() and p != ckpt.checksums)
     write_json_atomic(ckpt.checksums, {str(p.relative_to(ckpt.root)): sha256(p) for p in files})
     write_text_atomic(run.latest, ckpt.tag)
-    if state.get("best_tag") == ckpt.tag:
+    if state.best_tag == ckpt.tag:
         write_text_atomic(run.best, ckpt.tag)
     prune_checkpoints(run, keep_last)
 
@@ -144,7 +145,7 @@ def prune_checkpoints(run: RunDir, keep_last: int) -> None:
             shutil.rmtree(converted, ignore_errors=True)
 
 
-def load_checkpoint(engine, run: RunDir, tag: str, dist: Dist, universal: Path | None = None) -> dict:
+def load_checkpoint(engine, run: RunDir, tag: str, dist: Dist, universal: Path | None = None) -> TrainState:
     """Load weights, optimizer and this rank's RNG state (checked by verify first); return the saved training state.
 
     universal: the step converted for another world size (prepare_elastic_resume); a rank the saving run did not
@@ -155,11 +156,11 @@ def load_checkpoint(engine, run: RunDir, tag: str, dist: Dist, universal: Path |
         load_engine(engine, universal.parent, universal.name, universal=True)
     else:
         load_engine(engine, run.root, tag)
-    state = json.loads(ckpt.state.read_text())
+    state = TrainState.read(ckpt.state)
     if ckpt.rng(dist.rank).is_file():
         restore_rng(torch.load(ckpt.rng(dist.rank), weights_only=True))
     else:
-        seed_rng(1_000_003 * state["step"] + dist.rank)
+        seed_rng(1_000_003 * state.step + dist.rank)
     return state
 
 
@@ -210,6 +211,4 @@ def restore_rng(state: dict) -> None:
 
 def checkpoint_weights(ckpt: CheckpointDir) -> dict:
     """The full model weights of a checkpoint, consolidated from its ZeRO partitions when there are several."""
-    state = json.loads(ckpt.state.read_text())
-    zero_stage = state["params"]["train"]["zero_stage"]
-    return read_zero_weights(ckpt.root.parent, ckpt.tag, zero_stage)
+    return read_zero_weights(ckpt.root.parent, ckpt.tag, TrainState.read(ckpt.state).zero_stage)

@@ -1,4 +1,22 @@
-"""x"""
+"""A run: its folder and identity, which checkpoint to resume (train.resume), and the checkpoint a folder names.
+
+The run folder (file names in layout.py): <train.out_dir>/run-<id>/ holds one run, where <id> hashes everything that
+must match to resume (model, data, optimizer settings, the global batch). A change of, say, train.lr gives a new
+run folder, so the earlier run's checkpoints stay on disk and switching back resumes it. The number of processes
+is not part of it: a checkpoint saved by N processes resumes on M, converted once to DeepSpeed's universal format
+when its optimizer state is partitioned (run-<id>/universal/step-*, kept for the next resume).
+
+    run-<id>/run.json         what the id hashes, readable
+    run-<id>/ds_config.json   the DeepSpeed config that ran
+    run-<id>/step-000100/     DeepSpeed's files, rng-rank<r>.pt per rank, config.json (the model's), tokenizer/,
+                              metrics/ (the training curves so far), state.json (step, data position, best so
+                              far, the resolved params: checkpoints/state.py), checksums.json (sha256 of every file; written last)
+    run-<id>/latest, best     the tag of the newest complete checkpoint and of the best by val loss
+
+A step folder stands alone: it loads for inference from any working directory, whatever happened to the
+tokenize stage's output since. Nothing in it is unpickled beyond tensors and plain values, and it is used only
+when every file matches its checksum: a damaged checkpoint is skipped (resume) or refused (inference) by name.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +34,6 @@ from pipeline.infra.distributed import Dist, any_rank, barrier, broadcast
 from pipeline.layout import CheckpointDir, RunDir
 from pipeline.output import Echo, silent
 
-# Changing these keeps the run: they say how long to train, how often to look and where things go, not what to learn.
-RESUME_SAFE = {
-    "max_steps", "epochs", "decay_steps", "log_interval", "eval_interval", "eval_batches", "eval_at_start",
-    "early_stopping_patience", "early_stopping_min_delta", "hellaswag_interval", "hellaswag_limit", "sample_interval",
-    "sample_prompts", "sample_max_new_tokens", "save_interval", "keep_last", "run_name", "resume", "export", "export_dtype",
-    "loggers", "wandb_project", "peak_tflops", "launcher", "hostfile", "num_gpus", "num_nodes", "include", "exclude",
-    "master_port", "launcher_args", "collective_timeout", "compile", "tf32", "out_dir", "export_dir", "metrics_dir",
-}  # fmt: skip
-
-
 # Not part of a run's identity as set: they only split the global batch across processes and micro steps. The
 # global batch they add up to is (tokens_per_step), so a run continues on another number of processes when it is kept.
 BATCH_SPLIT = {"grad_accum", "global_batch_tokens"}
@@ -42,7 +50,9 @@ def run_identity(p: Params, data: dict, batch: Batch) -> dict:
     The world size is not in it: the same global batch on another number of processes continues the same run.
     """
     identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
-    identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k not in RESUME_SAFE | BATCH_SPLIT})
+    # The train.* keys marked KEEPS_RUN in config.py (how long, how often, where) are left out: changing them keeps the run.
+    kept = set(TrainConfig.identity_keys()) - BATCH_SPLIT
+    identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k in kept})
     identity.update({f"data.{k}": v for k, v in data.items()})
     identity["train.tokens_per_step"] = batch.tokens_per_step
     return identity

@@ -7,6 +7,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
@@ -254,3 +255,36 @@ def _master_weights(engine) -> dict[str, torch.Tensor]:
         if master is not None:
             masters[name] = master.view(param.ds_shape if hasattr(param, "ds_shape") else param.shape)
     return masters
+
+
+@dataclass(frozen=True)
+class Installation:
+    """What `gptpipe doctor` reports of DeepSpeed: its version, accelerator, precisions and ops."""
+
+    version: str
+    accelerator: str
+    supports: dict[str, bool]  # precision -> supported by the accelerator
+    prebuilt_ops: list[str]  # built at install time (DS_BUILD_OPS=1)
+    compatible_ops: list[str]  # can be JIT-compiled here
+    failed_probes: list[str]
+
+
+def deepspeed_installation() -> Installation:
+    """DeepSpeed as installed here; raises what importing it raises (a broken install, missing CUDA libraries)."""
+    accel = accelerator()
+    import deepspeed
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    compatible, failed = [], []
+    for name, builder in ALL_OPS.items():
+        try:  # is_compatible only probes headers and libraries, it compiles nothing
+            if builder.is_compatible(verbose=False):
+                compatible.append(name)
+        except Exception as e:  # noqa: BLE001 - reported by doctor; a failing probe means "cannot build", as in ds_report
+            failed.append(f"{name} ({type(e).__name__}: {e})")
+    return Installation(
+        version=deepspeed.__version__, accelerator=accel._name,
+        supports={"fp32": True, "bf16": bool(accel.is_bf16_supported()), "fp16": bool(accel.is_fp16_supported())},
+        prebuilt_ops=[name for name in ALL_OPS if installed_ops.get(name)], compatible_ops=compatible, failed_probes=failed,
+    )

@@ -27,15 +27,15 @@ class Dist:
         return self.rank == 0
 
 
+def is_launched() -> bool:
+    """True inside a process the deepspeed launcher (or torchrun) started: it sets the rendezvous address with the
+    ranks, where a world of one made by init_distributed sets the ranks alone."""
+    return "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
 def local_rank() -> int | None:
     """This process's index on its node when a launcher started it (LOCAL_RANK), else None."""
-    value = os.environ.get("LOCAL_RANK")
-    return int(value) if value is not None else None
-
-
-def is_launched() -> bool:
-    """True inside a process the deepspeed launcher (or torchrun) started."""
-    return local_rank() is not None
+    return int(os.environ["LOCAL_RANK"]) if is_launched() else None
 
 
 def default_device() -> torch.device:
@@ -50,7 +50,8 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
 
     A world of one is made on a free local port. DeepSpeed reads this process's rank from the environment, not
     from the process group, and not only while it starts (ZeRO-3 reads LOCAL_RANK at every forward pass), so
-    a process no launcher started gets the variables a launcher would have set; `launched` keeps telling the two apart.
+    a process no launcher started gets the rank variables a launcher would have set (not the rendezvous address,
+    so is_launched() still tells the two apart).
     """
     launched = is_launched()
     if not launched and not single_process_group:

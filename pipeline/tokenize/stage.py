@@ -1,4 +1,4 @@
-"""The tokenize stage: a prepared corpus -> token shards per split (data.py's files), tokenizer/ and meta.json.
+"""The tokenize stage: a prepared corpus -> token shards per split (tokens.py's files), tokenizer/ and meta.json.
 
 Documents stream through in chunks encoded on every core, so memory stays bounded whatever the corpus size.
 Each split's ids go into shards of exactly tokenize.shard_tokens (the last one shorter), so the output does not

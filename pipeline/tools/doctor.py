@@ -18,6 +18,7 @@ import torch
 from pipeline.config import Params, TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import free_bytes
+from pipeline.infra.deepspeed import deepspeed_installation
 from pipeline.infra.launcher import parse_hostfile
 
 Result = tuple[str, bool, str]  # (check name, ok, detail; a problem's detail says the fix)
@@ -67,41 +68,27 @@ def check_torch(train: TrainConfig) -> list[Result]:
 def check_deepspeed(train: TrainConfig) -> list[Result]:
     """DeepSpeed's version, the precision its accelerator supports, and which C++/CUDA ops it can use."""
     try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-        from deepspeed.git_version_info import (
-            installed_ops,  # the ops built at install time (DS_BUILD_OPS=1)
-        )
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+        ds = deepspeed_installation()
     except Exception as e:  # noqa: BLE001 - reported: a broken install raises more than ImportError (e.g. missing CUDA)
         fix = "pip install deepspeed (scripts/setup.sh installs it without build isolation)"
         return [("deepspeed", False, f"cannot import deepspeed ({type(e).__name__}: {e}): {fix}")]
-    accel = get_accelerator()
-    results: list[Result] = [("deepspeed", True, f"{deepspeed.__version__} (accelerator: {accel._name})")]
+    results: list[Result] = [("deepspeed", True, f"{ds.version} (accelerator: {ds.accelerator})")]
 
-    supported = bool({"fp32": True, "bf16": accel.is_bf16_supported(), "fp16": accel.is_fp16_supported()}[train.precision])
-    detail = f"{accel._name} supports train.precision={train.precision}"
-    results.append(("precision", supported, detail if supported else f"{accel._name} does not support train.precision="
+    supported = ds.supports[train.precision]
+    detail = f"{ds.accelerator} supports train.precision={train.precision}"
+    results.append(("precision", supported, detail if supported else f"{ds.accelerator} does not support train.precision="
                     f"{train.precision}: set it to fp32 (or bf16 where supported)"))
 
-    installed = [name for name in ALL_OPS if installed_ops.get(name)]
-    compatible, failed = [], []
-    for name, builder in ALL_OPS.items():
-        try:  # is_compatible only probes headers and libraries, it compiles nothing
-            if builder.is_compatible(verbose=False):
-                compatible.append(name)
-        except Exception as e:  # noqa: BLE001 - shown below; a failing probe means "cannot build", as in ds_report
-            failed.append(f"{name} ({type(e).__name__}: {e})")
     ninja = shutil.which("ninja")
     cxx = shutil.which(os.environ.get("CXX", "c++"))  # the compiler torch.utils.cpp_extension calls
     detail = (
-        f"prebuilt: {', '.join(installed) or 'none'}; JIT-compatible: {', '.join(compatible) or 'none'};"
-        f" ninja: {ninja or 'missing'}; C++ compiler: {cxx or 'missing'}" + (f"; probe failed: {', '.join(failed)}" if failed else "")
+        f"prebuilt: {', '.join(ds.prebuilt_ops) or 'none'}; JIT-compatible: {', '.join(ds.compatible_ops) or 'none'};"
+        f" ninja: {ninja or 'missing'}; C++ compiler: {cxx or 'missing'}" + (f"; probe failed: {', '.join(ds.failed_probes)}" if ds.failed_probes else "")
     )
-    # Only offload needs a compiled op: the engine uses torch's AdamW otherwise (engine.deepspeed_config).
+    # Only offload needs a compiled op: the engine uses torch's AdamW otherwise (infra/deepspeed.py's deepspeed_config).
     problem = ""
-    if train.offload_optimizer and "cpu_adam" not in installed:
-        if "cpu_adam" not in compatible:
+    if train.offload_optimizer and "cpu_adam" not in ds.prebuilt_ops:
+        if "cpu_adam" not in ds.compatible_ops:
             problem = "train.offload_optimizer needs DeepSpeed's cpu_adam op, which cannot be built here: set it to false"
         elif not (ninja and cxx):
             problem = (

@@ -44,6 +44,24 @@ class WindowSampler:
         return window_batch(self.tokens, self.starts(first, self.micro_batch_size), self.block_size, device)
 
 
+class MicroBatches:
+    """This rank's micro batches in training order, each made one ahead: the next is read while the device still
+    runs the current one (a GPU's kernels are queued, not finished). A batch depends only on (step, micro), so
+    making it early changes nothing."""
+
+    def __init__(self, sampler: WindowSampler, grad_accum: int, step: int, device):
+        self.sampler, self.grad_accum, self.device = sampler, grad_accum, device
+        self.step, self.micro = step, 0
+        self.current = sampler.micro_batch(step, 0, device)  # (x, y), each (B, T)
+
+    def advance(self) -> None:
+        """Make the next micro batch current: call it once this one's forward pass is queued."""
+        self.micro += 1
+        if self.micro == self.grad_accum:
+            self.step, self.micro = self.step + 1, 0
+        self.current = self.sampler.micro_batch(self.step, self.micro, self.device)
+
+
 def full_windows(tokens: np.ndarray, block_size: int) -> int:
     """Non-overlapping (block_size + 1)-token windows in tokens; UserError when there is not even one."""
     n = (len(tokens) - 1) // block_size

@@ -6,7 +6,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pipeline.checkpoints.elastic import prepare_elastic_resume
 from pipeline.checkpoints.folder import copy_metrics, latest_tag, load_checkpoint, save_checkpoint, verify_checkpoint
 from pipeline.checkpoints.run import open_run, run_identity, start_run, why_fresh
+from pipeline.checkpoints.state import TrainState
 from pipeline.config import Batch, Params
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
@@ -28,27 +29,11 @@ from pipeline.model.generate import sample_tokens
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
 from pipeline.tokens import open_split, read_meta
-from pipeline.train.batches import WindowSampler, fixed_windows, full_windows
+from pipeline.train.batches import MicroBatches, WindowSampler, fixed_windows, full_windows
+from pipeline.train.cadence import Cadence, EarlyStopping, Throughput
 from pipeline.train.export import export_model
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.schedules import decay_end, lr_at
-
-
-@dataclass
-class State:
-    """What a checkpoint restores besides weights and optimizer: where the run is."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    best_val_loss: float = math.inf
-    best_tag: str | None = None
-    val_loss: float | None = None
-    evals_without_improvement: int = 0  # toward train.early_stopping_patience
-    decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
-
-    @classmethod
-    def from_saved(cls, saved: dict) -> State:
-        return cls(**{k: saved[k] for k in cls.__dataclass_fields__ if k in saved})
 
 
 @dataclass
@@ -69,7 +54,7 @@ class Run:
     peak_flops: float
     export_dtype: torch.dtype
     log: MetricsLog
-    state: State = field(default_factory=State)
+    state: TrainState = field(default_factory=TrainState)
     stop_reason: str | None = None
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time by phase
 
@@ -143,7 +128,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent) -> Run:
     n_params = count_params(model)
     engine = build_engine(model, t, ds_config)
     start_run(run_dir, identity, ds_config, dist)
-    state = State.from_saved(load_checkpoint(engine, run_dir, tag, dist, universal)) if tag else State()
+    state = load_checkpoint(engine, run_dir, tag, dist, universal).loop_state() if tag else TrainState()
     if not tag:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs across ranks, like their data
     elif dist.is_main and run_dir.step(tag).metrics.is_dir():
@@ -183,101 +168,81 @@ def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_d
 
 
 def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
-    t, s, engine, dist, batch = run.p.train, run.state, run.engine, run.dist, run.batch
-    engine.train()
-    if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
-        run.stop_reason = early_stop_reason(run)  # stopped before this resume: nothing more to do
+    """The loop: an optimizer step, then whatever the cadence says is due after it, until the last step or an early stop."""
+    t, s = run.p.train, run.state
+    cadence, stopping, throughput = Cadence(t, run.total_steps), EarlyStopping(t), Throughput(run.batch.tokens_per_step)
+    run.engine.train()
+    run.stop_reason = stopping.reason(s)  # stopped before this resume: nothing more to do
+    if run.stop_reason:
         return
     if t.eval_at_start and s.step == 0:
         with timed(run, "eval"):
             run.log.val(0, 0, estimate_val_loss(run), math.inf)  # the starting point; not a candidate for the best
     run.log.start(s.step, run.total_steps, progress)
-    window_seconds, window_steps = 0.0, 0  # training time alone since the last log line: evals and saves excluded
-    x, y = run.train_data.micro_batch(s.step, 0, dist.device)
+    batches = MicroBatches(run.train_data, run.batch.grad_accum, s.step, run.dist.device)
     while s.step < run.total_steps:
-        step_start = time.perf_counter()
-        lr = lr_at(s.step, t, s.decay_end)
-        set_lr(engine, lr)
-        losses = []
-        for micro in range(batch.grad_accum):
-            loss = lm_loss(engine, x, y)
-            # The next micro batch is made while a GPU still runs this one (its kernels are queued, not finished);
-            # a batch depends only on (step, micro), so making it early changes nothing.
-            following = (s.step, micro + 1) if micro + 1 < batch.grad_accum else (s.step + 1, 0)
-            x, y = run.train_data.micro_batch(*following, dist.device)
-            engine.backward(loss)
-            grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
-            losses.append(loss.detach())
-        loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
-        (loss_total,) = all_reduce_sum([loss_sum], dist.device)
-        train_loss = loss_total / (batch.grad_accum * batch.world_size)
-        if not math.isfinite(train_loss):
-            latest = latest_tag(run.run_dir)
-            raise UserError(
-                f"train: the loss is {train_loss} at step {s.step + 1}; stopped without saving. The last good checkpoint is"
-                f" {run.run_dir.root / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
-            )
-        s.step += 1
-        s.tokens_seen += batch.tokens_per_step
-        last = s.step == run.total_steps
-        step_seconds = time.perf_counter() - step_start
-        run.seconds["train"] += step_seconds
-        window_seconds, window_steps = window_seconds + step_seconds, window_steps + 1
+        loss, lr, grad_norm, seconds = train_step(run, batches)
+        s.step, s.tokens_seen = s.step + 1, s.tokens_seen + run.batch.tokens_per_step
+        run.seconds["train"] += seconds
+        throughput.add(seconds)
+        due = cadence.after(s.step)
 
-        if should(s.step, t.log_interval, last):
-            tokens_per_s = window_steps * batch.tokens_per_step / window_seconds
-            run.log.train(s.step, s.tokens_seen, train_loss, lr, grad_norm, tokens_per_s, 1000 * window_seconds / window_steps,
-                          tokens_per_s * run.flops_per_token / run.peak_flops)
-            window_seconds, window_steps = 0.0, 0
-        save = should(s.step, t.save_interval, last)
-        if should(s.step, t.eval_interval, last) or save:
+        if due.log:
+            tokens_per_s, ms_per_step = throughput.read()
+            run.log.train(s.step, s.tokens_seen, loss, lr, grad_norm, tokens_per_s, ms_per_step, tokens_per_s * run.flops_per_token / run.peak_flops)
+        save = due.save
+        if due.eval:
             with timed(run, "eval"):
-                improved = record_eval(run, estimate_val_loss(run))
-            # The best weights must be on disk to be exported: an improvement is saved, as nanoGPT does.
-            save = save or (improved and t.export == "best")
-            if t.early_stopping_patience and s.evals_without_improvement >= t.early_stopping_patience:
-                run.stop_reason = early_stop_reason(run)
-        if t.hellaswag_interval and should(s.step, t.hellaswag_interval, last):
+                improved = stopping.record(s, estimate_val_loss(run))
+            run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss)
+            save = save or (improved and t.export == "best")  # the best weights must be on disk to be exported, as nanoGPT does
+            run.stop_reason = stopping.reason(s)
+        if due.hellaswag:
             with timed(run, "eval"):
                 run.log.hellaswag(s.step, s.tokens_seen, score_hellaswag(run))
-        if t.sample_interval and should(s.step, t.sample_interval, last):
+        if due.sample:
             with timed(run, "eval"):
                 run.log.samples(s.step, training_samples(run))
         if save or run.stop_reason:
             with timed(run, "save"):
-                run.log.write_summary()
-                saved = {**asdict(s), "params": run.p.model_dump(), "world_size": dist.world_size}
-                save_checkpoint(engine, run.run_dir, s.step, saved, dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
+                save_run(run)
         run.log.advance()
         if run.stop_reason:
             run.log.echo(f"train: {run.stop_reason}")
             break
 
 
-def should(step: int, interval: int, last: bool) -> bool:
-    return step % interval == 0 or last
+def train_step(run: Run, batches: MicroBatches) -> tuple[float, float, float | None, float]:
+    """One optimizer step over grad_accum micro batches: (mean loss over every process, lr, gradient norm, seconds)."""
+    t, engine, batch, dist, s = run.p.train, run.engine, run.batch, run.dist, run.state
+    start = time.perf_counter()
+    lr = lr_at(s.step, t, s.decay_end)
+    set_lr(engine, lr)
+    losses, grad_norm = [], None
+    for micro in range(batch.grad_accum):
+        loss = lm_loss(engine, *batches.current)
+        batches.advance()  # the next micro batch is made while a GPU still runs this forward pass
+        engine.backward(loss)
+        grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
+        losses.append(loss.detach())
+    loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
+    (loss_total,) = all_reduce_sum([loss_sum], dist.device)
+    train_loss = loss_total / (batch.grad_accum * batch.world_size)
+    if not math.isfinite(train_loss):
+        latest = latest_tag(run.run_dir)
+        raise UserError(
+            f"train: the loss is {train_loss} at step {s.step + 1}; stopped without saving. The last good checkpoint is"
+            f" {run.run_dir.root / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
+        )
+    return train_loss, lr, grad_norm, time.perf_counter() - start
 
 
-def record_eval(run: Run, val_loss: float) -> bool:
-    """Log a val loss and track the best and early stopping; True when it is a new best."""
+def save_run(run: Run) -> None:
+    """A checkpoint of the run as it stands, with the training curves so far."""
     t, s = run.p.train, run.state
-    improved = val_loss < s.best_val_loss
-    if val_loss <= s.best_val_loss - t.early_stopping_min_delta:
-        s.evals_without_improvement = 0
-    else:
-        s.evals_without_improvement += 1
-    s.val_loss = val_loss
-    if improved:
-        s.best_val_loss, s.best_tag = val_loss, step_tag(s.step)
-    run.log.val(s.step, s.tokens_seen, val_loss, s.best_val_loss)
-    return improved
-
-
-def early_stop_reason(run: Run) -> str:
-    t, s = run.p.train, run.state
-    return (f"stopped early at step {s.step}: {s.evals_without_improvement} evaluations without a val loss improvement of"
-            f" {t.early_stopping_min_delta} or more (train.early_stopping_patience={t.early_stopping_patience}); best"
-            f" {s.best_val_loss:.4f} at {s.best_tag}")
+    run.log.write_summary()
+    saved = s.saved_as(step_tag(s.step), run.dist.world_size, run.p.model_dump())
+    save_checkpoint(run.engine, run.run_dir, saved, run.dist, t.keep_last, run.tokenizer, TrainMetrics(t.metrics_dir))
 
 
 @contextmanager

@@ -1,0 +1,52 @@
+"""state.json, where a run stands at a saved step: the one owner of that file, which writes and reads it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from pipeline.files import write_json_atomic
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides weights, optimizer and RNG: the loop's position and record, and (in a
+    saved step) which step it is, how many processes saved it and the resolved params that trained it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_tag: str | None = None
+    val_loss: float | None = None
+    evals_without_improvement: int = 0  # toward train.early_stopping_patience
+    decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
+    tag: str | None = None  # the step folder's name, step-000100
+    world_size: int | None = None  # processes that saved it: another number resumes through a universal conversion
+    params: dict | None = None  # the resolved params.yaml, so the folder describes itself
+
+    def saved_as(self, tag: str, world_size: int, params: dict) -> TrainState:
+        """This state as a step folder records it."""
+        return replace(self, tag=tag, world_size=world_size, params=params)
+
+    def loop_state(self) -> TrainState:
+        """Only what the loop carries on with (a resumed run records its own tag, world size and params)."""
+        return replace(self, tag=None, world_size=None, params=None)
+
+    @property
+    def zero_stage(self) -> int:
+        return int((self.params or {}).get("train", {}).get("zero_stage", 0))
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: str | Path) -> TrainState:
+        """The state in path; keys of other gptpipe versions are left out, missing ones take their defaults.
+        ValueError when the file is not a state (verify_checkpoint turns it into a message naming the file)."""
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})

@@ -1,0 +1,83 @@
+"""When things happen in training: what is due after each optimizer step, when to stop early, and the
+throughput of the steps since the last log line. The loop asks; these decide."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.checkpoints.state import TrainState
+from pipeline.config import TrainConfig
+from pipeline.layout import step_tag
+
+
+@dataclass(frozen=True)
+class Due:
+    """What to do after a step; every one of them is due at the last step too."""
+
+    log: bool
+    eval: bool  # a checkpoint records the val loss it was saved at, so a save is always an eval
+    hellaswag: bool
+    sample: bool
+    save: bool
+
+
+class Cadence:
+    """train.log_interval, eval_interval, hellaswag_interval, sample_interval and save_interval, and the last step."""
+
+    def __init__(self, t: TrainConfig, total_steps: int):
+        self.t, self.total_steps = t, total_steps
+
+    def after(self, step: int) -> Due:
+        last = step == self.total_steps
+
+        def every(interval: int | None) -> bool:
+            return bool(interval) and (step % interval == 0 or last)
+
+        save = every(self.t.save_interval)
+        return Due(log=every(self.t.log_interval), eval=every(self.t.eval_interval) or save,
+                   hellaswag=every(self.t.hellaswag_interval), sample=every(self.t.sample_interval), save=save)
+
+
+class EarlyStopping:
+    """The best val loss so far and train.early_stopping_patience; its record lives in the TrainState, so a
+    resumed run counts on from where it was saved."""
+
+    def __init__(self, t: TrainConfig):
+        self.patience, self.min_delta = t.early_stopping_patience, t.early_stopping_min_delta
+
+    def record(self, s: TrainState, val_loss: float) -> bool:
+        """Note val_loss at step s.step; True when it is a new best (those weights are then worth saving)."""
+        improved = val_loss < s.best_val_loss
+        if val_loss <= s.best_val_loss - self.min_delta:
+            s.evals_without_improvement = 0
+        else:
+            s.evals_without_improvement += 1
+        s.val_loss = val_loss
+        if improved:
+            s.best_val_loss, s.best_tag = val_loss, step_tag(s.step)
+        return improved
+
+    def reason(self, s: TrainState) -> str | None:
+        """Why the run stops here, or None while it goes on."""
+        if not self.patience or s.evals_without_improvement < self.patience:
+            return None
+        return (f"stopped early at step {s.step}: {s.evals_without_improvement} evaluations without a val loss improvement of"
+                f" {self.min_delta} or more (train.early_stopping_patience={self.patience}); best {s.best_val_loss:.4f} at {s.best_tag}")
+
+
+class Throughput:
+    """Training time alone (evaluations and saves excluded) of the steps since the last log line."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.seconds, self.steps = tokens_per_step, 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds, self.steps = self.seconds + seconds, self.steps + 1
+
+    def read(self) -> tuple[float, float]:
+        """(tokens per second, milliseconds per step) over the window, which then starts again."""
+        tokens_per_s = self.steps * self.tokens_per_step / self.seconds if self.seconds else math.nan
+        ms = 1000 * self.seconds / self.steps if self.steps else math.nan
+        self.seconds, self.steps = 0.0, 0
+        return tokens_per_s, ms

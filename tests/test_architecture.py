@@ -1,0 +1,120 @@
+"""docs/architecture.md against the code: its module table names every module, and every import keeps its rules."""
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+DOC = (ROOT / "docs" / "architecture.md").read_text()
+GROUND = {"config", "params", "errors", "layout", "files", "output", "downloads", "tokens", "console"}
+
+
+def modules() -> dict[str, Path]:
+    """'prepare/stage' -> its file, for every module of pipeline/ but package __init__ and __main__ files."""
+    out = {}
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        out[str(path.relative_to(ROOT / "pipeline").with_suffix(""))] = path
+    return out
+
+
+def table(heading: str) -> list[list[str]]:
+    """The rows of the first table after a line starting with heading, each cell stripped."""
+    after = DOC[DOC.index(heading):]
+    rows = [line for line in after.splitlines() if line.startswith("|")]
+    first = after.index(rows[0])
+    block = []
+    for line in after[first:].splitlines():
+        if not line.startswith("|"):
+            break
+        block.append([cell.strip() for cell in line.strip("|").split("|")])
+    return block[2:]  # without the header and the rule
+
+
+def names(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def package_of(module: str) -> str:
+    return module.split("/")[0] if "/" in module else ("cli" if module == "cli" else "ground")
+
+
+def allowed(target: str, rule: list[str]) -> bool:
+    return any(target == r or (r.endswith("/") and target.startswith(r)) for r in rule)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in the file, function-level ones too; pipeline modules as 'pkg/mod'."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for t in targets:
+            found.append((t, node.lineno))
+    return found
+
+
+def test_the_module_table_names_every_module_and_only_those():
+    documented = {name.removesuffix(".py") for row in table("| module |") for name in names(row[0])[:1]}
+    actual = set(modules())
+    assert not actual - documented, f"docs/architecture.md does not list {sorted(actual - documented)}"
+    assert not documented - actual, f"docs/architecture.md lists modules that do not exist: {sorted(documented - actual)}"
+
+
+def test_every_pipeline_import_keeps_the_documented_rules():
+    rules = {names(row[0])[0].rstrip("/") if names(row[0]) else row[0]: [] if row[1] == "nothing" else names(row[1])
+             for row in table("| package |")}
+    assert {"prepare", "train", "cli", "tools"} <= set(rules), rules
+    files = modules()
+    broken = []
+    for module, path in files.items():
+        package = package_of(module)
+        for target, line in imports(path):
+            if not target.startswith("pipeline."):
+                continue
+            parts = target.split(".")[1:]
+            dotted = "/".join(parts)
+            if dotted not in files:
+                continue  # a package itself, or a name imported from a module (checked as the module)
+            other = package_of(dotted)
+            if other == "ground" and package != "cli" or other == package and package != "ground":
+                continue
+            if package == "ground" and other != "ground":
+                broken.append(f"{module}:{line} imports {dotted}: ground modules import ground modules only")
+            elif not allowed(dotted, rules.get(package, [])):
+                broken.append(f"{module}:{line} imports {dotted}, which docs/architecture.md does not allow for {package}/")
+    assert not broken, "\n".join(broken)
+
+
+def test_third_party_libraries_stay_in_their_homes():
+    homes = {names(row[0])[0]: names(row[1]) for row in table("| library |")}
+    assert set(homes) == {"deepspeed", "typer", "rich"}
+    broken = []
+    for module, path in modules().items():
+        for target, line in imports(path):
+            library = target.split(".")[0]
+            if library in homes and not allowed(module, homes[library]):
+                broken.append(f"{module}:{line} imports {library}, whose home is {', '.join(homes[library])}")
+    assert not broken, "\n".join(broken)
+
+
+def test_no_stage_module_is_imported_by_another_package():
+    """A stage's orchestration and command belong to its own package (and its command to the cli's map)."""
+    stage_files = {m for m in modules() if m.endswith(("/stage", "/loop", "/command"))}
+    for module, path in modules().items():
+        for target, line in imports(path):
+            dotted = "/".join(target.split(".")[1:])
+            if dotted in stage_files and package_of(dotted) != package_of(module):
+                assert module == "cli" and dotted.endswith("/command"), f"{module}:{line} imports {dotted}"
+
+
+def test_the_rule_checker_catches_a_broken_rule():
+    """The checks above can fail: an import the table forbids is reported."""
+    assert not allowed("eval/stage", ["eval/lm", "eval/hellaswag"]) and allowed("infra/launcher", ["infra/"])
+    assert package_of("train/loop") == "train" and package_of("tokens") == "ground" and package_of("cli") == "cli"
