@@ -94,7 +94,7 @@ def watch_peaks(root: int, peaks: dict[str, int], stop: threading.Event) -> None
                 kb = int(_status(str(pid)).get("VmHWM", "0 kB").split()[0])
             except (OSError, ValueError):
                 continue
-            label = next((s for s in ("prepare", "tokenize") if f"stages/{s}.py" in cmdline), "dvc")
+            label = next((s for s in ("prepare", "tokenize") if f"pipeline.{s}" in cmdline), "dvc")
             peaks[label] = max(peaks.get(label, 0), kb)
 
 
@@ -127,7 +127,7 @@ def loop_tokens_per_s(path: Path) -> float:
 
 
 def measure(repo: Path, gb: float, store: str) -> dict:
-    for name in ("dvc.yaml", "stages", "pipeline"):
+    for name in ("dvc.yaml", "pipeline"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     raw = write_corpus(repo / "data" / "raw" / "corpus", int(gb * 1e9))

@@ -5,7 +5,7 @@ nanoGPT's CPU settings for shakespeare_char (4 layers, 4 heads, 128 wide, block 
 steps, fp32, its periodic estimate_loss), as one process; its wall time and its loss on the whole val split.
 
 gptpipe: the shakespeare-char recipe on the local copy of the text, its stages run one after the other as DVC
-runs them (`python stages/<stage>.py`: prepare, tokenize, train, evaluate), with train.max_steps set to the steps
+runs them (`python -m pipeline.<package>`: prepare, tokenize, train, evaluate), with train.max_steps set to the steps
 it needs; the wall time of the four processes and the loss the evaluate stage reports on the whole val split
 (val = the last 10% of the text in both).
 
@@ -37,6 +37,9 @@ TARGET = 1.88
 STAGES = ("prepare", "tokenize", "train", "evaluate")
 
 
+PACKAGES = {"prepare": "prepare", "tokenize": "tokenize", "train": "train", "evaluate": "eval"}
+
+
 def run(cmd: list[str], cwd: Path) -> str:
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     if out.returncode != 0:
@@ -59,7 +62,7 @@ def pipeline(folder: Path, steps: int) -> dict:
     seconds = {}
     for stage in STAGES:
         start = time.perf_counter()
-        run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), "-S", "train.resume=never"], folder)
+        run([sys.executable, "-m", f"pipeline.{PACKAGES[stage]}", "-S", "train.resume=never"], folder)
         seconds[stage] = time.perf_counter() - start
     metrics = json.loads((folder / "reports" / "metrics.json").read_text())
     return {"wall": sum(seconds.values()), "seconds": seconds, "val_loss": metrics["val"]["loss"]}

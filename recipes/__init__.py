@@ -1,1 +1,1 @@
-"""The shipped recipes: complete params files, read with `gptpipe recipe list|show|use` (see pipeline/recipes.py)."""
+"""The shipped recipes: complete params files, read with `gptpipe recipe list|show|use` (see pipeline/tools/recipes.py)."""

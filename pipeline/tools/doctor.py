@@ -242,7 +242,7 @@ def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:
         results.append(check_runner(launcher))
     if train.launcher != "deepspeed":
         results.append(("launcher", True, "dvc repro and `gptpipe train` run one process: set train.launcher: deepspeed for them to"
-                        f" use the hostfile; by hand, `deepspeed --hostfile {hostfile} ... stages/train.py` needs no setting"))
+                        f" use the hostfile; by hand, `deepspeed --hostfile {hostfile} ... --module pipeline.train` needs no setting"))
     if (no_ssh_check or no_ssh) and not master_addr:
         # The launcher skips its ssh check but, given a hostfile, still asks the first host for its address over ssh.
         first = hosts[0][0]

@@ -61,7 +61,7 @@ Several GPUs or nodes: `train.launcher: deepspeed` (and `train.hostfile`), or by
 (gptpipe is installed there, so no script path is needed):
 
 ```bash
-deepspeed --hostfile hostfile --no_local_rank --module pipeline.cli train
+deepspeed --hostfile hostfile --module pipeline.train
 ```
 """
 
