@@ -45,7 +45,7 @@ class PreparedDir(Folder):
 
     @property
     def plan(self) -> Path:
-        """prepare.store: index only: one byte per source document saying where it goes (sources.py's codes)."""
+        """prepare.store: index only: one byte per source document saying where it goes (prepare/plan.py's codes)."""
         return self.root / "plan.bin"
 
 

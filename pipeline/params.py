@@ -107,16 +107,13 @@ def format_errors(error: ValidationError) -> list[str]:
 
 
 def _fields_at(loc: list[str]) -> list[str]:
-    """Field names of the model found by following loc from Params (for 'did you mean')."""
-    model: type[BaseModel] = Params
+    """Field names of the section found by following loc from Params (for 'did you mean')."""
+    model: type[BaseModel] | None = Params
     for part in loc:
         field = model.model_fields.get(part)
-        if field is None:
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
             return []
-        sub = _model_in(field.annotation)
-        if sub is None:
-            return []
-        model = sub
     return list(model.model_fields)
 
 
@@ -169,12 +166,8 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def _field_at(dotted: str):
-    model, field = Params, None
-    for part in dotted.split("."):
-        field = model.model_fields[part]
-        model = _model_in(field.annotation) or model
-    return field
+def _field_at(dotted: str) -> FieldInfo:
+    return next(field for key, field, _, _ in walk_schema() if key == dotted)
 
 
 def _type_name(annotation) -> str:
