@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,3 +237,73 @@ def test_the_committed_lock_holds_the_hashes_the_default_pipeline_makes(tmp_path
         assert out_hashes(made, stage) == out_hashes(committed, stage), (
             f"{stage}'s outputs differ from dvc.lock (Python {sys.version.split()[0]}): run `make repro` and commit dvc.lock"
         )
+
+
+# ---------------------------------------------------------------------------------- params a stage reads
+
+# Read by a stage but never part of what it writes, so no rerun should follow a change: how long a process waits
+# for the others before it gives up (train declares the whole section anyway).
+READ_WITHOUT_EFFECT = {"train.collective_timeout"}
+
+
+def test_each_stage_declares_every_param_it_reads(tmp_path, monkeypatch, shared_data):
+    """Run the six stage commands on a tiny project, recording every params key each one reads after loading its
+    params; each key must be declared in its dvc.yaml entry (a section or the key) or reach it through ${...}."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from pipeline import config, params
+    from pipeline.cli import app
+
+    (tmp_path / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:20_000])
+    raw = {
+        "prepare": {"source": {"kind": "files", "path": "corpus.txt", "separator": "\n\n"}},
+        "tokenize": {"kind": "char"},
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+        "train": {"max_steps": 2, "micro_batch_size": 2, "warmup_steps": 0, "eval_interval": 2, "save_interval": 2,
+                  "hellaswag_interval": 2, "hellaswag_limit": 2, "sample_interval": 2, "sample_max_new_tokens": 4},
+        "evaluate": {"hellaswag": str(shared_data / "hellaswag_val_sample.jsonl"), "hellaswag_limit": 2, "max_windows": 4},
+        "sample": {"num_samples": 1, "max_new_tokens": 4},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+
+    reads: set[str] = set()
+    paths: dict[int, str] = {}
+
+    def register(section: config.Section, prefix: str) -> None:
+        paths[id(section)] = prefix
+        for name in type(section).model_fields:
+            value = section.__dict__.get(name)
+            if isinstance(value, config.Section):
+                register(value, f"{prefix}.{name}" if prefix else name)
+
+    def recording(self, name):
+        value = object.__getattribute__(self, name)
+        prefix = paths.get(id(self))
+        if prefix is not None and name in type(self).model_fields and not isinstance(value, config.Section):
+            reads.add(f"{prefix}.{name}" if prefix else name)
+        return value
+
+    def loading(*args, **kwargs):
+        p = params.load_params(*args, **kwargs)
+        register(p, "")
+        return p
+
+    monkeypatch.setattr(config.Section, "__getattribute__", recording)
+    runner = CliRunner()
+    for name, stage in STAGES.items():
+        command = importlib.import_module(f"pipeline.{stage['package']}.command")
+        monkeypatch.setattr(command, "load_params", loading)
+        reads.clear()
+        result = runner.invoke(app, [name], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        paths.clear()
+        declared = stage["params"]
+        through_paths = {key for entry in [*stage["deps"], *stage.get("outs", {}), *stage.get("metrics", [])]
+                         for key in re.findall(r"\$\{([^}]+)\}", entry)}
+        missing = sorted(key for key in reads - READ_WITHOUT_EFFECT - through_paths
+                         if not any(key == d or key.startswith(d + ".") for d in declared))
+        assert reads, f"{name}: no read recorded: the recorder is broken"
+        assert not missing, f"stage {name} reads {missing}, which its dvc.yaml entry does not declare"

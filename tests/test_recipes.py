@@ -228,5 +228,5 @@ def test_init_makes_a_project_that_runs_dvc_repro_and_the_launcher_with_the_inst
     launched = ["train.launcher=deepspeed", "train.hostfile=hostfile", "train.launcher_args=[--no_ssh_check, --master_addr, 127.0.0.1]",
                 "train.master_port=29743", "train.run_name=three"]
     out = gptpipe("train", *[a for o in launched for a in ("-S", o)], cwd=proj, env=env)
-    assert "--no_local_rank --module pipeline.cli train" in out
+    assert "--no_local_rank --module pipeline.train" in out
     assert saved_world_size(proj / "checkpoints" / "three") == 2

@@ -102,7 +102,7 @@ def test_tiktoken_offline_without_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded by other tests
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    with pytest.raises(UserError, match="'gpt2' could not be loaded.*TIKTOKEN_CACHE_DIR.*tiktoken_cache.*online"):
+    with pytest.raises(UserError, match="'gpt2' could not be loaded.*TIKTOKEN_CACHE_DIR.*cache files.*online"):
         TiktokenTokenizer("gpt2")
 
 
