@@ -1,0 +1,1 @@
+"""gptpipe: a declarative, reproducible DVC + DeepSpeed pipeline for GPT-style language models."""

@@ -408,7 +408,7 @@ class RunConfig(TrainPart):
     run_name: str | None = Field(
         None, description="the checkpoint folder's name under out_dir (and the name loggers show); null = run-<hash of what must match to resume>", json_schema_extra=KEEPS_RUN)
     resume: str = Field(
-        "auto", min_length=1, description="auto (the newest intact checkpoint of this run), never (start over; the old folder is kept as <folder>.previous) or a checkpoint folder", json_schema_extra=KEEPS_RUN)
+        "auto", min_length=1, description="auto (the newest intact checkpoint of this run), never (start over; the old folder is kept as <folder>.previous, or .previous.2, ... : none is deleted) or a checkpoint folder", json_schema_extra=KEEPS_RUN)
     export: Literal["best", "last"] = Field("best", description="export the checkpoint with the lowest val loss (best) or the last weights", json_schema_extra=KEEPS_RUN)
     export_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="dtype of the exported weights: auto = fp32 for a model trained from scratch, the checkpoint's own for a fine-tune", json_schema_extra=KEEPS_RUN)
@@ -598,6 +598,21 @@ class Params(Section):
                     problems.append((key, f"{outputs[key]} holds {other}={path} ({what}), which replacing the folder would delete; choose another folder"))
                 elif _inside(folder, _absolute(path)) and other not in REPLACED_WHOLE:  # else reported from the other side
                     problems.append((key, f"{outputs[key]} is inside {other}={path} ({what}); choose a folder outside it"))
+        # Every other path a stage writes (metrics files, the metrics folder, samples, the report): never an input,
+        # never inside an input folder (the next run would read it as data), never a folder that holds an input.
+        for key, path in outputs.items():
+            if key in REPLACED_WHOLE:
+                continue
+            written = _absolute(path)
+            for other, source in inputs.items():
+                read = _absolute(source)
+                if written == read:
+                    problems.append((key, f"{path} is also {other} (an input): the stage would overwrite it; give it a path of its own"))
+                elif _inside(read, written) and key not in WRITES_NEW_FILES_ONLY:
+                    problems.append((key, f"{path} holds {other}={source} (an input), which the stage would write over; choose another folder"))
+                elif _inside(written, read):
+                    problems.append((key, f"{path} is inside {other}={source} (an input), so a later run would read what the stage"
+                                          " writes there; choose a path outside it"))
         check(problems)
         return self
 
@@ -622,6 +637,9 @@ class Params(Section):
 SECTIONS = tuple(Params.model_fields)
 # Folders a stage builds beside their place and swaps in whole (files.building_dir).
 REPLACED_WHOLE = ("prepare.out_dir", "tokenize.out_dir", "train.export_dir")
+# Output folders whose stage only adds files of its own naming (a run folder, a download named by its URL's hash),
+# so an input kept inside one (model.init=checkpoints/run-.../step-...) is never written over.
+WRITES_NEW_FILES_ONLY = ("train.out_dir", "prepare.download_dir")
 
 
 def _absolute(path: str) -> str:

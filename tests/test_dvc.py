@@ -125,13 +125,24 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
         assert (repo / "reports" / name).is_file(), name
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=repo))
     assert {"loss", "learning rate", "throughput (tokens/s)", "gradient norm"} <= set(plots["data"])
-    # Outputs are hard links into the cache (cache.type in the project's .dvc/config), not second copies.
-    linked = [p for d in ("data/tokens", "checkpoints") for p in (repo / d).rglob("*") if p.is_file() and p.stat().st_nlink == 2]
-    assert repo / "data" / "tokens" / "train-00000.bin" in linked and any(p.suffix == ".pt" for p in linked)
+    # The project's cache.type (reflink, else copy) never links an output to the cache: editing one cannot reach it.
+    linked = [p for d in ("data/tokens", "checkpoints", "models") for p in (repo / d).rglob("*") if p.is_file() and p.stat().st_nlink > 1]
+    assert not linked, linked[:3]
 
     out = sh(DVC, "repro", cwd=repo)
     assert "Running stage" not in out
     check_blast_radius(repo)
+
+    # An ordinary in-place edit of an output (as root, as vim or open(..., "w") do): DVC's cache keeps the original,
+    # `dvc status` says the output changed, and `dvc checkout --force` puts it back.
+    config = repo / "models" / "final" / "config.json"
+    original = config.read_bytes()
+    with open(config, "w") as f:
+        f.write("{}")
+    check_cache(repo)
+    assert "train" in json.loads(sh(DVC, "status", "--json", cwd=repo))
+    sh(DVC, "checkout", "--force", "models/final", cwd=repo)
+    assert config.read_bytes() == original and json.loads(sh(DVC, "status", "--json", cwd=repo).strip() or "{}") == {}
 
     # Identical text gives byte-identical prepare and tokenize outputs, so nothing after them reruns.
     out = sh(DVC, "repro", "-f", "tokenize", cwd=repo)

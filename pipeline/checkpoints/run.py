@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import socket
 from pathlib import Path
 
@@ -70,7 +69,8 @@ def why_fresh(out_dir: str | Path, identity: dict) -> str | None:
     """When other runs exist in out_dir, what differs from the newest: the reason this one starts fresh."""
     mine = run_folder(out_dir, identity)
     others = sorted(Path(out_dir).glob("run-*/run.json"), key=lambda f: f.stat().st_mtime)
-    others = [f for f in others if RunDir(f.parent) != mine]
+    # A folder set aside by resume: never holds these very settings: it says nothing about why this one is fresh.
+    others = [f for f in others if RunDir(f.parent) != mine and json.loads(f.read_text()) != identity]
     if not others:
         return None
     previous = json.loads(others[-1].read_text())
@@ -132,10 +132,8 @@ def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str |
 
     run = RunDir(Path(t.out_dir) / t.run_name) if t.run_name else run_folder(t.out_dir, identity)
     if t.resume == "never" and run.root.exists():
-        aside = run.root.with_name(run.root.name + ".previous")
-        shutil.rmtree(aside, ignore_errors=True)
-        run.root.rename(aside)
-        echo(f"train: train.resume=never: starting over; the earlier {run.root} is now {aside}")
+        aside = set_aside(run.root)
+        echo(f"train: train.resume=never: starting over; the earlier {run.root} is now {aside} (nothing deleted)")
         return run, None
     if t.run_name and run.identity.is_file():
         saved = json.loads(run.identity.read_text())
@@ -144,6 +142,17 @@ def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str |
                             " choose another run_name, or set train.resume=never to start it over (the old folder is kept as"
                             f" {run.root.name}.previous)")
     return run, choose_resume(run, echo)
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a run folder out of the way for a fresh start, never over an earlier one: <run>.previous, then
+    <run>.previous.2, .3, ... (each --fresh keeps what came before; deleting old runs is the user's call)."""
+    aside, n = folder.with_name(folder.name + ".previous"), 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.previous.{n}")
+    folder.rename(aside)
+    return aside
 
 
 def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:

@@ -85,16 +85,28 @@ def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
     return 1 if tok.parallel_inside else cfg.workers or usable_cores()
 
 
+def hash_documents(digest, docs: Iterable[str]) -> None:
+    """The text a split's shards were made from, as it streams by: what a resumed run checks it reads again."""
+    for doc in docs:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\0")
+
+
 class SplitWriter:
     """One split's ids into shards of exactly shard_tokens: finished shards are whole token files, the one being
-    filled is a TokenWriter's .tmp. state() is what a resumed run needs to carry on from here."""
+    filled is a TokenWriter's .tmp. state() is what a resumed run needs to carry on from here, and what it checks
+    first: each finished shard's CRC, the partial shard's, and the sha256 of the text encoded so far."""
 
-    def __init__(self, out: TokensDir, split: str, tok: Tokenizer, shard_tokens: int, resume: dict | None = None):
+    def __init__(self, out: TokensDir, split: str, tok: Tokenizer, shard_tokens: int, resume: dict | None = None,
+                 text_digest=None):
         self.out, self.split, self.tok, self.shard_tokens = out, split, tok, shard_tokens
-        state = resume or {"shards": [], "partial": 0, "position": 0, "documents": 0, "text_bytes": 0}
-        self.shards, self.position = list(state["shards"]), state["position"]
+        state = resume or {"shards": [], "crc32": [], "partial": 0, "position": 0, "documents": 0, "text_bytes": 0}
+        self.shards, self.crcs, self.position = list(state["shards"]), list(state["crc32"]), state["position"]
         self.documents, self.text_bytes = state["documents"], state["text_bytes"]
+        self.digest = text_digest or hashlib.sha256()
         self.current = TokenWriter(out.shard(split, len(self.shards)), tok.vocab_size, tok.eot_id, keep=state["partial"])
+        if resume and self.current.crc != state["partial_crc32"]:
+            raise ValueError(f"{self.current.tmp.name} is not the partial shard progress.json recorded")
 
     @property
     def tokens(self) -> int:
@@ -110,22 +122,32 @@ class SplitWriter:
             if self.current.count == self.shard_tokens:
                 self.current.close()
                 self.shards.append(self.shard_tokens)
+                self.crcs.append(self.current.crc)
                 self.current = TokenWriter(self.out.shard(self.split, len(self.shards)), self.tok.vocab_size, self.tok.eot_id)
                 finished = True
         self.position, self.documents, self.text_bytes = chunk.end, self.documents + len(chunk.docs), self.text_bytes + chunk.size
+        hash_documents(self.digest, chunk.docs)
         return finished
 
     def state(self) -> dict:
         self.current.file.flush()  # the partial shard's bytes reach the file before the state that counts them
-        return {"shards": self.shards, "partial": self.current.count, "position": self.position,
-                "documents": self.documents, "text_bytes": self.text_bytes}
+        return {"shards": self.shards, "crc32": self.crcs, "partial": self.current.count, "partial_crc32": self.current.crc,
+                "position": self.position, "documents": self.documents, "text_bytes": self.text_bytes,
+                "text_sha256": self.digest.hexdigest()}
 
     def close(self) -> dict:
         if self.current.count or not self.shards:  # an exact multiple of shard_tokens leaves an empty writer
             self.current.close()
             self.shards.append(self.current.count)
+            self.crcs.append(self.current.crc)
         else:
             self.current.abort()
+        # Every shard is read back against the CRC recorded as it was written before the folder is published:
+        # a shard damaged on disk since (or swapped for another) never reaches train.
+        for index, (count, crc) in enumerate(zip(self.shards, self.crcs)):
+            shard = open_tokens(self.out.shard(self.split, index), verify=True)
+            if (shard.count, shard.crc32) != (count, crc):
+                raise UserError(f"{shard.path}: not the shard this run wrote (its ids changed on disk); rerun tokenize")
         return {"documents": self.documents, "tokens": sum(self.shards), "text_bytes": self.text_bytes, "shards": self.shards}
 
 
@@ -159,7 +181,17 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
         tok.save(folder / "tokenizer.new")
         identity["tokenizer_files"] = _digest_folder(folder / "tokenizer.new")
         resume = _resume_state(out, identity, token_dtype(tok.vocab_size).itemsize)
-        writers = {split: SplitWriter(out, split, tok, cfg.shard_tokens, resume.get(split)) for split in SPLITS}
+        digests = _reread_digests(prepared_dir, resume) if resume else {}
+        if any(digests[split].hexdigest() != resume[split]["text_sha256"] for split in digests):
+            # The text the finished shards were made from is not what the sources hold now (edited since, or edited
+            # and restored): those shards are stale, whatever the manifest says.
+            _clear(out)
+            resume, digests = {}, {}
+        try:
+            writers = {split: SplitWriter(out, split, tok, cfg.shard_tokens, resume.get(split), digests.get(split)) for split in SPLITS}
+        except ValueError:  # the partial shard is not what progress.json recorded: start afresh
+            _clear(out)
+            resume, writers = {}, {split: SplitWriter(out, split, tok, cfg.shard_tokens) for split in SPLITS}
         resumed = {split: w.tokens for split, w in writers.items()}
         if progress and any(resumed.values()):
             progress(sum(w.text_bytes for w in writers.values()))
@@ -176,7 +208,8 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
         encode_start, encoded_bytes = time.perf_counter(), 0
         for chunk, ids in encode_chunks(encode, chunk_documents(todo, cfg.chunk_bytes), workers):
             if writers[chunk.split].write(chunk, ids):
-                write_json_atomic(out.progress, {"identity": identity, **{s: w.state() for s, w in writers.items()}})
+                state = {"identity": identity, **{s: w.state() for s, w in writers.items()}}
+                write_json_atomic(out.progress, {**state, "sha256": _state_digest(state)})
             encoded_bytes += chunk.size
             if progress:
                 progress(chunk.size)
@@ -186,6 +219,8 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
             shutil.rmtree(out.tokenizer)
         os.replace(folder / "tokenizer.new", out.tokenizer)
         out.progress.unlink(missing_ok=True)
+        for stray in folder.glob(".*.tmp"):  # an atomic write a kill interrupted (progress.json's): not part of the output
+            stray.unlink()
         tokens = sum(s["tokens"] for s in splits.values())
         size = sum(s["text_bytes"] for s in splits.values())
         meta = {
@@ -222,16 +257,26 @@ def _digest_folder(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _state_digest(state: dict) -> str:
+    """progress.json's checksum of itself: a count or position changed by hand (or on disk) is not trusted."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 def _resume_state(out: TokensDir, identity: dict, itemsize: int) -> dict:
-    """What an interrupted run with the same identity finished, each split's shards checked; {} to start afresh
-    (then everything an earlier run left in the folder goes, except the tokenizer just saved)."""
+    """What an interrupted run with the same identity finished, each split's shards checked against the CRCs it
+    recorded; {} to start afresh (then everything an earlier run left in the folder goes, except the tokenizer
+    just saved)."""
     try:
-        state = json.loads(out.progress.read_text())
+        saved = json.loads(out.progress.read_text())
+        state = {k: v for k, v in saved.items() if k != "sha256"}
+        if saved.get("sha256") != _state_digest(state):
+            raise ValueError("progress.json does not match its checksum")
         if state.get("identity") != identity:
             raise ValueError("other inputs or params")
         for split in SPLITS:
             s = state[split]
-            if [open_tokens(out.shard(split, i)).count for i in range(len(s["shards"]))] != s["shards"]:
+            finished = [open_tokens(out.shard(split, i), verify=True) for i in range(len(s["shards"]))]
+            if [(f.count, f.crc32) for f in finished] != list(zip(s["shards"], s["crc32"])):
                 raise ValueError("a finished shard does not match")
             shard = out.shard(split, len(s["shards"]))
             partial = shard.with_name(shard.name + ".tmp")
@@ -242,7 +287,25 @@ def _resume_state(out: TokensDir, identity: dict, itemsize: int) -> dict:
         return {split: state[split] for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError, UserError):
         pass
+    _clear(out)
+    return {}
+
+
+def _reread_digests(prepared_dir: str | Path, resume: dict) -> dict:
+    """Each split's text up to where the interrupted run stopped, read again and hashed as that run hashed it
+    (reading and hashing is fast next to encoding; the documents are not encoded again)."""
+    digests = {split: hashlib.sha256() for split in SPLITS}
+    until = {split: resume[split]["position"] for split in SPLITS}
+    if any(until.values()):
+        for i, (split, text) in enumerate(iter_documents(prepared_dir)):
+            if i < until[split]:
+                hash_documents(digests[split], [text])
+            if all(i + 1 >= position for position in until.values()):
+                break
+    return digests
+
+
+def _clear(out: TokensDir) -> None:
     for path in out.root.iterdir():
         if path.name not in ("tokenizer.new", MARKER):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return {}

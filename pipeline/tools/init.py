@@ -13,10 +13,11 @@ from pipeline.params import walk_schema
 from pipeline.tools import recipes
 from pipeline.tools.dvc_yaml import render as render_dvc_yaml
 
-# DVC's cache link type, as in this repository's .dvc/config: outputs become hard links into the cache instead of
-# copies, so data is not stored twice. Hardlink first: DVC 3.67 commits a stage's outputs by linking only when the
-# first type is hardlink (with reflink first it copies them, measured here). DVC makes linked files read-only.
-CACHE_TYPE = "hardlink,copy"
+# DVC's cache link type, as in this repository's .dvc/config: a reflink (copy-on-write, on Btrfs, XFS, APFS) where
+# the file system has them, else a copy. Never a hard link by default: an output edited in place (root ignores the
+# read-only bit DVC sets) would rewrite the cache object and lose that version for good. Hard links save the
+# disk a second copy takes, for corpora of gigabytes, as an opt-in: docs/benchmarks.md has the figures.
+CACHE_TYPE = "reflink,copy"
 
 # The same stages, params, outputs and plots as this repository's dvc.yaml, from the same source, with
 # `gptpipe <stage>` as each command.
