@@ -85,11 +85,10 @@ def encode_workers(tok: Tokenizer, cfg: TokenizeConfig) -> int:
     return 1 if tok.parallel_inside else cfg.workers or usable_cores()
 
 
-def hash_documents(digest, docs: Iterable[str]) -> None:
+def hash_documents(digest, docs: list[str]) -> None:
     """The text a split's shards were made from, as it streams by: what a resumed run checks it reads again."""
-    for doc in docs:
-        digest.update(doc.encode("utf-8"))
-        digest.update(b"\0")
+    if docs:  # each document and a NUL after it, encoded once per chunk rather than once per document
+        digest.update(("\0".join(docs) + "\0").encode("utf-8"))
 
 
 class SplitWriter:
