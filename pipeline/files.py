@@ -1,15 +1,19 @@
 """Writing outputs so that an interrupted run never leaves a half-written file or folder behind, a folder is
-replaced only when gptpipe wrote it, and a full disk is one message."""
+replaced only when gptpipe wrote it, two runs never write one folder at once, a symlinked folder is written
+through its link, and a full disk is one message."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import glob
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -60,33 +64,88 @@ def building_dir(out_dir: str | Path, key: str) -> Iterator[Path]:
 
     key names the param that chose out_dir: an existing out_dir that gptpipe did not write is refused with it.
     """
-    out_dir = Path(out_dir)
+    out_dir = through_link(Path(out_dir), key)
     check_replaceable(out_dir, key)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)  # of a run that was killed; the name is ours
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        (tmp / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    swap_dir(tmp, out_dir)
+    with folder_lock(out_dir, key):
+        check_replaceable(out_dir, key)  # again, now that no other run can be replacing it
+        for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)  # of a run that was killed; the name is ours
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+        try:
+            (tmp / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        swap_dir(tmp, out_dir)
 
 
 @contextmanager
 def resumable_dir(out_dir: str | Path, key: str) -> Iterator[Path]:
     """building_dir for long work that can pick up where it stopped: the folder is .<name>.partial beside out_dir,
     the same on every run, and it stays when the work fails or is killed. The caller decides what in it to keep."""
-    out_dir = Path(out_dir)
+    out_dir = through_link(Path(out_dir), key)
     check_replaceable(out_dir, key)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.with_name(f".{out_dir.name}.partial")
-    work.mkdir(exist_ok=True)
-    (work / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
-    yield work
-    swap_dir(work, out_dir)
+    with folder_lock(out_dir, key):
+        check_replaceable(out_dir, key)  # again, now that no other run can be replacing it
+        work = out_dir.with_name(f".{out_dir.name}.partial")
+        work.mkdir(exist_ok=True)
+        (work / MARKER).write_text(f"written by gptpipe as {key}; replaced whole on the next run\n")
+        yield work
+        swap_dir(work, out_dir)
+
+
+def through_link(out_dir: Path, key: str) -> Path:
+    """The folder to build: out_dir, or where it links to when it is a symlink (data/tokens -> /big/disk/tokens),
+    so the output lands on the disk the link chose and the link stays. A link whose target's folder is missing
+    (a disk not mounted) is refused rather than replaced by a folder on the wrong disk."""
+    if not out_dir.is_symlink():
+        return out_dir
+    stray = out_dir.with_name(f".{out_dir.name}.old")
+    if stray.is_symlink():
+        stray.unlink()  # the link itself, moved aside by an older gptpipe that replaced links by folders
+    target = Path(os.path.realpath(out_dir))
+    if not target.parent.is_dir():
+        raise UserError(f"{key}: {out_dir} is a link to {target}, whose folder {target.parent} does not exist (a disk not"
+                        " mounted?); mount it, or point the link elsewhere")
+    return target
+
+
+@contextmanager
+def folder_lock(folder: str | Path, key: str) -> Iterator[None]:
+    """Hold the lock `.<name>.lock` beside folder while this process writes it: a second gptpipe run on the same
+    folder gets one message instead of a mixed output. The operating system releases the lock when a process
+    ends, killed or not; the file itself is removed on release (a killed run's stays, harmless)."""
+    folder = Path(folder)
+    path = folder.with_name(f".{folder.name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise UserError(f"{key}: {folder} is being written by another gptpipe run ({holder}); wait for it to end, or"
+                            f" point {key} at another folder. (A lock goes with the process that held it: nothing to delete)") from None
+        try:
+            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # removed by the holder between our open and our lock: take the new file
+    try:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held, so no other process can hold this file in between
+        f.close()
 
 
 def check_replaceable(out_dir: Path, key: str) -> None:
@@ -133,11 +192,19 @@ def free_bytes(path: str | Path) -> int:
 def swap_dir(new: Path, out_dir: Path) -> None:
     """Put folder new at out_dir; the old out_dir is moved aside first and removed only afterwards."""
     old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
+    remove(old)
+    if out_dir.exists() or out_dir.is_symlink():
         os.replace(out_dir, old)
     os.replace(new, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """A file, link or folder gone (a link itself, never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def parse_json(text: str, where: str):

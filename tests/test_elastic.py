@@ -7,6 +7,7 @@ another order; everything else, the data of each step included, is the same).
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -135,3 +136,67 @@ def test_a_zero3_scratch_model_is_built_partitioned_with_the_same_initialisation
             got = params[name].detach().clone()
         assert got.shape == ref.shape, name
         assert math.isclose(got.float().std().item(), ref.float().std().item(), rel_tol=0.1, abs_tol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------ a conversion and its step
+
+
+def plant_pickle(path) -> None:
+    """A torch file whose unpickling would run code (it only would: gptpipe refuses it before loading)."""
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w')",))
+
+    torch.save({"weights": Exploit()}, path)
+
+
+def relist(folder) -> None:
+    """Rewrite a folder's checksums.json to match its files, as someone hiding an edit would."""
+    from pipeline.checkpoints.folder import sha256
+
+    listed = json.loads((folder / "checksums.json").read_text())
+    listed = {name: sha256(folder / name) for name in listed if (folder / name).is_file()}
+    (folder / "checksums.json").write_text(json.dumps(listed))
+
+
+@pytest.mark.slow
+def test_a_conversion_belongs_to_the_step_it_came_from(tokens_dir, tmp_path, capfd):
+    """Issue 18 items 2, 7 and 13: a conversion is never loaded for a step saved again since, nor when a parameter
+    file is gone (its listing edited to match), nor with a planted pickle in it; each case is named."""
+    raw = lambda **train: elastic_params(tokens_dir, tmp_path, 1, save_interval=2, **train)  # noqa: E731
+    finish(launch(["--num_gpus", "2", "--master_port", "29821"], raw(max_steps=4), tmp_path))
+    run = run_of(tmp_path)
+    run_training(raw(max_steps=6))  # on one process: converts step 4
+    stale = tmp_path / "stale-conversion"
+    shutil.copytree(run.universal("step-000004"), stale)
+
+    # A branch from step 2 on two processes saves another step 4 (another decay, so other weights)...
+    finish(launch(["--num_gpus", "2", "--master_port", "29822"], raw(max_steps=4, decay_steps=5, resume=str(run.step("step-000002").root)), tmp_path))
+    assert not run.universal("step-000004").exists(), "the conversion of the earlier step 4 outlived it"
+    # ...and a conversion of the earlier step 4 is back (restored by hand, or left by an older gptpipe).
+    shutil.copytree(stale, run.universal("step-000004"))
+    capfd.readouterr()
+    run_training(raw(max_steps=5, decay_steps=5))
+    out = " ".join(capfd.readouterr().out.split())
+    assert "it was converted from an earlier step-000004, which has been saved again since): converting step-000004 again" in out, out
+    fresh = json.loads((run.universal("step-000004") / "source.json").read_text())
+    assert fresh["checksums_sha256"] != json.loads((stale / "source.json").read_text())["checksums_sha256"]
+    loss = logged(tmp_path, "train/loss")[-1]
+
+    # A planted pickle in the conversion: named, never loaded, converted again; the same step 5 follows.
+    planted = run.universal("step-000004") / "zero" / "transformer.wpe.weight" / "fp32.pt"
+    plant_pickle(planted)
+    relist(run.universal("step-000004"))
+    run_training(raw(max_steps=5, decay_steps=5, resume=str(run.step("step-000004").root)))
+    out = " ".join(capfd.readouterr().out.split())
+    assert "zero/transformer.wpe.weight/fp32.pt: it holds exec, which loading would run as code: refused" in out, out
+    assert "converting step-000004 again" in out and not (tmp_path / "PWNED").exists()
+    assert logged(tmp_path, "train/loss")[-1] == loss
+
+    # A parameter's file deleted and the listing edited to match: every checksum holds, the model does not.
+    gone = run.universal("step-000004") / "zero" / "transformer.h.0.attn.c_attn.weight" / "exp_avg.pt"
+    gone.unlink()
+    relist(run.universal("step-000004"))
+    with pytest.raises(UserError, match=r"lacks what this model needs: zero/transformer.h.0.attn.c_attn.weight/exp_avg.pt is missing. Nothing was loaded; delete"):
+        run_training(raw(max_steps=5, decay_steps=5, resume=str(run.step("step-000004").root)))

@@ -82,6 +82,25 @@ def load_engine(engine, folder: Path, tag: str, universal: bool = False) -> None
         raise UserError(f"checkpoint {folder / tag} could not be loaded by DeepSpeed (incomplete or from another setup)")
 
 
+def missing_parameters(universal: Path, module) -> str | None:
+    """What a conversion lacks for this model, naming the file; None when every trainable parameter has its fp32
+    weights and the optimizer state the others have. A checksum list edited to match a deleted file passes every
+    checksum: only the model knows what must be there."""
+    zero = universal / "zero"
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    present = {name: {f.name for f in (zero / name).glob("*.pt")} for name in names}
+    state_files = set().union(*present.values()) if present else set()
+    for name in names:
+        for file in sorted(state_files | {"fp32.pt"}):
+            if file not in present[name]:
+                return f"zero/{name}/{file} is missing"
+    if not any(universal.glob("*model_states.pt")):  # mp_rank_00_..., or one per saving rank under ZeRO-3
+        return "its model states file (*model_states.pt) is missing"
+    if not (universal / "zero" / "optimizer_state.pt").is_file():
+        return "zero/optimizer_state.pt is missing"
+    return None
+
+
 def _checkpoint_classes() -> list:
     """The classes DeepSpeed's checkpoint files hold besides tensors and containers (found by loading every file
     of ZeRO 0-3, fp32 and bf16 with weights_only=True): plain values, whose unpickling runs none of the file's code."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoints.deepspeed_io import check_loadable, load_engine, read_zero_weights, save_engine
+from pipeline.checkpoints.deepspeed_io import check_loadable, load_engine, missing_parameters, read_zero_weights, save_engine
 from pipeline.checkpoints.state import TrainState
 from pipeline.errors import UserError
 from pipeline.files import write_failure, write_json_atomic, write_text_atomic
@@ -81,8 +81,10 @@ def save_checkpoint(engine, run: RunDir, state: TrainState, dist: Dist, keep_las
     """
     tag = step_tag(state.step)
     ckpt = run.step(tag)
-    if dist.is_main and ckpt.root.exists():
-        shutil.rmtree(ckpt.root)  # a leftover of a crash, or a damaged copy: never mix its files with new ones
+    if dist.is_main:
+        if ckpt.root.exists():
+            shutil.rmtree(ckpt.root)  # a leftover of a crash, or a damaged copy: never mix its files with new ones
+        shutil.rmtree(run.universal(tag), ignore_errors=True)  # converted from an earlier step of this number
     barrier()
     failure = _attempt(lambda: _write_shards(engine, run, ckpt, dist), ckpt.root)
     if not any_rank(failure is not None, dist.device) and dist.is_main:
@@ -153,6 +155,10 @@ def load_checkpoint(engine, run: RunDir, tag: str, dist: Dist, universal: Path |
     """
     ckpt = run.step(tag)
     if universal is not None:
+        missing = missing_parameters(universal, engine.module)
+        if missing:
+            raise UserError(f"train: the universal checkpoint {universal} lacks what this model needs:"
+                            f" {missing}. Nothing was loaded; delete {universal} and rerun to convert {tag} again")
         load_engine(engine, universal.parent, universal.name, universal=True)
     else:
         load_engine(engine, run.root, tag)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline.checkpoints.folder import verify_checkpoint
 from pipeline.config import Batch, Params, TrainConfig
 from pipeline.errors import UserError
-from pipeline.files import write_failure, write_json_atomic
+from pipeline.files import folder_lock, write_failure, write_json_atomic
 from pipeline.infra.distributed import Dist, any_rank, barrier, broadcast
 from pipeline.layout import CheckpointDir, RunDir
 from pipeline.output import Echo, silent
@@ -87,15 +89,19 @@ def differences(saved: dict, identity: dict) -> str:
     return ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in keys)
 
 
-def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent) -> tuple[RunDir, str | None]:
+def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, hold: ExitStack | None = None) -> tuple[RunDir, str | None]:
     """(the run folder, the checkpoint to resume or None), decided on rank 0 and the same on every rank.
 
     train.resume: auto resumes the newest intact checkpoint; never moves an existing folder aside to
     <folder>.previous and starts over; a checkpoint folder resumes that step (a later branch is moved aside).
+    Rank 0 first takes train.out_dir's lock into hold, held until the caller closes it: a second training into the
+    same out_dir while this one runs gets one message, before either moves or writes anything.
     """
     answer = None
     if dist.is_main:
         try:
+            if hold is not None:
+                hold.enter_context(folder_lock(os.path.realpath(t.out_dir), "train.out_dir"))
             run, tag = _open_run(t, identity, echo)
             answer = ("ok", (str(run.root), tag))
         except UserError as e:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.errors import UserError
+from pipeline.files import WRITE_ERRNOS
 from pipeline.output import Echo, silent
 from pipeline.params import walk_schema
 from pipeline.tools import recipes
@@ -31,6 +32,8 @@ __pycache__/
 /checkpoints
 # What an interrupted tokenize keeps for its next run.
 .*.partial/
+# The lock a run holds beside a folder it writes; a killed run can leave the file (harmless).
+.*.lock
 """
 
 DVCIGNORE = """\
@@ -85,10 +88,18 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
     """Create folder as a new git + DVC project with the stages, params (a recipe, or every default described) and
     a README; it must not exist or be empty."""
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file: gptpipe init makes a new project in a new (or empty) folder")
+    if folder.is_dir() and any(folder.iterdir()):
         raise UserError(f"{folder} is not empty: gptpipe init makes a new project in a new (or empty) folder")
     params = recipes.render(recipe, []) if recipe else commented_params()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        above = next((p for p in folder.parents if p.exists()), None)
+        why = (f"{above} is a file" if above is not None and not above.is_dir() else
+               WRITE_ERRNOS.get(e.errno) or e.strerror or type(e).__name__)
+        raise UserError(f"gptpipe init: cannot create {folder}: {why}") from None
     files = {"dvc.yaml": DVC_YAML, "params.yaml": params, ".gitignore": GITIGNORE, ".dvcignore": DVCIGNORE,
              # data/raw must exist (a dependency of prepare); a hidden file keeps it in git without becoming corpus.
              "data/raw/.gitkeep": "", "README.md": README.format(name=folder.resolve().name)}

@@ -59,6 +59,10 @@ def dump(yaml, doc) -> str:
 def use(name: str, overrides: list[str], dest: str | Path = "params.yaml", force: bool = False) -> Path:
     """Write the recipe (with overrides) to dest; refuse to replace a params file holding changes of the user's own."""
     dest = Path(dest)
+    if dest.is_dir():
+        raise UserError(f"--params {dest} is a folder: name the params file to write (e.g. {dest / 'params.yaml'})")
+    if dest.parent.exists() and not dest.parent.is_dir():
+        raise UserError(f"--params {dest}: {dest.parent} is a file, not a folder")
     rendered = render(name, overrides)
     if dest.exists() and not force and not replaceable(dest):
         raise UserError(f"{dest} holds changes of your own (it is not a shipped recipe, nor committed to git): commit it,"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,11 +65,12 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     dist = dist or init_distributed(timeout_s=p.train.collective_timeout)
     run = None
     try:
-        run = setup(p, dist, echo if dist.is_main else silent)
-        run.seconds["setup"] = time.perf_counter() - start
-        fit(run, progress)
-        with timed(run, "export"):
-            exported = export_run(run)
+        with ExitStack() as hold:  # train.out_dir's lock, from setup to the export
+            run = setup(p, dist, echo if dist.is_main else silent, hold)
+            run.seconds["setup"] = time.perf_counter() - start
+            fit(run, progress)
+            with timed(run, "export"):
+                exported = export_run(run)
     except RuntimeError as e:
         failure = collective_error(e, p, dist, run)  # another process froze or died: one message
         if failure is None:
@@ -96,7 +97,9 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     }
 
 
-def setup(p: Params, dist: Dist, echo: Echo = silent) -> Run:
+def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = None) -> Run:
+    """Everything the loop needs, checked before any folder is touched; hold receives train.out_dir's lock
+    (rank 0), released when the caller closes it (without one, when the process ends)."""
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
     check_precision(t)  # before any folder is made or moved
     use_tf32(t.tf32)
@@ -111,13 +114,13 @@ def setup(p: Params, dist: Dist, echo: Echo = silent) -> Run:
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
     identity = run_identity(p, data, batch)
-    run_dir, tag = open_run(t, identity, dist, echo)
+    run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack())
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
     # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
-    universal = prepare_elastic_resume(run_dir, tag, dist, echo) if tag else None
+    universal = prepare_elastic_resume(run_dir, tag, dist, echo, t.collective_timeout) if tag else None
     ds_config = engine_config(t, batch, echo)
 
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
@@ -328,7 +331,7 @@ def export_run(run: Run) -> dict:
         if problem is None:
             which, tag, val_loss = "best", s.best_tag, s.best_val_loss
             # The best weights (and their fp32 masters) into the engine; saved by another number of processes, converted.
-            universal = prepare_elastic_resume(run.run_dir, tag, run.dist, run.log.echo)
+            universal = prepare_elastic_resume(run.run_dir, tag, run.dist, run.log.echo, t.collective_timeout)
             load_checkpoint(run.engine, run.run_dir, tag, run.dist, universal)
         else:  # e.g. train.export switched to best on a resume, when improvements were not being saved
             run.log.echo(f"train: exporting the last weights: the best checkpoint {s.best_tag} cannot be used ({problem})")

@@ -3,9 +3,18 @@
 Each test reproduces one way data was lost or corrupted silently, on tiny real runs, and holds the fix.
 """
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
-from conftest import run_training, tiny_params
+import pytest
+from conftest import ROOT, run_training, tiny_params
 
 
 def runs(root: Path) -> list[Path]:
@@ -189,3 +198,165 @@ def test_a_source_edited_then_restored_does_not_keep_shards_of_the_edit(tmp_path
     source.write_text(original)
     tokenize(prepared, tmp_path / "out")
     assert contents(tmp_path / "out") == reference
+
+
+# ------------------------------------------------------------------------------ the wait for a conversion (item 9)
+
+HOLD_HEARTBEAT = """
+import sys, time
+from pathlib import Path
+from pipeline.checkpoints.elastic import heartbeat
+with heartbeat(Path(sys.argv[1]), every_s=0.2):
+    time.sleep(600)
+"""
+
+
+def heartbeat_process(alive: Path) -> subprocess.Popen:
+    """A real process in rank 0's place, converting (it beats) for ten minutes."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_HEARTBEAT, str(alive)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not alive.is_file():
+        assert time.monotonic() < deadline and proc.poll() is None, "the heartbeat never started"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_rank_waiting_on_a_frozen_rank_0s_conversion_ends_with_a_message(tmp_path):
+    """SIGSTOP on rank 0 mid-conversion: the others stop waiting once it has shown no sign of life for the
+    collective timeout, saying it is frozen, instead of waiting forever; a slow but live rank 0 is waited for."""
+    from pipeline.checkpoints.elastic import wait_for_conversion
+    from pipeline.errors import UserError
+
+    out, alive, failed = tmp_path / "universal" / "step-000008", tmp_path / "universal" / ".step-000008.alive", tmp_path / "f"
+    stamp = {"step": "step-000008", "checksums_sha256": "0" * 64}
+    proc = heartbeat_process(alive)
+    try:
+        # Alive: a wait longer than the timeout ends only because the conversion lands (written here after 3 s).
+        def land() -> None:
+            time.sleep(3)
+            out.mkdir(parents=True)
+            (out / "source.json").write_text(json.dumps(stamp))
+            (out / "checksums.json").write_text("{}")
+
+        threading.Thread(target=land).start()
+        started = time.monotonic()
+        wait_for_conversion(out, stamp, failed, alive, timeout_s=2, size_gb=0.0, poll_s=0.1)
+        assert 2.5 < time.monotonic() - started < 30
+        shutil.rmtree(out)
+
+        os.kill(proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(UserError, match=r"rank 0 converting step-000008 .* showed no sign of life for \d+ s \(train.collective_timeout=2\): it is frozen"):
+            wait_for_conversion(out, stamp, failed, alive, timeout_s=2, size_gb=0.0, poll_s=0.1)
+        assert time.monotonic() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------ symlinked outputs (item 10)
+
+
+def test_a_symlinked_out_dir_is_written_through_its_link(tmp_path, shared_data):
+    """data/tokens -> /big/disk/tokens: every run writes into the target and the link stays a link (an older
+    gptpipe replaced it by a folder on the wrong disk and failed on every later run); nothing is left beside it."""
+    import pytest
+
+    from pipeline.errors import UserError
+
+    _, prepared = corpus(tmp_path, shared_data, "text")
+    tokenize(prepared, tmp_path / "reference")
+    reference = contents(tmp_path / "reference")
+    big = tmp_path / "big" / "tokens"
+    big.parent.mkdir()
+    link = tmp_path / "data" / "tokens"
+    link.parent.mkdir()
+    link.symlink_to(big)  # the target does not exist yet: the first run makes it
+    (link.parent / ".tokens.old").symlink_to(big)  # what the older gptpipe left: a link, removed without following it
+    for _ in range(3):
+        tokenize(prepared, link)
+        assert link.is_symlink() and contents(big) == reference
+    assert [p.name for p in link.parent.iterdir()] == ["tokens"] and [p.name for p in big.parent.iterdir()] == ["tokens"]
+
+    unmounted = tmp_path / "data" / "elsewhere"
+    unmounted.symlink_to(tmp_path / "unmounted" / "tokens")
+    with pytest.raises(UserError, match=r"tokenize.out_dir: .*elsewhere is a link to .*unmounted/tokens, whose folder .* does not exist"):
+        tokenize(prepared, unmounted)
+    assert unmounted.is_symlink() and not (tmp_path / "unmounted").exists()
+
+
+# ------------------------------------------------------------------------------ one run per output (item 11)
+
+TOKENIZE_IN_A_PROCESS = """
+import sys
+from pipeline.config import TokenizeConfig
+from pipeline.tokenize.stage import tokenize_corpus
+tokenize_corpus(TokenizeConfig(kind="tiktoken", out_dir=sys.argv[2], shard_tokens=1024, chunk_bytes=1024, workers=1), sys.argv[1])
+"""
+
+
+def test_two_runs_into_one_output_the_second_gets_one_message(tmp_path, shared_data):
+    """A tokenize is stopped (SIGSTOP) while it writes data/tokens; a second one into the same folder is refused by
+    name, and the first, continued, finishes with the output a lone run gives. A killed run's lock is no lock."""
+    import pytest
+
+    from pipeline.errors import UserError
+
+    _, prepared = corpus(tmp_path, shared_data, "text")
+    tokenize(prepared, tmp_path / "reference")
+    out, lock = tmp_path / "data" / "tokens", tmp_path / "data" / ".tokens.lock"
+    first = subprocess.Popen([sys.executable, "-c", TOKENIZE_IN_A_PROCESS, str(prepared), str(out)], cwd=ROOT, env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.is_file() or not lock.read_text():
+            assert time.monotonic() < deadline and first.poll() is None, "the first run never took its lock"
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGSTOP)
+        with pytest.raises(UserError, match=rf"tokenize.out_dir: .*tokens is being written by another gptpipe run \(pid {first.pid} on"):
+            tokenize(prepared, out)
+        os.kill(first.pid, signal.SIGCONT)
+        assert first.wait(timeout=120) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert contents(out) == contents(tmp_path / "reference") and not lock.exists()
+
+    # The same run killed while it holds the lock: its file stays, its lock does not.
+    killed = subprocess.Popen([sys.executable, "-c", TOKENIZE_IN_A_PROCESS, str(prepared), str(tmp_path / "again")], cwd=ROOT)
+    while not (tmp_path / ".again.lock").is_file() and killed.poll() is None:
+        time.sleep(0.005)
+    killed.kill()
+    killed.wait()
+    tokenize(prepared, tmp_path / "again")
+    assert contents(tmp_path / "again") == contents(tmp_path / "reference")
+
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.files import folder_lock
+with folder_lock(sys.argv[1], "train.out_dir"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_training_into_a_busy_out_dir_moves_nothing(tokens_dir, tmp_path):
+    """While another training holds train.out_dir, a run with train.resume=never is refused before it sets the
+    earlier run aside or writes anything."""
+    import pytest
+
+    from pipeline.errors import UserError
+
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=2, save_interval=2)
+    run_training(raw)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "checkpoints")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"train.out_dir: .*checkpoints is being written by another gptpipe run"):
+            run_training({**raw, "train": {**raw["train"], "resume": "never"}})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    run_training({**raw, "train": {**raw["train"], "resume": "never"}})  # free again
