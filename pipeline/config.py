@@ -25,9 +25,10 @@ BIG = 10**12  # counts of steps, characters, items
 class Section(BaseModel):
     """Base for every params section: unknown keys are errors at every depth, values are coerced."""
 
-    # Lax mode coerces the strings `dvc exp run -S` writes ("3e-05", "4096", "true") to the field's type;
-    # inf and nan are never a sensible setting.
-    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False)
+    # Lax mode coerces the strings `dvc exp run -S` writes ("3e-05", "4096", "true") to the field's type, and the
+    # numbers it writes for names (`-S train.run_name=123` gives 123) to text; inf and nan are never a sensible setting.
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True, allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
 
 
 class Problems(ValueError):
@@ -424,6 +425,10 @@ class RunConfig(TrainPart):
         return [*super().problems(), *problems]
 
 
+# The deepspeed launcher's --include/--exclude: hosts joined by @, each with an optional list of device slots.
+NODE_SPECS = re.compile(r"[A-Za-z0-9_.-]+(:\d+(,\d+)*)?(@[A-Za-z0-9_.-]+(:\d+(,\d+)*)?)*")
+
+
 class LaunchConfig(TrainPart):
     """Launching: the deepspeed launcher, hostfile and devices, a DeepSpeed JSON on top, the collective timeout."""
 
@@ -444,6 +449,10 @@ class LaunchConfig(TrainPart):
         problems = []
         if (self.include or self.exclude) and (self.num_gpus or self.num_nodes):
             problems.append(("include" if self.include else "exclude", "cannot be combined with train.num_gpus or train.num_nodes (the launcher refuses it): keep one way"))
+        for key in ("include", "exclude"):
+            spec = getattr(self, key)
+            if spec is not None and not NODE_SPECS.fullmatch(spec):
+                problems.append((key, f"{spec!r} is not the launcher's HOST[:SLOT,...][@HOST[:SLOT,...]...], e.g. localhost:2,3 or worker-1@worker-2:0,1"))
         return [*super().problems(), *problems]
 
 

@@ -38,6 +38,18 @@ WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
                 errno.EFBIG: "file too large for this file system or limit"}
 
 
+def absent(path: str | Path, folder: bool = False) -> str:
+    """Why path is not the file (or folder) expected, as words after its name: "not found" only when nothing is there."""
+    path = Path(path)
+    if not path.exists():
+        return "not found"
+    if folder:
+        return "is a file, not a folder"
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file (a FIFO, socket or device)"
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write to a temporary file beside path, then rename it over path (atomic on POSIX)."""
     path = Path(path)

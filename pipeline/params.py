@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline.config import Params, Problems
 from pipeline.errors import UserError
+from pipeline.files import absent
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -48,7 +49,7 @@ def apply_overrides(raw: dict, overrides: list[str], new_section: Callable[[], d
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: params file not found")
+        raise UserError(f"{path}: params file {absent(path)}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.files import absent
 from pipeline.layout import TokensDir
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ def open_tokens(path: str | Path, verify: bool = False) -> TokenFile:
     """Open a token file, checking its header and size; verify=True also checks the crc and every id."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: token file not found; run the tokenize stage")
+        raise UserError(f"{path}: token file {absent(path)}; run the tokenize stage")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
@@ -231,7 +232,7 @@ def read_meta(tokens_dir: str | Path) -> dict:
     """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
     path = TokensDir(tokens_dir).meta
     if not path.is_file():
-        raise UserError(f"{path} not found: run the tokenize stage first (dvc repro tokenize)")
+        raise UserError(f"{path} {absent(path)}: run the tokenize stage first (dvc repro tokenize)")
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):

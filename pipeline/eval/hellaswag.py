@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pipeline.config import Params
 from pipeline.downloads import download
 from pipeline.errors import UserError
-from pipeline.files import parse_json
+from pipeline.files import absent, parse_json
 from pipeline.infra.distributed import Dist
 from pipeline.model.build import model_context
 from pipeline.output import ProgressFactory, no_progress
@@ -42,7 +42,7 @@ def parse_hellaswag(source: str | Path | Iterable[str]) -> list[Item]:
         return [_parse_item(line, f"<hellaswag lines>:{n}") for n, line in enumerate(source, 1) if line.strip()]
     path = Path(source)
     if not path.is_file():
-        raise UserError(f"evaluate.hellaswag: {path} not found")
+        raise UserError(f"evaluate.hellaswag: {path} {absent(path)}")
     try:
         with open(path, encoding="utf-8") as f:
             return [_parse_item(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]

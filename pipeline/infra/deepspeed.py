@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 
 from pipeline.config import Batch, TrainConfig
 from pipeline.errors import UserError
+from pipeline.files import absent
 from pipeline.output import Echo, silent
 
 # Keys that the data path derives from train.* itself: a user JSON may not change them.
@@ -67,6 +68,8 @@ def merge_user_config(generated: dict, path: str | None) -> tuple[dict, list[str
     """Put a user's DeepSpeed JSON on top of the generated one; return it and the keys it changed."""
     if not path:
         return generated, []
+    if not Path(path).is_file():
+        raise UserError(f"train.deepspeed_config: {path} {absent(path)}")
     try:
         user = json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -60,7 +62,15 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
     if not torch_dist.is_initialized():
         backend, timeout = "nccl" if cuda else "gloo", timedelta(seconds=timeout_s)
         if launched:  # the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
-            torch_dist.init_process_group(backend, timeout=timeout)
+            try:
+                torch_dist.init_process_group(backend, timeout=timeout)
+            except torch_dist.DistNetworkError as e:
+                if "EADDRINUSE" not in str(e):
+                    raise
+                port = os.environ.get("MASTER_PORT")
+                raise UserError(f"train: the rendezvous port {port} (train.master_port, or the launcher's --master_port) is in use on"
+                                f" this machine: choose another (-S train.master_port={int(port) + 100}) or stop what holds it"
+                                f" (ss -ltnp | grep {port})") from None
         else:
             torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout)
     if not launched:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.files import absent
 from pipeline.output import Echo, silent
 
 HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\d+)\s*(#.*)?$")
@@ -36,7 +38,7 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """DeepSpeed's hostfile as (host, slots) pairs; UserError listing every bad line as file:line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: hostfile not found: create it (see hostfile.example) or unset train.hostfile for one machine")
+        raise UserError(f"{path}: hostfile {absent(path)}: create it (see hostfile.example) or unset train.hostfile for one machine")
     hosts: dict[str, tuple[int, int]] = {}  # host -> (slots, line number)
     problems = []
     try:
@@ -69,6 +71,45 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     return [(host, slots) for host, (slots, _) in hosts.items()]
 
 
+def selection_problems(train: TrainConfig, hosts: list[tuple[str, int]] | None) -> list[str]:
+    """What in train.include / train.exclude the hostfile's hosts (None: this machine only, `localhost`) do not
+    have: a host it does not list, or a slot at or past the host's slots."""
+    slots = dict(hosts) if hosts is not None else None
+    problems = []
+    for key in ("include", "exclude"):
+        spec = getattr(train, key)
+        if not spec:
+            continue
+        for node in spec.split("@"):
+            host, _, listed = node.partition(":")
+            if slots is None:
+                if host != "localhost":
+                    problems.append(f"train.{key}: {host} is not this machine: without train.hostfile the launcher knows only"
+                                    " localhost (add a hostfile listing it)")
+                continue
+            if host not in slots:
+                problems.append(f"train.{key}: {host} is not in the hostfile ({', '.join(slots)})")
+                continue
+            for slot in (int(x) for x in listed.split(",") if x):
+                if slot >= slots[host]:
+                    problems.append(f"train.{key}: {host}:{slot}: the hostfile gives {host} slots={slots[host]} (slots 0-{slots[host] - 1})")
+    return problems
+
+
+def port_problem(port: int) -> str | None:
+    """Why the rendezvous port cannot be used on this machine (another program holds it), or None: bound as
+    torch's TCPStore will bind it, on every interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # TCPStore sets SO_REUSEADDR too, so a port left in TIME_WAIT by the last run is not a false alarm.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            return (f"{port} is in use on this machine ({e.strerror}): choose another train.master_port"
+                    f" (-S train.master_port={port + 100}) or stop what holds it (ss -ltnp | grep {port})")
+    return None
+
+
 def launcher_command(train: TrainConfig, args: list[str]) -> list[str]:
     """The `deepspeed` launcher command line that runs the train stage (`python -m pipeline.train`) on every node and
     process of train.*."""
@@ -76,12 +117,15 @@ def launcher_command(train: TrainConfig, args: list[str]) -> list[str]:
     cmd = [exe]
     if train.hostfile:
         if not Path(train.hostfile).is_file():
-            raise UserError(f"train.hostfile: {train.hostfile} not found")
+            raise UserError(f"train.hostfile: {train.hostfile} {absent(train.hostfile)}")
         try:
-            parse_hostfile(train.hostfile)
+            hosts = parse_hostfile(train.hostfile)
         except UserError as e:
             raise UserError(f"train.hostfile: {e}") from None
         cmd += ["--hostfile", train.hostfile]
+    problems = selection_problems(train, hosts if train.hostfile else None)
+    if problems:
+        raise UserError("\n".join(problems))
     if train.num_nodes:
         cmd += ["--num_nodes", str(train.num_nodes)]
     if train.num_gpus:
@@ -103,5 +147,9 @@ def relaunch(train: TrainConfig, params_file: str | Path, overrides: list[str], 
     """
     args = ["--params", str(Path(params_file).resolve()), *[f"--set={s}" for s in overrides]]
     cmd = launcher_command(train, args)
+    if not train.hostfile:  # this machine is the first node: its port must be free (with a hostfile, doctor checks)
+        problem = port_problem(train.master_port)
+        if problem:
+            raise UserError(f"train.master_port: {problem}")
     echo(f"train: launching {' '.join(cmd)}")
     return subprocess.call(cmd)

@@ -6,6 +6,8 @@ Nothing here knows about DeepSpeed: the engine wraps whatever this returns.
 from __future__ import annotations
 
 import math
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -172,6 +174,12 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
             f"{key}={name!r}: cannot load this hub id ({reason}). Offline? Use a local folder saved with save_pretrained,"
             " or download it once with network access (HF_HOME caches it)."
         ) from None
+    except pickle.UnpicklingError as e:  # a pickle weights file (pytorch_model.bin) that would run code: torch refused it
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        files = sorted(p.name for p in Path(name).glob("*.bin")) if Path(name).is_dir() else []
+        which = (files[0] if len(files) == 1 else f"one of {', '.join(files)}") if files else "its pickle weights file"
+        raise UserError(f"{key}={name!r}: refused to load {which}: it holds {found.group(1) if found else 'an object'}, which loading"
+                        " would run as code (none ran). Use safetensors weights (model.safetensors), or re-save a file you trust") from None
     except ValueError as e:
         if "trust_remote_code" in str(e) or "custom code" in str(e):
             raise UserError(f"{key}={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None

@@ -11,6 +11,7 @@ import torch
 from pipeline.checkpoints.folder import checkpoint_weights
 from pipeline.checkpoints.run import find_checkpoint
 from pipeline.errors import UserError
+from pipeline.files import absent
 from pipeline.infra.distributed import default_device
 from pipeline.layout import ExportDir
 from pipeline.model.build import load_pretrained, model_from_config
@@ -50,7 +51,7 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
         model = load_pretrained(str(source), dtype, key=key)
         tokenizer = HfTokenizer(str(source), key=key)
     else:
-        what = "not found" if not folder.is_dir() else "is not a model folder (no config.json)"
+        what = absent(folder, folder=True) if not folder.is_dir() else "is not a model folder (no config.json)"
         raise UserError(f"{key}: {folder} {what}; run the train stage first (dvc repro train), or point {key} at a "
                         "Hugging Face model folder or a training checkpoint")
     rows = model.get_input_embeddings().weight.shape[0]

@@ -9,6 +9,7 @@ from typing import Iterator
 
 from pipeline.config import PrepareConfig
 from pipeline.errors import UserError
+from pipeline.files import absent
 from pipeline.layout import SPLITS, PreparedDir
 from pipeline.prepare.formats import SourceStats
 from pipeline.prepare.plan import read_codes, replay
@@ -22,7 +23,7 @@ def text_bytes(text: str) -> int:
 def read_manifest(out_dir: str | Path) -> dict:
     path = PreparedDir(out_dir).manifest
     if not path.is_file():
-        raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+        raise UserError(f"{path} {absent(path)}: run the prepare stage first (dvc repro prepare)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
@@ -65,7 +66,7 @@ def iter_prepared(out_dir: str | Path, split: str) -> Iterator[str]:
 def _read_split(out: PreparedDir, split: str) -> Iterator[str]:
     path = out.split(split)
     if not path.is_file():
-        raise UserError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+        raise UserError(f"{path} {absent(path)}: run the prepare stage first (dvc repro prepare)")
     with open(path, encoding="utf-8", newline="\n") as lines:
         for number, line in enumerate(lines, 1):
             try:

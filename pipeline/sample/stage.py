@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.files import write_text_atomic
+from pipeline.files import absent, write_text_atomic
 from pipeline.layout import SamplesDir
 from pipeline.model.build import inference_dtype
 from pipeline.model.generate import sample_batch
@@ -24,7 +24,7 @@ def read_prompts(p: Params) -> list[str]:
         return list(cfg.prompts)
     path = Path(cfg.prompts_file)
     if not path.is_file():
-        raise UserError(f"sample.prompts_file: {path} not found")
+        raise UserError(f"sample.prompts_file: {path} {absent(path)}")
     try:
         prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as e:

@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
-from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.files import absent, write_json_atomic, write_text_atomic
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -326,7 +326,7 @@ class HfTokenizer(Tokenizer):
 
         path = Path(pretrained).expanduser()
         if not path.is_dir() and (path.is_absolute() or pretrained.startswith((".", "~")) or pretrained.count("/") > 1):
-            raise UserError(f"{key}: tokenizer folder {pretrained!r} not found")
+            raise UserError(f"{key}: tokenizer folder {pretrained!r} {absent(path, folder=True)}")
         try:
             self.tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else pretrained)
         except (OSError, ValueError) as e:  # missing files, hub unreachable, malformed id
@@ -397,7 +397,7 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise UserError(f"{meta_path} not found: not a tokenizer folder (run the tokenize stage)")
+        raise UserError(f"{meta_path} {absent(meta_path)}: not a tokenizer folder (run the tokenize stage)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         cls = KINDS[meta["kind"]]

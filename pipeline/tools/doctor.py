@@ -6,7 +6,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from pipeline.config import Params, TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import free_bytes
 from pipeline.infra.deepspeed import deepspeed_installation
-from pipeline.infra.launcher import parse_hostfile
+from pipeline.infra.launcher import parse_hostfile, port_problem, selection_problems
 
 Result = tuple[str, bool, str]  # (check name, ok, detail; a problem's detail says the fix)
 
@@ -38,6 +37,9 @@ def run_checks(p: Params, hostfile: str | None = None) -> list[Result]:
                check_packages(), *check_sources(p), check_disk(p)]
     if hostfile:
         results += check_cluster(train, hostfile)
+    elif train.include or train.exclude:
+        problems = selection_problems(train, None)
+        results.append(("include/exclude", not problems, "; ".join(problems) or "localhost only, as the launcher has it without a hostfile"))
     return results
 
 
@@ -114,15 +116,8 @@ def check_backend() -> Result:
 
 def check_master_port(port: int) -> Result:
     """Bind the rendezvous port as torch's TCPStore will, on every interface of this (the first) node."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        # TCPStore sets SO_REUSEADDR too, so a port left in TIME_WAIT by the last run is not a false alarm.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError as e:
-            fix = f"choose another train.master_port (-S train.master_port={port + 100}) or stop what holds it (ss -ltnp | grep {port})"
-            return "master port", False, f"{port} is in use on this machine ({e.strerror}): {fix}"
-    return "master port", True, f"{port} is free on this machine"
+    problem = port_problem(port)
+    return ("master port", False, problem) if problem else ("master port", True, f"{port} is free on this machine")
 
 
 def check_packages() -> Result:
@@ -235,6 +230,9 @@ def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:
         return [("hostfile", False, str(e))]
     summary = ", ".join(f"{host} ({slots})" for host, slots in hosts)
     results: list[Result] = [("hostfile", True, f"{hostfile}: {len(hosts)} host(s), {sum(s for _, s in hosts)} slots: {summary}")]
+    if train.include or train.exclude:
+        problems = selection_problems(train, hosts)
+        results.append(("include/exclude", not problems, "; ".join(problems) or f"the hosts and slots named are in {hostfile}"))
     args = " ".join(train.launcher_args).replace("=", " ").split()
     no_ssh, no_ssh_check, master_addr = "--no_ssh" in args, "--no_ssh_check" in args, "--master_addr" in args
     launcher = runner_name(train.launcher_args)

@@ -3,6 +3,7 @@ watch (TensorBoard, Weights & Biases), samples, log lines and progress."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import secrets
@@ -57,6 +58,17 @@ class MetricsLog:
             self.files.root.mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=t.wandb_project, name=run_name, config=config, dir=str(self.files.root),
                                     id=wandb_id(run_root, resume), resume="allow" if resume else None)
+            if resume and self.wandb.offline and start_step > 0:
+                # Offline, W&B keeps the history in its own buffer until the run finishes: a killed run's .wandb file
+                # may hold none of it (7 bytes), and there is no call to flush it. The curve restored with the
+                # checkpoint is complete, so it goes into this run's new file again; W&B only accepts increasing
+                # steps, so where the earlier file did hold them they are not added twice.
+                rows = restored_curve(self.files)
+                for step in sorted(rows):
+                    self.wandb.log(rows[step], step=step)
+                if rows:
+                    echo(f"train: W&B offline: the restored curve (steps {min(rows)}-{max(rows)}) is logged again into this"
+                         " run's new W&B file, since a killed run's file holds only what W&B had flushed")
 
     def start(self, step: int, max_steps: int, progress: ProgressFactory = no_progress) -> None:
         if self.enabled:
@@ -132,6 +144,17 @@ class MetricsLog:
                 self.tensorboard.close()
             if self.wandb:
                 self.wandb.finish()
+
+
+def restored_curve(files: TrainMetrics) -> dict[int, dict[str, float]]:
+    """DVCLive's curves as {step: {metric: value}}: what a checkpoint restored (metrics/plots/metrics/*.tsv)."""
+    rows: dict[int, dict[str, float]] = {}
+    for tsv in sorted(files.curves.rglob("*.tsv")):
+        name = str(tsv.relative_to(files.curves).with_suffix(""))
+        with open(tsv, encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                rows.setdefault(int(row["step"]), {})[name] = float(row[name.rpartition("/")[2]])
+    return rows
 
 
 def wandb_id(run_root: Path | None, resume: bool) -> str | None:

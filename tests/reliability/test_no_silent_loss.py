@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_training, tiny_params
+from conftest import ROOT, logged, run_training, tiny_params
 
 
 def runs(root: Path) -> list[Path]:
@@ -360,3 +360,150 @@ def test_a_second_training_into_a_busy_out_dir_moves_nothing(tokens_dir, tmp_pat
         holder.wait()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     run_training({**raw, "train": {**raw["train"], "resume": "never"}})  # free again
+
+
+# ------------------------------------------------------------------------------ one message, not a traceback (items 13, 14)
+
+
+def gptpipe(*args: str, cwd: Path, monkeypatch) -> object:
+    """The command line, in this process (a user's mistake must end in SystemExit(2) with one line, not an exception)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, list(args))
+
+
+def one_message(result, pattern: str) -> None:
+    """Exit code 2, no traceback, the message matching pattern (a CliRunner result or a finished process)."""
+    import re
+
+    code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    text = result.output if hasattr(result, "exit_code") else result.stderr
+    assert code == 2, (code, text[-2000:], getattr(result, "exception", None))
+    assert "Traceback" not in text, text[-2000:]
+    assert re.search(pattern, " ".join(text.split())), text
+
+
+def test_paths_of_the_wrong_kind_are_one_message_naming_them(tmp_path, monkeypatch):
+    """gptpipe init on a file, under a file, where nothing can be made; recipe use --params a folder; a file, a
+    folder and a FIFO where the other is expected: each said as it is ("not found" only when nothing is there)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    one_message(gptpipe("init", "afile", cwd=tmp_path, monkeypatch=monkeypatch), r"afile is a file: gptpipe init makes a new project")
+    one_message(gptpipe("init", "afile/project", cwd=tmp_path, monkeypatch=monkeypatch), r"cannot create afile/project: afile is a file")
+    one_message(gptpipe("init", "/proc/gptpipe-project", cwd=tmp_path, monkeypatch=monkeypatch), r"cannot create /proc/gptpipe-project: ")
+    one_message(gptpipe("recipe", "use", "shakespeare-char", "--params", "folder", cwd=tmp_path, monkeypatch=monkeypatch),
+                r"--params folder is a folder: name the params file to write \(e.g. folder/params.yaml\)")
+    assert list((tmp_path / "folder").iterdir()) == []
+    one_message(gptpipe("train", "--params", "fifo", cwd=tmp_path, monkeypatch=monkeypatch), r"fifo: params file is not a regular file \(a FIFO, socket or device\)")
+    one_message(gptpipe("train", "--params", "folder", cwd=tmp_path, monkeypatch=monkeypatch), r"folder: params file is a folder, not a file")
+    one_message(gptpipe("sample", "--model", "afile", cwd=tmp_path, monkeypatch=monkeypatch), r"afile is a file, not a folder")
+    one_message(gptpipe("sample", "--model", "fifo", cwd=tmp_path, monkeypatch=monkeypatch), r"fifo is a file, not a folder")
+
+
+def test_a_pickle_weights_file_is_refused_by_name(tmp_path, monkeypatch):
+    """A Hugging Face folder whose pytorch_model.bin is a pickle that would run code, given to sample --model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "model"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=300, n_positions=32)).save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('PWNED', 'w')",))
+
+    torch.save({"transformer.wte.weight": Exploit()}, folder / "pytorch_model.bin")
+    one_message(gptpipe("sample", "--model", "model", cwd=tmp_path, monkeypatch=monkeypatch),
+                r"refused to load pytorch_model.bin: it holds exec, which loading would run as code \(none ran\)")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_launcher_settings_that_cannot_work_are_refused_before_launching(tmp_path, monkeypatch):
+    """A malformed train.include, a host or slot the hostfile lacks, and a busy master_port: one message each
+    (with launcher: deepspeed) and a failed check in doctor, before any process starts."""
+    import socket
+
+    import yaml
+
+    (tmp_path / "hostfile").write_text("worker-1 slots=2\nworker-2 slots=2\n")
+    cases = {
+        "localhost:a": (None, r"train.include: 'localhost:a' is not the launcher's HOST\[:SLOT,...\]"),
+        "worker-3:0": ("hostfile", r"train.include: worker-3 is not in the hostfile \(worker-1, worker-2\)"),
+        "worker-1:2": ("hostfile", r"train.include: worker-1:2: the hostfile gives worker-1 slots=2 \(slots 0-1\)"),
+        "gpu-9": (None, r"train.include: gpu-9 is not this machine: without train.hostfile"),
+    }
+    for include, (hostfile, message) in cases.items():
+        train = {"launcher": "deepspeed", "include": include, **({"hostfile": hostfile} if hostfile else {})}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
+        one_message(gptpipe("train", cwd=tmp_path, monkeypatch=monkeypatch), message)
+        if "not the launcher's" not in message:
+            doctor = gptpipe("doctor", *(["--hostfile", hostfile] if hostfile else []), cwd=tmp_path, monkeypatch=monkeypatch)
+            assert "include/exclude" in doctor.output and message.split(": ", 1)[1][:20].replace("\\", "") in " ".join(doctor.output.split()), doctor.output
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"launcher": "deepspeed", "master_port": port}}))
+        one_message(gptpipe("train", cwd=tmp_path, monkeypatch=monkeypatch), rf"train.master_port: {port} is in use on this machine")
+        # By hand (deepspeed --master_port, or any launcher): the rendezvous itself says so.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+               "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        by_hand = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", "params.yaml"], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True)
+        one_message(by_hand, rf"the rendezvous port {port} .* is in use on this machine")
+
+
+def test_a_run_name_dvc_writes_as_a_number_is_a_name(tokens_dir, tmp_path):
+    """`dvc exp run -S train.run_name=123` writes run_name: 123 (an int in YAML): it names the folder 123."""
+    import yaml
+
+    from pipeline.params import load_params
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tokens_dir, tmp_path, max_steps=2)).replace("train:\n", "train:\n  run_name: 123\n", 1))
+    p = load_params(tmp_path / "params.yaml")
+    assert p.train.run_name == "123"
+    run_training(p.model_dump())
+    assert (tmp_path / "checkpoints" / "123" / "step-000002").is_dir()
+
+
+# ------------------------------------------------------------------------------ W&B offline after a kill (item 8)
+
+
+def test_a_killed_offline_wandb_run_gets_its_curve_back_on_resume(tokens_dir, tmp_path, monkeypatch):
+    """SIGKILL after the checkpoint at step 4, W&B offline: the killed run's .wandb file holds nothing W&B had not
+    flushed; the resumed run's file holds steps 1-4 again (from the restored curve), then its own."""
+    import yaml
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=400, decay_steps=8, save_interval=4, log_interval=1, eval_interval=4,
+                      loggers=["dvclive", "wandb"], run_name="r")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", "params.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = tmp_path / "checkpoints" / "r" / "step-000004" / "checksums.json"
+    try:
+        deadline = time.monotonic() + 180
+        while not done.is_file():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never saved step 4"
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = {p: p.read_bytes() for p in (tmp_path / "metrics" / "wandb").glob("offline-run-*/run-*.wandb")}
+    run_training({**raw, "train": {**raw["train"], "max_steps": 8}})
+    losses = logged(tmp_path, "train/loss")
+    (record,) = [p for p in (tmp_path / "metrics" / "wandb").glob("offline-run-*/run-*.wandb") if p not in first]
+    deadline = time.monotonic() + 30  # W&B's service process may still be writing when finish() returns
+    while json.dumps(losses[-1]).encode() not in record.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    data = record.read_bytes()
+    assert all(json.dumps(loss).encode() in data for loss in losses[:4]), "steps 1-4 are not in the resumed run's W&B file"
+    assert json.dumps(losses[-1]).encode() in data
