@@ -3,9 +3,11 @@ optimizer step with clipping, and the whole model's weights gathered from it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,12 +145,40 @@ def model_init(ds_config: dict, timeout_s: int) -> Iterator[None]:
 
 def accelerator():
     """DeepSpeed's accelerator. DeepSpeed reads which one from DS_ACCELERATOR alone: on a machine without CUDA it
-    is set to cpu (unless the user chose), rather than have DeepSpeed warn that it guessed."""
+    is set to cpu (unless the user chose), rather than have DeepSpeed warn that it guessed.
+
+    The ops DeepSpeed compiles on first use (cpu_adam for offload, fused ones on GPUs) go to a folder of this
+    environment's own (unless TORCH_EXTENSIONS_DIR is set): torch's default is one folder per Python version,
+    shared by every virtual environment, and the build command names the environment's paths, so two
+    environments used in turn rebuilt each other's ops every time (20-57 s here).
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator()
+
+
+def extensions_dir() -> Path:
+    """~/.cache/torch_extensions/<python>-<device>-<this environment's prefix, hashed>: one per environment."""
+    tag = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "torch_extensions" / f"py{sys.version_info[0]}{sys.version_info[1]}_{device}-{tag}"
+
+
+def skip_shm_op() -> None:
+    """Keep DeepSpeed from compiling and loading its CPU shared-memory op when it starts its communication backend.
+
+    DeepSpeed uses that op in one place, inference_all_reduce (its tensor-parallel inference); training's
+    collectives are torch.distributed's. Building it cost 20-57 s whenever its cache folder was stale, and
+    probing for it compiles test programs for every op: both are skipped, nothing else changes.
+    """
+    import importlib
+
+    # By module name: `import deepspeed.comm.torch as m` would give torch itself (deepspeed.comm imports torch).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 @contextmanager
@@ -163,6 +193,7 @@ def deepspeed_world(timeout_s: int) -> Iterator[None]:
     from torch.distributed import distributed_c10d
 
     accelerator()
+    skip_shm_op()
     # DeepSpeed's own view of the process group (zero.Init asks it for the world size before any engine exists).
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     before = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
