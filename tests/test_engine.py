@@ -80,10 +80,11 @@ def test_launcher_command_from_params(tmp_path):
         launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), [])
 
 
-def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts():
+def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts(tmp_path):
     cmd = launcher_command(config.TrainConfig(include="localhost:2,3", master_port=29600), [])
     assert cmd[1:5] == ["--include", "localhost:2,3", "--master_port", "29600"]
-    cmd = launcher_command(config.TrainConfig(exclude="worker-2:0"), [])
+    (tmp_path / "hostfile").write_text("worker-1 slots=2\nworker-2 slots=2\n")
+    cmd = launcher_command(config.TrainConfig(exclude="worker-2:0", hostfile=str(tmp_path / "hostfile")), [])
     assert "--exclude" in cmd and "worker-2:0" in cmd
     with pytest.raises(UserError, match="train.include: cannot be combined with train.num_gpus"):
         params.validate_params({"train": {"include": "localhost:0", "num_gpus": 2}})
