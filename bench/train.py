@@ -7,7 +7,7 @@ For each of ZeRO 0 and 2, fp32 and bf16, torch.compile off and on:
   - plain loop: the same Hugging Face model and batches, torch's fused AdamW, clip_grad_norm_, bf16 by autocast;
   - minimal GPT: bench/minimal.py's model (no biases, exact GELU, fused attention) in the same plain loop.
 tokens/s, the ratios (gptpipe / plain is the engine's overhead), and MFU against this machine's matmul peak,
-measured here first (fp32 and bf16: it differs from CPU to CPU). A dated table goes to docs/benchmarks.md.
+measured here first (pipeline.infra.hardware.calibrate, as training does) (fp32 and bf16: it differs from CPU to CPU). A dated table goes to docs/benchmarks.md.
 
     python bench/train.py [--steps 100] [--quick]    # --quick: ZeRO 0, fp32 and bf16, compile off
 
@@ -46,18 +46,6 @@ PRESETS = {  # model, micro batch, tokenizer
 }
 MODEL, BATCH, TOKENIZER = PRESETS["nanogpt-cpu"]  # main() sets the chosen preset
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> float:
-    """FLOP/s of a large square matmul on this machine's CPU threads: the ceiling for MFU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
 
 
 def make_tokens(folder: Path) -> Path:
@@ -135,7 +123,7 @@ def main() -> None:
     MODEL, BATCH, TOKENIZER = PRESETS[args.preset]
     BATCH = args.batch or BATCH
     from pipeline.config import ModelConfig
-    from pipeline.infra.hardware import gpu_peak_tflops, use_tf32
+    from pipeline.infra.hardware import calibrate, gpu_peak_tflops, use_tf32
     from pipeline.model.build import build_model
     from pipeline.tokens import open_tokens
 
@@ -145,7 +133,7 @@ def main() -> None:
         peaks = {p: (gpu_peak_tflops(machine, p, tf32=True) or float("nan")) * 1e12 for p in ("fp32", "bf16")}
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        peaks = {p: calibrate(dtype, torch.device("cpu")) * 1e12 for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"{machine}, torch {torch.__version__}: peak fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s")
     if args.preset == "gpt2-124m":  # the GPU runs the issue asks for: bf16, ZeRO 1 and 2, compile off and on
         combos = [(z, "bf16", c) for z in (1, 2) for c in ((False,) if args.quick else (False, True))]

@@ -416,7 +416,7 @@ class RunConfig(TrainPart):
     loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["dvclive"], description="where metrics go; DVCLive is always on (DVC plots need it), tensorboard and wandb are extras", json_schema_extra=KEEPS_RUN)
     wandb_project: str = Field("gptpipe", min_length=1, description="wandb: the project (set WANDB_MODE=offline to log without network)", json_schema_extra=KEEPS_RUN)
-    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = looked up (CPU: 0.35 bf16, 0.16 fp32)", json_schema_extra=KEEPS_RUN)
+    peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = a known GPU's dense peak, else measured here once (a short matmul calibration, cached in ~/.cache/gptpipe/peaks.json)", json_schema_extra=KEEPS_RUN)
 
     def problems(self) -> list[tuple[str, str]]:
         problems = []

@@ -99,3 +99,36 @@ def test_the_gpu_peak_for_mfu_is_the_tf32_one_only_when_tf32_is_on():
     assert gpu_peak_tflops("Tesla V100-SXM2-16GB", "fp32", tf32=True) == 15.7  # Volta has no TF32
     assert gpu_peak_tflops("NVIDIA H200", "fp16", tf32=True) == 989.0
     assert gpu_peak_tflops("Some Future GPU", "bf16", tf32=True) is None
+
+
+def test_mfu_is_against_a_peak_measured_here_cached_and_never_over_100_percent(tokens_dir, tmp_path, monkeypatch, capfd):
+    """No constant peak on a CPU: a matmul calibration, once per machine (cached), named in the summary; a cached
+    peak below what training then reaches (measured on a busy machine) is raised, so MFU stays at or under 100%."""
+    import json
+
+    import torch
+    from conftest import logged, run_training, tiny_params
+
+    from pipeline.infra.hardware import machine_key, measured_peak
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = measured_peak("fp32", torch.device("cpu"))
+    assert 0.001 < first.tflops < 1000 and "measured on this machine" in first.source
+    cache = tmp_path / "cache" / "gptpipe" / "peaks.json"
+    key = machine_key("fp32", torch.device("cpu"))
+    assert json.loads(cache.read_text())[key]["tflops"] == first.tflops
+    assert measured_peak("fp32", torch.device("cpu")) == first  # cached: not measured again
+
+    cache.write_text(json.dumps({key: {"tflops": 1e-9, "when": "2026-01-01"}}))  # far below anything real
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, log_interval=1))
+    out = capfd.readouterr().out
+    assert "above the measured peak 1e-09" in out, out
+    assert all(0 < m <= 1.0 for m in logged(tmp_path, "train/mfu")), logged(tmp_path, "train/mfu")
+    assert summary["MFU against"].startswith(f"{summary['MFU against'].split()[0]} TFLOP/s per process: the rate this run reached")
+
+
+def test_a_given_peak_is_used_as_it_is(tokens_dir, tmp_path):
+    from conftest import run_training, tiny_params
+
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=2, peak_tflops=123.0))
+    assert summary["MFU against"] == "123 TFLOP/s per process: train.peak_tflops"

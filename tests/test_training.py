@@ -287,3 +287,30 @@ def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir,
     assert generate_samples(p)[0]["tokens"] == 60  # past the context: sampling crops to the same 48 tokens
     with pytest.raises(UserError, match=r"model.preset: gpt2-124m is a shape to train from scratch, but model.init='gpt2'"):
         params.validate_params({"model": {"preset": "gpt2-124m", "init": "gpt2"}, "tokenize": {"kind": "hf", "pretrained": "gpt2"}})
+
+
+def test_training_builds_no_deepspeed_op_and_each_environment_has_its_own_op_folder(tokens_dir, tmp_path):
+    """DeepSpeed's CPU shared-memory op serves only its inference all-reduce: a training process builds and loads
+    nothing, so two environments used in turn never rebuild it for each other (they did: 20-57 s a time). Ops that
+    are built (offload's cpu_adam) go to a folder per environment."""
+    import site
+
+    from conftest import ROOT
+
+    from pipeline.infra.deepspeed import extensions_dir
+
+    # A second environment at another path: a venv whose packages are this one's, through a .pth file.
+    other = tmp_path / "other-env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True)
+    (next(other.glob("lib/python*/site-packages")) / "this.pth").write_text("\n".join([*site.getsitepackages(), str(ROOT)]) + "\n")
+    env = {k: v for k, v in clean_env().items() if k != "TORCH_EXTENSIONS_DIR"}
+    theirs = subprocess.run([str(other / "bin" / "python"), "-c", "from pipeline.infra.deepspeed import extensions_dir; print(extensions_dir())"],
+                            capture_output=True, text=True, check=True, env=env)
+    assert theirs.stdout.strip() != str(extensions_dir()) and "/torch_extensions/" in theirs.stdout
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tokens_dir, tmp_path, max_steps=2)))
+    run = subprocess.run([str(other / "bin" / "python"), "-m", "pipeline.train", "--params", "params.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "built successfully" not in run.stdout + run.stderr
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir()), "an op was built"

@@ -22,7 +22,7 @@ from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
 from pipeline.eval.lm import window_sums
 from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
-from pipeline.infra.hardware import peak_tflops, use_tf32
+from pipeline.infra.hardware import Peak, peak, use_tf32
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
 from pipeline.model.build import build_model, check_vocabulary, count_params, export_dtype, flops_per_token
 from pipeline.model.generate import sample_tokens
@@ -51,7 +51,7 @@ class Run:
     run_dir: RunDir
     n_params: int
     flops_per_token: float
-    peak_flops: float
+    peak: Peak | None  # what MFU is against, per process (rank 0; None elsewhere)
     export_dtype: torch.dtype
     log: MetricsLog
     state: TrainState = field(default_factory=TrainState)
@@ -78,7 +78,8 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
         raise failure from None
     run.seconds["total"] = time.perf_counter() - start
     stopped = run.stop_reason or ("epochs" if p.train.epochs else "max_steps")
-    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped})
+    peak_info = {"mfu_peak_tflops": run.peak.tflops} if run.peak else {}
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped, **peak_info})
     run.log.close()
     if not dist.is_main:
         return None
@@ -94,6 +95,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
                                        else f"at train.max_steps ({run.total_steps})"),
         "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
         **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
+        **({"MFU against": f"{run.peak.tflops:,.4g} TFLOP/s per process: {run.peak.source}"} if run.peak else {}),
     }
 
 
@@ -137,7 +139,10 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     elif dist.is_main and run_dir.step(tag).metrics.is_dir():
         copy_metrics(TrainMetrics(run_dir.step(tag).metrics), TrainMetrics(t.metrics_dir))
     state.decay_end, note = decay_end(t, total_steps, state.decay_end)
+    mfu_peak = peak(t, dist.device) if dist.is_main else None  # a calibration, once per machine: on one rank, not all at once
     echo(describe_run(p, batch, total_steps, n_params, run_dir) + (f"\ntrain: {note}" if note else ""))
+    if mfu_peak:
+        echo(f"train: MFU      against {mfu_peak.tflops:,.4g} TFLOP/s per process: {mfu_peak.source}")
 
     return Run(
         p=p, dist=dist, engine=engine, tokenizer=tokenizer, batch=batch, total_steps=total_steps,
@@ -146,7 +151,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
         val_starts=fixed_windows(val_tokens.tokens, batch.block_size, t.eval_windows, seed=t.seed + 1),
         hellaswag=hellaswag, run_dir=run_dir, n_params=n_params,
         flops_per_token=flops_per_token(model, n_params, batch.block_size),
-        peak_flops=peak_tflops(t, dist.device) * 1e12 * dist.world_size,
+        peak=mfu_peak,
         export_dtype=export_dtype(t.export_dtype, p.model),
         log=MetricsLog(t, dist.is_main, resume=tag is not None, echo=echo, run_name=run_dir.root.name, config=p.model_dump(mode="json"),
                        run_root=run_dir.root, start_step=state.step),
@@ -192,7 +197,7 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
 
         if due.log:
             tokens_per_s, ms_per_step = throughput.read()
-            run.log.train(s.step, s.tokens_seen, loss, lr, grad_norm, tokens_per_s, ms_per_step, tokens_per_s * run.flops_per_token / run.peak_flops)
+            run.log.train(s.step, s.tokens_seen, loss, lr, grad_norm, tokens_per_s, ms_per_step, model_flops_utilisation(run, tokens_per_s))
         save = due.save
         if due.eval:
             with timed(run, "eval"):
@@ -213,6 +218,19 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
         if run.stop_reason:
             run.log.echo(f"train: {run.stop_reason}")
             break
+
+
+def model_flops_utilisation(run: Run, tokens_per_s: float) -> float | None:
+    """Model FLOP/s over the peak of every process. A rate past a measured peak means the calibration ran on a busy
+    machine: the peak is raised to what this run showed the machine can do (said once), so MFU never passes 100%."""
+    if run.peak is None:
+        return None
+    achieved = tokens_per_s * run.flops_per_token / run.dist.world_size / 1e12  # TFLOP/s per process
+    if achieved > run.peak.tflops and run.peak.source != "train.peak_tflops":
+        run.log.echo(f"train: this run does {achieved:,.4g} TFLOP/s per process, above the measured peak {run.peak.tflops:,.4g}"
+                     " (measured while the machine was busy?): MFU is against this rate from here on")
+        run.peak = Peak(achieved, f"the rate this run reached (the calibration said {run.peak.tflops:,.4g})")
+    return achieved / run.peak.tflops
 
 
 def train_step(run: Run, batches: MicroBatches) -> tuple[float, float, float | None, float]:
