@@ -414,7 +414,7 @@ class RunConfig(TrainPart):
     export_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="dtype of the exported weights: auto = fp32 for a model trained from scratch, the checkpoint's own for a fine-tune", json_schema_extra=KEEPS_RUN)
     loggers: list[Literal["dvclive", "tensorboard", "wandb"]] = Field(
-        default_factory=lambda: ["dvclive"], description="where metrics go; DVCLive is always on (DVC plots need it), tensorboard and wandb are extras", json_schema_extra=KEEPS_RUN)
+        default_factory=lambda: ["dvclive"], description="where metrics go; dvclive (DVCLive's files, which DVC plots and dvc exp show read) is always on, tensorboard and wandb are extras", json_schema_extra=KEEPS_RUN)
     wandb_project: str = Field("gptpipe", min_length=1, description="wandb: the project (set WANDB_MODE=offline to log without network)", json_schema_extra=KEEPS_RUN)
     peak_tflops: float | None = Field(None, gt=0, description="device peak TFLOP/s per process for MFU; null = a known GPU's dense peak, else measured here once (a short matmul calibration, cached in ~/.cache/gptpipe/peaks.json)", json_schema_extra=KEEPS_RUN)
 

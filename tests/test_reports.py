@@ -53,3 +53,29 @@ def test_report_has_metrics_plots_samples_config_and_hardware(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6  # readable offline: nothing to fetch
     assert "Once upon a &lt;time&gt;" in page and "<script" not in page
+
+
+def test_the_curve_files_training_writes_are_dvclives_byte_for_byte(tmp_path):
+    """gptpipe writes DVCLive's files itself (the package's imports cost a training process about half a second):
+    the same logs through real DVCLive and through CurveFiles give the same files, resume included."""
+    from pipeline.layout import TrainMetrics
+    from pipeline.train.metrics_log import CurveFiles
+
+    steps = [(1, {"train/loss": 4.25, "train/lr": 1e-3, "tokens": 128}), (2, {"train/loss": float("nan"), "tokens": 256}),
+             (4, {"val/loss": 3.5, "val/perplexity": 33.11545195869231, "tokens": 512})]
+    for resume, rows in ((False, steps[:2]), (True, steps[2:])):
+        live = Live(dir=str(tmp_path / "dvclive"), resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
+        ours = CurveFiles(TrainMetrics(tmp_path / "ours"), resume)
+        for step, values in rows:
+            live.step = ours.step = step
+            for name, value in values.items():
+                live.log_metric(name, value)
+                ours.log(name, value)
+        live.summary.update({"time": {"total": 1.5}})
+        ours.summary.update({"time": {"total": 1.5}})
+        live.make_summary()
+        live.end()
+        ours.write_summary()
+        theirs = {str(p.relative_to(tmp_path / "dvclive")): p.read_bytes() for p in (tmp_path / "dvclive").rglob("*") if p.is_file()}
+        mine = {str(p.relative_to(tmp_path / "ours")): p.read_bytes() for p in (tmp_path / "ours").rglob("*") if p.is_file()}
+        assert mine == theirs
