@@ -72,7 +72,8 @@ def measured_peak(precision: str, device: torch.device) -> Peak:
         except OSError:
             pass  # a read-only home: measured again next time
     entry = known[key]
-    return Peak(float(entry["tflops"]), f"{precision} matmul measured on this machine ({entry['when']}; {cache}, key {key})")
+    shown = str(cache).replace(str(Path.home()), "~", 1)
+    return Peak(float(entry["tflops"]), f"{precision} matmul measured on this machine ({entry['when']}, cached in {shown})")
 
 
 def machine_key(precision: str, device: torch.device) -> str:
