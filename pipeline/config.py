@@ -394,6 +394,9 @@ class CadenceConfig(TrainPart):
     sample_interval: int | None = Field(None, ge=1, le=BIG, description="generate from sample_prompts every N steps into the training log and report; null = off", json_schema_extra=KEEPS_RUN)
     sample_prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts sampled during training (one sample each, top-k 50, a fixed seed)", json_schema_extra=KEEPS_RUN)
     sample_max_new_tokens: int = Field(64, ge=1, le=1 << 16, description="tokens generated per prompt during training", json_schema_extra=KEEPS_RUN)
+    target_loss: float | None = Field(
+        None, gt=0, le=1e4, description="a val loss to reach: the first in-loop evaluation at or below it records the steps, tokens, model FLOPs and seconds it took (metrics.json: target); null = off", json_schema_extra=KEEPS_RUN)
+    stop_at_target: bool = Field(False, description="end the run (then export) at the first evaluation that reaches target_loss", json_schema_extra=KEEPS_RUN)
     save_interval: int = Field(100, ge=1, le=BIG, description="checkpoint every N steps (and at the end)", json_schema_extra=KEEPS_RUN)
     keep_last: int = Field(2, ge=1, le=1 << 20, description="checkpoints kept, plus the best by val loss", json_schema_extra=KEEPS_RUN)
 
@@ -401,6 +404,12 @@ class CadenceConfig(TrainPart):
     def eval_windows(self) -> int:
         """Val windows scored at each in-training evaluation, whatever the number of processes."""
         return self.eval_batches * self.micro_batch_size
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.stop_at_target and self.target_loss is None:
+            problems.append(("stop_at_target", "needs train.target_loss (the val loss to stop at)"))
+        return [*super().problems(), *problems]
 
 
 class RunConfig(TrainPart):

@@ -289,3 +289,40 @@ def test_the_log_has_ms_per_step_wall_times_and_the_resolved_configuration(token
     times = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["time"]
     assert {"setup", "train", "eval", "save", "export", "total"} <= set(times)
     assert times["total"] >= times["train"] > 0 and summary["seconds total"] > 0
+
+
+# ------------------------------------------------------------------------------------------ time to a target loss
+
+
+def test_the_first_evaluation_at_the_target_is_recorded_and_kept_across_a_resume(tokens_dir, tmp_path):
+    """train.target_loss: steps, tokens, model FLOPs and seconds at the first evaluation at or below it, into
+    metrics.json (dvc exp show) and the summary; a resumed run keeps that record; val curves carry time and FLOPs."""
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=8, eval_interval=4, save_interval=4, target_loss=10.0)
+    summary = run_training(raw)
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    target = metrics["target"]
+    assert target["reached"] is True and target["loss"] == 10.0 and target["step"] == 4 and target["tokens"] == 4 * 128
+    assert target["flops"] > 0 and 0 < target["train_seconds"] < target["stage_seconds"] and target["val_loss"] <= 10.0
+    assert summary["target"].startswith("val loss 10.0 reached at step 4:"), summary["target"]
+    assert logged(tmp_path, "val/train_seconds")[0] == pytest.approx(target["train_seconds"], abs=1e-3)
+    assert len(logged(tmp_path, "val/flops")) == len(logged(tmp_path, "val/loss")) == 2
+
+    run_training({**raw, "train": {**raw["train"], "max_steps": 12}})  # resumed from step 8
+    again = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["target"]
+    assert again == target  # the first time it was reached, not a later one
+    assert logged(tmp_path, "val/train_seconds") == sorted(logged(tmp_path, "val/train_seconds"))  # over every resume
+
+
+def test_a_target_never_reached_says_so_with_no_figure(tokens_dir, tmp_path):
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, eval_interval=4, save_interval=4, target_loss=0.001))
+    assert json.loads((tmp_path / "metrics" / "metrics.json").read_text())["target"] == {"loss": 0.001, "reached": False}
+    assert summary["target"].startswith("val loss 0.001 not reached (best ")
+
+
+def test_stop_at_target_ends_the_run_there_and_exports(tokens_dir, tmp_path):
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=16, eval_interval=4, save_interval=8, target_loss=10.0,
+                                       stop_at_target=True))
+    assert summary["steps"] == 4 and "reached train.target_loss=10.0" in summary["stopped"]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    with pytest.raises(UserError, match=r"train.stop_at_target: needs train.target_loss"):
+        run_training(tiny_params(tokens_dir, tmp_path, stop_at_target=True))

@@ -22,6 +22,8 @@ class TrainState:
     val_loss: float | None = None
     evals_without_improvement: int = 0  # toward train.early_stopping_patience
     decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
+    train_seconds: float = 0.0  # time in optimizer steps so far, over every resume
+    reached_target: dict | None = None  # train.target_loss's record: the first evaluation at or below it
     tag: str | None = None  # the step folder's name, step-000100
     world_size: int | None = None  # processes that saved it: another number resumes through a universal conversion
     params: dict | None = None  # the resolved params.yaml, so the folder describes itself

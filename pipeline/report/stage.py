@@ -44,8 +44,9 @@ def read_history(metrics_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return history
 
 
-def draw_pngs(history: dict, out_dir: Path) -> list[Path]:
-    """The same curves as PNG files (for the report, and for anyone without `dvc plots`)."""
+def draw_pngs(history: dict, out_dir: Path, target: dict | None = None) -> list[Path]:
+    """The same curves as PNG files (for the report, and for anyone without `dvc plots`); with train.target_loss
+    (target: metrics.json's record), val loss against training seconds and model FLOPs with the target marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +75,25 @@ def draw_pngs(history: dict, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, "loss" if x_name == "step" else "loss_vs_tokens")
+    val = dict(history.get("val/loss", []))
+    for along, stem, label in (("val/train_seconds", "val_loss_vs_seconds", "seconds in training steps"),
+                               ("val/flops", "val_loss_vs_flops", "model FLOPs")):
+        xs = dict(history.get(along, []))
+        steps = [s for s in val if s in xs]
+        if not steps:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.plot([xs[s] for s in steps], [val[s] for s in steps], "o-", markersize=4, label="val loss")
+        if target:
+            ax.axhline(target["loss"], color="tab:red", linestyle="--", linewidth=1, label=f"target {target['loss']}")
+            if target.get("reached"):
+                ax.plot([target["train_seconds" if along == "val/train_seconds" else "flops"]], [target["val_loss"]], "*",
+                        color="tab:red", markersize=12, label=f"reached at step {target['step']:,}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("val loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, stem)
     for metric, stem, label in CURVES:
         points = history.get(metric, [])
         if not points:
@@ -123,6 +143,15 @@ def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
         rows.append(("train steps", format_value(train_summary["step"])))
     if train_summary.get("stopped"):
         rows.append(("train stopped", str(train_summary["stopped"])))
+    target = train_summary.get("target")
+    if isinstance(target, dict):
+        if target.get("reached"):
+            rows.append((f"val loss {target['loss']} reached at step", format_value(target["step"])))
+            for key, label in (("train_seconds", "seconds in training"), ("stage_seconds", "seconds since the stage started"),
+                               ("tokens", "tokens"), ("flops", "model FLOPs")):
+                rows.append((f"  ... {label}", format_value(target[key])))
+        else:
+            rows.append((f"val loss {target['loss']}", "not reached"))
     for phase, seconds in (train_summary.get("time") or {}).items():
         rows.append((f"train seconds {phase}", format_value(float(seconds))))
     return rows
@@ -141,9 +170,9 @@ def build_report(p: Params) -> Path:
     out = ReportDir(p.report.out_dir)
     out.plots.mkdir(parents=True, exist_ok=True)
     history = read_history(p.train.metrics_dir)
-    pngs = draw_pngs(history, out.plots)
     metrics = _read_json(Path(p.evaluate.metrics_file))
     train_summary = _read_json(TrainMetrics(p.train.metrics_dir).summary)
+    pngs = draw_pngs(history, out.plots, train_summary.get("target"))
     samples = _read_jsonl(SamplesDir(p.sample.out_dir).jsonl)
     during = _read_jsonl(TrainMetrics(p.train.metrics_dir).samples)  # generated along the way, by step
     rows = metric_rows(metrics, train_summary)

@@ -68,6 +68,12 @@ PLOTS = {
     "throughput (tokens/s)": {"train/tokens_per_s.tsv": "tokens_per_s"},
     "gradient norm": {"train/grad_norm.tsv": "grad_norm"},
 }
+# Val loss against another curve logged at the same evaluations (x from its own file, row for row): wall time and
+# compute, the axes time-to-target compares experiments on (`dvc plots diff` puts several runs on one chart).
+PLOTS_ALONG = {
+    "val loss against seconds in training": ("val/train_seconds.tsv", "train_seconds"),
+    "val loss against model FLOPs": ("val/flops.tsv", "flops"),
+}
 
 def declared_keys() -> list[str]:
     """The single keys (not whole sections) some stage declares: each must be written out in params.yaml."""
@@ -109,6 +115,9 @@ def render(code: dict[str, list[str]] | None) -> str:
     for title, files in PLOTS.items():
         lines += [f"  - {title}:", "      x: step", "      y:"]
         lines += [f"        ${{train.metrics_dir}}/plots/metrics/{path}: {column}" for path, column in files.items()]
+    for title, (path, column) in PLOTS_ALONG.items():
+        lines += [f"  - {title}:", "      x:", f"        ${{train.metrics_dir}}/plots/metrics/{path}: {column}", "      y:",
+                  "        ${train.metrics_dir}/plots/metrics/val/loss.tsv: loss"]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ throughput of the steps since the last log line. The loop asks; these decide."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from pipeline.checkpoints.state import TrainState
@@ -66,6 +67,48 @@ class EarlyStopping:
                 f" {self.min_delta} or more (train.early_stopping_patience={self.patience}); best {s.best_val_loss:.4f} at {s.best_tag}")
 
 
+class TimeToTarget:
+    """train.target_loss: the first evaluation at or below it, with what it took to get there (steps, tokens, model
+    FLOPs, seconds in training steps over every resume, seconds since this stage's process started). The record
+    lives in the TrainState, so a resumed run keeps it; a run that never gets there says so, with no figure."""
+
+    def __init__(self, t: TrainConfig):
+        self.target, self.stop = t.target_loss, t.stop_at_target
+
+    def record(self, s: TrainState, flops_per_token: float, stage_seconds: float) -> bool:
+        """After an evaluation: True when this one is the first to reach the target."""
+        if self.target is None or s.reached_target is not None or s.val_loss is None or s.val_loss > self.target:
+            return False
+        s.reached_target = {"step": s.step, "tokens": s.tokens_seen, "flops": s.tokens_seen * flops_per_token,
+                            "train_seconds": round(s.train_seconds, 3), "stage_seconds": round(stage_seconds, 3),
+                            "val_loss": s.val_loss}
+        return True
+
+    def reason(self, s: TrainState) -> str | None:
+        if not self.stop or s.reached_target is None:
+            return None
+        return f"stopped at step {s.step}: the val loss {s.val_loss:.4f} reached train.target_loss={self.target} (train.stop_at_target)"
+
+    def summary(self, s: TrainState) -> dict | None:
+        """metrics.json's "target": the record with the target and reached: true, or reached: false alone."""
+        if self.target is None:
+            return None
+        if s.reached_target is None:
+            return {"loss": self.target, "reached": False}
+        return {"loss": self.target, "reached": True, **s.reached_target}
+
+    def describe(self, s: TrainState) -> str | None:
+        """One line for the run's summary."""
+        if self.target is None:
+            return None
+        r = s.reached_target
+        if r is None:
+            best = f" (best {s.best_val_loss:.4f})" if math.isfinite(s.best_val_loss) else ""
+            return f"val loss {self.target} not reached{best}"
+        return (f"val loss {self.target} reached at step {r['step']:,}: {r['train_seconds']:,.1f} s training,"
+                f" {r['stage_seconds']:,.1f} s since the stage started, {r['tokens']:,} tokens, {r['flops']:.3g} FLOPs")
+
+
 class Throughput:
     """Training time alone (evaluations and saves excluded) of the steps since the last log line."""
 
@@ -81,3 +124,10 @@ class Throughput:
         ms = 1000 * self.seconds / self.steps if self.steps else math.nan
         self.seconds, self.steps = 0.0, 0
         return tokens_per_s, ms
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process (the stage) started, its imports included."""
+    import psutil  # DeepSpeed's dependency: always installed with gptpipe
+
+    return time.time() - psutil.Process().create_time()

@@ -30,7 +30,7 @@ from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
 from pipeline.tokens import open_split, read_meta
 from pipeline.train.batches import MicroBatches, WindowSampler, fixed_windows, full_windows
-from pipeline.train.cadence import Cadence, EarlyStopping, Throughput
+from pipeline.train.cadence import Cadence, EarlyStopping, Throughput, TimeToTarget, seconds_since_process_start
 from pipeline.train.export import export_model
 from pipeline.train.metrics_log import MetricsLog
 from pipeline.train.schedules import decay_end, lr_at
@@ -79,7 +79,9 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     run.seconds["total"] = time.perf_counter() - start
     stopped = run.stop_reason or ("epochs" if p.train.epochs else "max_steps")
     peak_info = {"mfu_peak_tflops": run.peak.tflops} if run.peak else {}
-    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped, **peak_info})
+    target = TimeToTarget(p.train)
+    target_info = {"target": target.summary(run.state)} if p.train.target_loss is not None else {}
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped, **peak_info, **target_info})
     run.log.close()
     if not dist.is_main:
         return None
@@ -96,6 +98,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
         "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
         **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
         **({"MFU against": f"{run.peak.tflops:,.4g} TFLOP/s per process: {run.peak.source}"} if run.peak else {}),
+        **({"target": target.describe(s)} if p.train.target_loss is not None else {}),
     }
 
 
@@ -179,18 +182,20 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
     """The loop: an optimizer step, then whatever the cadence says is due after it, until the last step or an early stop."""
     t, s = run.p.train, run.state
     cadence, stopping, throughput = Cadence(t, run.total_steps), EarlyStopping(t), Throughput(run.batch.tokens_per_step)
+    target = TimeToTarget(t)
     run.engine.train()
-    run.stop_reason = stopping.reason(s)  # stopped before this resume: nothing more to do
+    run.stop_reason = stopping.reason(s) or target.reason(s)  # stopped before this resume: nothing more to do
     if run.stop_reason:
         return
     if t.eval_at_start and s.step == 0:
         with timed(run, "eval"):
-            run.log.val(0, 0, estimate_val_loss(run), math.inf)  # the starting point; not a candidate for the best
+            run.log.val(0, 0, estimate_val_loss(run), math.inf, along(run))  # the starting point; not a candidate for the best
     run.log.start(s.step, run.total_steps, progress)
     batches = MicroBatches(run.train_data, run.batch.grad_accum, s.step, run.dist.device)
     while s.step < run.total_steps:
         loss, lr, grad_norm, seconds = train_step(run, batches)
         s.step, s.tokens_seen = s.step + 1, s.tokens_seen + run.batch.tokens_per_step
+        s.train_seconds += seconds
         run.seconds["train"] += seconds
         throughput.add(seconds)
         due = cadence.after(s.step)
@@ -202,9 +207,11 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
         if due.eval:
             with timed(run, "eval"):
                 improved = stopping.record(s, estimate_val_loss(run))
-            run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss)
+            run.log.val(s.step, s.tokens_seen, s.val_loss, s.best_val_loss, along(run))
             save = save or (improved and t.export == "best")  # the best weights must be on disk to be exported, as nanoGPT does
-            run.stop_reason = stopping.reason(s)
+            if target.record(s, run.flops_per_token, seconds_since_process_start()):
+                run.log.echo(f"train: {target.describe(s)}")
+            run.stop_reason = stopping.reason(s) or target.reason(s)
         if due.hellaswag:
             with timed(run, "eval"):
                 run.log.hellaswag(s.step, s.tokens_seen, score_hellaswag(run))
@@ -218,6 +225,12 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
         if run.stop_reason:
             run.log.echo(f"train: {run.stop_reason}")
             break
+
+
+def along(run: Run) -> dict:
+    """Where an evaluation stands besides its step: training seconds so far (over every resume) and model FLOPs,
+    logged with each val loss so the report and `dvc plots` draw val loss against wall time and compute."""
+    return {"val/train_seconds": round(run.state.train_seconds, 3), "val/flops": run.state.tokens_seen * run.flops_per_token}
 
 
 def model_flops_utilisation(run: Run, tokens_per_s: float) -> float | None:

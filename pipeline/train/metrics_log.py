@@ -135,10 +135,10 @@ class MetricsLog:
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
         self.echo(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {ms_per_step:,.1f} ms | {tokens_per_s:,.0f} tok/s{utilisation}")
 
-    def val(self, step: int, tokens_seen: int, val_loss: float, best_val_loss: float) -> None:
+    def val(self, step: int, tokens_seen: int, val_loss: float, best_val_loss: float, extra: dict | None = None) -> None:
         if not self.enabled:
             return
-        self._metrics(step, tokens_seen, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
+        self._metrics(step, tokens_seen, {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50)), **(extra or {})})
         best = f" (best {best_val_loss:.4f})" if math.isfinite(best_val_loss) else ""
         self.echo(f"step {step:>6} | val loss {val_loss:.4f}{best}")
 
