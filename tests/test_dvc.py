@@ -125,6 +125,10 @@ def test_repro_then_noop_then_partial_rerun_then_an_experiment(repo):
         assert (repo / "reports" / name).is_file(), name
     plots = json.loads(sh(DVC, "plots", "show", "--json", cwd=repo))
     assert {"loss", "learning rate", "throughput (tokens/s)", "gradient norm"} <= set(plots["data"])
+    # Val loss against training seconds and FLOPs: x from another file, joined row for row by DVC.
+    assert not plots.get("errors"), plots["errors"]
+    along = plots["data"]["val loss against seconds in training"][0]["content"]["data"]["values"]
+    assert along and all("train_seconds" in row and "loss" in row for row in along)
     # The project's cache.type (reflink, else copy) never links an output to the cache: editing one cannot reach it.
     linked = [p for d in ("data/tokens", "checkpoints", "models") for p in (repo / d).rglob("*") if p.is_file() and p.stat().st_nlink > 1]
     assert not linked, linked[:3]
