@@ -126,15 +126,20 @@ def through_link(out_dir: Path, key: str) -> Path:
 
 
 @contextmanager
-def folder_lock(folder: str | Path, key: str) -> Iterator[None]:
-    """Hold the lock `.<name>.lock` beside folder while this process writes it: a second gptpipe run on the same
-    folder gets one message instead of a mixed output. The operating system releases the lock when a process
-    ends, killed or not; the file itself is removed on release (a killed run's stays, harmless)."""
+def folder_lock(folder: str | Path, key: str, inside: bool = False) -> Iterator[None]:
+    """Hold the lock `.<name>.lock` beside folder (inside: `.gptpipe.lock` in it, for a folder that is never
+    swapped whole and may sit on a mount whose parent is not writable) while this process writes it: a second
+    gptpipe run on the same folder gets one message instead of a mixed output. The operating system releases
+    the lock when a process ends, killed or not; the file is removed on release (a killed run's stays, harmless)."""
     folder = Path(folder)
-    path = folder.with_name(f".{folder.name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = folder / ".gptpipe.lock" if inside else folder.with_name(f".{folder.name}.lock")
     while True:
-        f = open(path, "a+", encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")
+        except OSError as e:
+            reason = WRITE_ERRNOS.get(e.errno) or e.strerror or type(e).__name__
+            raise UserError(f"{key}: cannot create the lock {path}: {reason}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

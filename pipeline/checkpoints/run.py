@@ -101,7 +101,7 @@ def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, ho
     if dist.is_main:
         try:
             if hold is not None:
-                hold.enter_context(folder_lock(os.path.realpath(t.out_dir), "train.out_dir"))
+                hold.enter_context(folder_lock(os.path.realpath(t.out_dir), "train.out_dir", inside=True))
             run, tag = _open_run(t, identity, echo)
             answer = ("ok", (str(run.root), tag))
         except UserError as e:
