@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.machine import cpu_model
 
 # GPU dense peaks, the vendors' figures: bf16/fp16 tensor cores (TF32 is half of that), and plain fp32 without
 # tensor cores, which is what fp32 gets with TF32 off. A GPU not listed, and every CPU, is measured instead.
@@ -83,16 +83,6 @@ def machine_key(precision: str, device: torch.device) -> str:
         what = cpu_model() + f" x{torch.get_num_threads()} threads"
     digest = hashlib.sha1(f"{what}|{torch.__version__}".encode()).hexdigest()[:8]
     return f"{device.type}-{precision}-{digest}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def calibrate(dtype: torch.dtype, device: torch.device) -> float:

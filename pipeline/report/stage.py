@@ -19,6 +19,7 @@ import yaml
 from pipeline.config import Params
 from pipeline.files import write_text_atomic
 from pipeline.layout import ReportDir, SamplesDir, TrainMetrics
+from pipeline.machine import cpu_model
 from pipeline.output import format_value
 
 # (metric logged by training, file stem, y label); train/loss and val/loss share one figure.
@@ -110,7 +111,7 @@ def draw_pngs(history: dict, out_dir: Path, target: dict | None = None) -> list[
 def hardware() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": _cpu_name(), "cpu cores": os.cpu_count()}
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_model(), "cpu cores": os.cpu_count()}
     try:
         info["deepspeed"] = version("deepspeed")  # not imported: it would probe accelerators just to say its version
     except PackageNotFoundError:
@@ -118,16 +119,6 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         info["gpus"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
