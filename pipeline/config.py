@@ -322,9 +322,15 @@ class BatchConfig(TrainPart):
 
 
 class OptimizerConfig(TrainPart):
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon with AdamW beside it) and the learning-rate schedule."""
 
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw on every parameter, or muon on the 2-D hidden matrices with AdamW (train.lr, beta1, beta2,"
+        " weight_decay) on the embeddings, output head, norms and biases (docs/muon.md)")
+    muon_lr: float = Field(0.02, gt=0, description="muon only: peak learning rate of the hidden matrices (the schedule scales it like train.lr)")
+    muon_momentum: float = Field(0.95, gt=0, lt=1, description="muon only: Nesterov momentum of the hidden matrices")
+    muon_weight_decay: float = Field(0.01, ge=0, description="muon only: decoupled weight decay of the hidden matrices")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (with muon: of the AdamW half)")
     min_lr: float | None = Field(None, ge=0, description="learning rate at the end of the decay; null = lr / 10")
     warmup_steps: int = Field(30, ge=0, le=BIG, description="steps of linear warmup from 0 to lr")
     schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
@@ -337,16 +343,25 @@ class OptimizerConfig(TrainPart):
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 = off (always off with muon)")
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
+    @property
+    def clip(self) -> float:
+        """The global gradient norm clipped to: never with muon (see problems)."""
+        return 0.0 if self.optimizer == "muon" else self.grad_clip
+
     def problems(self) -> list[tuple[str, str]]:
         problems = []
         if self.min_lr is not None and self.min_lr > self.lr:
             problems.append(("min_lr", f"{self.min_lr} is above train.lr={self.lr}"))
+        if self.optimizer == "muon" and self.grad_clip > 0 and "grad_clip" in self.model_fields_set:
+            # DeepSpeed 0.19.8 clips Muon's orthogonalised update under ZeRO 1-3 (docs/muon.md): off, so every stage agrees.
+            problems.append(("grad_clip", f"{self.grad_clip} does not apply with train.optimizer=muon (Muon's update has a"
+                                          " fixed size; gptpipe does not clip it): set train.grad_clip=0"))
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
             problems.append(("decay_steps", f"{self.decay_steps} is before the end of warmup (train.warmup_steps={self.warmup_steps})"))
         return [*super().problems(), *problems]

@@ -284,11 +284,13 @@ def test_the_log_has_ms_per_step_wall_times_and_the_resolved_configuration(token
     summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=8))
     out = capfd.readouterr().out
     assert "train: batch     4 x 1 accumulation x 1 processes = 4 sequences = 128 tokens per step" in out
-    assert "train: length    8 steps, 1,024 tokens" in out and "train: optimizer AdamW lr 3.00e-03, warmup 2, cosine to 3.00e-04" in out
+    assert "train: length    8 steps, 1,024 tokens" in out and "train: optimizer AdamW lr 3.00e-03, weight decay 0.1, warmup 2, cosine to 3.00e-04, clip 1.0" in out
     assert " ms | " in out and len(logged(tmp_path, "train/ms_per_step")) == 2
     times = json.loads((tmp_path / "metrics" / "metrics.json").read_text())["time"]
     assert {"setup", "train", "eval", "save", "export", "total"} <= set(times)
     assert times["total"] >= times["train"] > 0 and summary["seconds total"] > 0
+    metrics = json.loads((tmp_path / "metrics" / "metrics.json").read_text())
+    assert 100e6 < metrics["peak_memory_bytes"] < 20e9 and summary["peak memory"].endswith("GB resident")  # the process at its largest
 
 
 # ------------------------------------------------------------------------------------------ time to a target loss

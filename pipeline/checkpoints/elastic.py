@@ -33,7 +33,8 @@ def saved_world_size(run: RunDir, tag: str) -> int | None:
     return TrainState.read(run.step(tag).state).world_size
 
 
-def prepare_elastic_resume(run: RunDir, tag: str, dist: Dist, echo: Echo = silent, timeout_s: int = 600) -> Path | None:
+def prepare_elastic_resume(run: RunDir, tag: str, dist: Dist, echo: Echo = silent, timeout_s: int = 600,
+                           optimizer: str = "adamw") -> Path | None:
     """When checkpoint `tag` was saved by another number of processes: the universal checkpoint to load instead
     (converted once by rank 0, kept under run/universal/ for the next resume), or None when it loads as it is.
 
@@ -49,6 +50,12 @@ def prepare_elastic_resume(run: RunDir, tag: str, dist: Dist, echo: Echo = silen
         echo(f"train: {tag} was saved by {saved} processes, this run has {dist.world_size}; its optimizer state is whole,"
              " so it loads as it is")
         return None
+    if optimizer == "muon":
+        # ds_to_universal (DeepSpeed 0.19.8) converts Adam's moments only: it stops at Muon's momentum (KeyError 'exp_avg').
+        raise UserError(f"train: {tag} was saved by {saved} processes and this run has {dist.world_size}: with train.optimizer=muon"
+                        f" and ZeRO a checkpoint resumes on the number of processes that saved it only (DeepSpeed cannot convert"
+                        f" Muon's optimizer state to its universal format). Resume on {saved} processes, or use train.zero_stage=0,"
+                        f" whose optimizer state is whole, or start over with train.resume=never")
     out = run.universal(tag)
     failed, alive = out.with_name(f".{tag}.failed"), out.with_name(f".{tag}.alive")
     stamp = source_stamp(source)

@@ -53,6 +53,9 @@ def run_identity(p: Params, data: dict, batch: Batch) -> dict:
     identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
     # The train.* keys marked KEEPS_RUN in config.py (how long, how often, where) are left out: changing them keeps the run.
     kept = set(TrainConfig.identity_keys()) - BATCH_SPLIT
+    if p.train.optimizer == "adamw":
+        # The Muon keys came later: an AdamW run's identity stays what it was, so its checkpoints still resume.
+        kept -= {"optimizer", "muon_lr", "muon_momentum", "muon_weight_decay"}
     identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k in kept})
     identity.update({f"data.{k}": v for k, v in data.items()})
     identity["train.tokens_per_step"] = batch.tokens_per_step

@@ -37,26 +37,15 @@ def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if train.optimizer == "muon":
+            zero["reduce_scatter"] = False  # ZeRO 3's Muon needs each whole gradient ("Muon and reduce scatter cannot be used together")
     return {
         "train_batch_size": batch.global_size,
         "train_micro_batch_size_per_gpu": batch.micro_batch_size,
         "gradient_accumulation_steps": batch.grad_accum,
         # ZeRO 0 in fp32: the loop clips (and so learns the norm) in one pass; DeepSpeed would compute it again.
-        "gradient_clipping": 0.0 if clips_in_loop(train) else train.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": train.lr,
-                "betas": [train.beta1, train.beta2],
-                "eps": train.eps,
-                "weight_decay": train.weight_decay,
-                # torch's AdamW needs no compiled op, and its fused kernel (CPU and GPU) beats the foreach one;
-                # DeepSpeed's CPU Adam is used when offloading.
-                "torch_adam": not train.offload_optimizer,
-                **({"fused": True} if not train.offload_optimizer else {}),
-                "adam_w_mode": True,
-            },
-        },
+        "gradient_clipping": 0.0 if clips_in_loop(train) else train.clip,
+        "optimizer": optimizer_config(train),
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -64,6 +53,26 @@ def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def optimizer_config(train: TrainConfig) -> dict:
+    """DeepSpeed's optimizer block: AdamW, or its Muon (MuonWithAuxAdam: Muon on the parameters tagged use_muon,
+    AdamW on the others). The groups (pipeline/train/optimizer.py) carry each one's lr and weight decay."""
+    adam = {
+        "lr": train.lr,
+        "betas": [train.beta1, train.beta2],
+        "eps": train.eps,
+        "weight_decay": train.weight_decay,
+        # torch's AdamW needs no compiled op; DeepSpeed's CPU Adam is used when offloading.
+        "torch_adam": not train.offload_optimizer,
+        "adam_w_mode": True,
+    }
+    if train.optimizer == "muon":
+        # ns_method "standard": the quintic Newton-Schulz of the published recipe (DeepSpeed's default "gram" runs in
+        # fp16, which a CPU lacks, and differs in its last digits across matrix shapes).
+        return {"type": "Muon", "params": {**adam, "muon_lr": train.muon_lr, "momentum": train.muon_momentum, "ns_method": "standard"}}
+    # torch's fused AdamW kernel (CPU and GPU) beats the foreach one.
+    return {"type": "AdamW", "params": {**adam, **({"fused": True} if not train.offload_optimizer else {})}}
 
 
 def merge_user_config(generated: dict, path: str | None) -> tuple[dict, list[str]]:
@@ -204,17 +213,17 @@ def deepspeed_world(timeout_s: int) -> Iterator[None]:
         distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = before
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict) -> object:
-    """The DeepSpeed engine that trains model with ds_config (engine_config). AdamW decays matrices only (not
-    biases or norm gains)."""
+def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, groups: list[dict]) -> object:
+    """The DeepSpeed engine that trains model with ds_config (engine_config) and these optimizer groups (each with
+    its peak lr; pipeline/train/optimizer.py)."""
     accelerator()
     import deepspeed
 
-    decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and _ndim(p) < 2]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    with deepspeed_world(train.collective_timeout):
+    with deepspeed_world(train.collective_timeout), kept_muon_tags(deepspeed, groups):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    # Each group's peak lr as a multiple of train.lr, by position: the schedule's lr times it, every step (set_lr).
+    # Kept here, not in the groups, because a checkpoint's groups (universal ones too) need not carry extra keys.
+    engine.gptpipe_lr_factors = [group["lr"] / train.lr for group in engine.optimizer.param_groups]
     if torch_dist.get_world_size() == 1 and train.zero_stage == 0:
         # One process has nothing to all-reduce: skip DeepSpeed's flatten, reduce and unflatten of every gradient.
         engine.enable_backward_allreduce = False
@@ -223,14 +232,35 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict) ->
     return engine
 
 
-def _ndim(p: torch.Tensor) -> int:
-    """A parameter's dimensions, also when ZeRO-3 has partitioned it into a flat placeholder."""
-    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+@contextmanager
+def kept_muon_tags(deepspeed, groups: list[dict]) -> Iterator[None]:
+    """While deepspeed.initialize runs: keep the `use_muon` tags gptpipe set.
+
+    DeepSpeed 0.19.8 re-tags every parameter there (set_optimizer_flags: Muon for each 2-D one whose name holds
+    neither "embed" nor "lm_head"), which puts GPT-2's wte and wpe on Muon whatever the caller chose. Its tags are
+    made, then ours put back, so anything else it records alongside stays.
+    """
+    tags = {id(p): p.use_muon for g in groups for p in g["params"] if hasattr(p, "use_muon")}
+    original = deepspeed.set_optimizer_flags
+
+    def set_flags(config_class, model):
+        original(config_class, model)
+        for p in model.parameters():
+            if id(p) in tags:
+                p.use_muon = tags[id(p)]
+
+    deepspeed.set_optimizer_flags = set_flags
+    try:
+        yield
+    finally:
+        deepspeed.set_optimizer_flags = original
 
 
 def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    """The schedule's lr (of train.lr's curve) onto every group, each at its own multiple."""
+    factors = getattr(engine, "gptpipe_lr_factors", None) or [1.0] * len(engine.optimizer.param_groups)
+    for group, factor in zip(engine.optimizer.param_groups, factors):
+        group["lr"] = lr * factor
 
 
 def clips_in_loop(train: TrainConfig) -> bool:

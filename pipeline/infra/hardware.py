@@ -112,3 +112,12 @@ def use_tf32(on: bool) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = on
         torch.backends.cudnn.allow_tf32 = on
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes this process has held at most: allocated by torch on a GPU (the CUDA context aside), resident on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -78,7 +78,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
-        check_fits_in_memory(config, shards)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     else:
         model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
@@ -101,7 +100,8 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
 def check_fits_in_memory(config, shards: int = 1) -> None:
     """UserError when a fresh model's fp32 weights alone (this process's share of them) would not fit in this
     machine's free memory: a shape such as n_layer=1024, n_embd=65536 is then one message, not an allocation
-    failure or minutes of swapping."""
+    failure or minutes of swapping. Call it before ZeRO-3's zero.Init: a meta-device model cannot be partitioned
+    (Llama's rotary buffers fail there)."""
     import psutil
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation

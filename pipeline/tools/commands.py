@@ -1,4 +1,4 @@
-"""The tools around the stages: `gptpipe recipe`, `gptpipe init` and `gptpipe doctor`. No stage imports this."""
+"""The tools around the stages: `gptpipe recipe`, `gptpipe init`, `gptpipe doctor` and `gptpipe plan`. No stage imports this."""
 
 from __future__ import annotations
 
@@ -91,3 +91,25 @@ def doctor(
         table.add_row(check, "[green]ok[/green]" if ok else "[red]problem[/red]", detail)
     Console().print(table)
     raise typer.Exit(0 if all(ok for _, ok, _ in results) else 1)
+
+
+def plan(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    processes: Annotated[int | None, typer.Option(help="plan for this many processes (default: what the launcher settings give)")] = None,
+    probe: Annotated[int | None, typer.Option(
+        "--probe", min=1, help="also run N real optimizer steps (outputs in a scratch folder, deleted after) for speed, peak memory and an ETA")] = None,
+):
+    """Before a run: parameters, tokens, FLOPs and memory per process against this machine; with --probe N, an ETA."""
+    from pipeline.console import print_summary
+    from pipeline.tools.plan import make_plan, plan_rows, run_probe
+
+    with user_errors():
+        p = load_params(params, set_)
+        made = make_plan(p, processes)
+        measured = run_probe(p, params.resolve().parent, probe, echo) if probe else None
+        rows, warning = plan_rows(p, made, measured)
+    print_summary(f"plan: {params}", rows)
+    if warning:
+        echo(f"[red]plan: {warning}[/red]")
+        raise typer.Exit(1)

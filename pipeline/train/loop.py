@@ -22,9 +22,9 @@ from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
 from pipeline.eval.lm import window_sums
 from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
-from pipeline.infra.hardware import Peak, peak, use_tf32
+from pipeline.infra.hardware import Peak, peak, peak_memory, use_tf32
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
-from pipeline.model.build import build_model, check_vocabulary, count_params, export_dtype, flops_per_token
+from pipeline.model.build import build_model, check_fits_in_memory, check_vocabulary, count_params, export_dtype, flops_per_token, scratch_config
 from pipeline.model.generate import sample_tokens
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
@@ -33,6 +33,7 @@ from pipeline.train.batches import MicroBatches, WindowSampler, fixed_windows, f
 from pipeline.train.cadence import Cadence, EarlyStopping, Throughput, TimeToTarget, seconds_since_process_start
 from pipeline.train.export import export_model
 from pipeline.train.metrics_log import MetricsLog
+from pipeline.train.optimizer import describe_optimizer, param_groups
 from pipeline.train.schedules import decay_end, lr_at
 
 
@@ -81,7 +82,9 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     peak_info = {"mfu_peak_tflops": run.peak.tflops} if run.peak else {}
     target = TimeToTarget(p.train)
     target_info = {"target": target.summary(run.state)} if p.train.target_loss is not None else {}
-    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped, **peak_info, **target_info})
+    memory = peak_memory(dist.device)
+    run.log.finish({"time": {k: round(v, 3) for k, v in run.seconds.items()}, "stopped": stopped, "peak_memory_bytes": memory,
+                    **peak_info, **target_info})
     run.log.close()
     if not dist.is_main:
         return None
@@ -97,6 +100,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
                                        else f"at train.max_steps ({run.total_steps})"),
         "exported": f"{exported['which']} ({exported['tag']}, val loss {exported['val_loss']:.4f}) to {p.train.export_dir}",
         **{f"seconds {phase}": round(seconds, 1) for phase, seconds in run.seconds.items()},
+        "peak memory": f"{memory / 1e9:,.2f} GB " + ("allocated on the GPU" if dist.device.type == "cuda" else "resident"),
         **({"MFU against": f"{run.peak.tflops:,.4g} TFLOP/s per process: {run.peak.source}"} if run.peak else {}),
         **({"target": target.describe(s)} if p.train.target_loss is not None else {}),
     }
@@ -125,16 +129,18 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
     # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
-    universal = prepare_elastic_resume(run_dir, tag, dist, echo, t.collective_timeout) if tag else None
+    universal = prepare_elastic_resume(run_dir, tag, dist, echo, t.collective_timeout, t.optimizer) if tag else None
     ds_config = engine_config(t, batch, echo)
 
+    if p.model.is_scratch:
+        check_fits_in_memory(scratch_config(p.model, meta["vocab_size"], meta["eot_id"]), dist.world_size if t.zero_stage == 3 else 1)
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
     with model_init(ds_config, t.collective_timeout) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
         model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing,
                             shards=dist.world_size if t.zero_stage == 3 else 1)
     check_vocabulary(model, p.model.init, tokenizer)
     n_params = count_params(model)
-    engine = build_engine(model, t, ds_config)
+    engine = build_engine(model, t, ds_config, param_groups(model, t))
     start_run(run_dir, identity, ds_config, dist)
     state = load_checkpoint(engine, run_dir, tag, dist, universal).loop_state() if tag else TrainState()
     if not tag:
@@ -173,7 +179,7 @@ def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_d
         f"train: batch     {batch.micro_batch_size} x {batch.grad_accum} accumulation x {batch.world_size} processes"
         f" = {batch.global_size:,} sequences = {batch.tokens_per_step:,} tokens per step",
         f"train: length    {length}, {total_steps * batch.tokens_per_step:,} tokens",
-        f"train: optimizer AdamW lr {t.lr:.2e}, warmup {t.warmup_steps}, {schedule}, weight decay {t.weight_decay}, clip {t.grad_clip}",
+        f"train: optimizer {describe_optimizer(t)}, warmup {t.warmup_steps}, {schedule}, clip {t.clip or 'off'}",
         f"train: engine    {t.precision}, ZeRO {t.zero_stage}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
     ])  # fmt: skip
 
@@ -257,7 +263,7 @@ def train_step(run: Run, batches: MicroBatches) -> tuple[float, float, float | N
         loss = lm_loss(engine, *batches.current)
         batches.advance()  # the next micro batch is made while a GPU still runs this forward pass
         engine.backward(loss)
-        grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.grad_clip)
+        grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.clip)
         losses.append(loss.detach())
     loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
     (loss_total,) = all_reduce_sum([loss_sum], dist.device)
