@@ -34,7 +34,6 @@ SETTINGS = {
     "muon 0.04, adamw 5e-3": {"optimizer": "muon", "muon_lr": 0.04},
     "muon 0.08, adamw 5e-3": {"optimizer": "muon", "muon_lr": 0.08},
     "muon 0.04, adamw 1e-2": {"optimizer": "muon", "muon_lr": 0.04, "lr": 1e-2, "min_lr": 1e-3},
-    "muon 0.04, adamw 5e-3, no torch.compile": {"optimizer": "muon", "muon_lr": 0.04, "env": {"TORCHDYNAMO_DISABLE": "1"}},
 }
 
 

@@ -17,7 +17,8 @@ Each pair runs nanoGPT's `train.py` (one process, timed whole; its one-time data
 gptpipe's stages prepare, tokenize, train and evaluate as DVC runs them (`python -m pipeline.<package>`, each timed
 whole, summed), A B A B. Both checkpoints are then scored by one function of this file: the mean next-character
 loss over every 64-character window of the whole val split (the last 10% of the text), each model on its own
-character ids. A third table puts each at its best: the recipe as shipped (wsd) against nanoGPT's better setting.
+character ids. A third table puts each at its best: the recipe as shipped (wsd) against nanoGPT's better setting;
+with --muon, the recipe with Muon (bench/optimizer_search.py's best) joins it.
 Medians of the pairs; ratios are gptpipe / nanoGPT (below 1: gptpipe is faster). Rows go to docs/benchmarks.md.
 """
 
@@ -118,13 +119,22 @@ def score_nanogpt(folder: Path, ckpt_path: Path) -> float:
 # ------------------------------------------------------------------------------------------------ gptpipe
 
 
-def gptpipe_params(setting: str | None) -> dict:
-    """The recipe file with the local text; setting: nanoGPT's settings on top (None: the recipe as shipped)."""
+# The recipe with Muon at its best of bench/optimizer_search.py (muon_lr 0.02, AdamW 5e-3 on the rest): the fewest
+# steps of those tried that reach 1.88 on the whole val split.
+MUON = {"optimizer": "muon", "muon_lr": 0.02, "max_steps": 800}
+
+
+def gptpipe_params(setting: str | None, train: dict | None = None) -> dict:
+    """The recipe file with the local text; setting: nanoGPT's settings on top (None: the recipe as shipped, with
+    train on top: MUON)."""
     p = yaml.safe_load((ROOT / "recipes" / "shakespeare-char.yaml").read_text())
     p["prepare"]["source"] = {"kind": "files", "path": str(TEXT)}
     p["train"].update(sample_interval=None, resume="never")
     if setting is None:
-        p["train"].update(max_steps=1100, save_interval=1100, eval_interval=1100)  # the recipe's figure for 1.88
+        p["train"].update(max_steps=1100)  # the recipe's figure for 1.88
+        p["train"].update(train or {})
+        steps = p["train"]["max_steps"]
+        p["train"].update(save_interval=steps, eval_interval=steps)
         return p
     p["model"].update(n_head=4, n_embd=128, block_size=BLOCK, dropout=0.0, **SETTINGS[setting][1]["model"])
     p["train"].update(micro_batch_size=12, schedule="cosine", beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
@@ -133,11 +143,11 @@ def gptpipe_params(setting: str | None) -> dict:
     return p
 
 
-def gptpipe_run(folder: Path, setting: str | None) -> dict:
+def gptpipe_run(folder: Path, setting: str | None, train: dict | None = None) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(gptpipe_params(setting), sort_keys=False))
+    (folder / "params.yaml").write_text(yaml.safe_dump(gptpipe_params(setting, train), sort_keys=False))
     seconds = {stage: run([sys.executable, "-m", f"pipeline.{package}"], folder) for stage, package in STAGES.items()}
     evaluated = json.loads((folder / "reports" / "metrics.json").read_text())["val"]["loss"]
     return {"wall": sum(seconds.values()), "seconds": seconds, "val": score_gptpipe(folder), "evaluate_stage_val": evaluated}
@@ -200,6 +210,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--no-best", action="store_true", help="skip the each-at-its-best table (the recipe as shipped)")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--muon", action="store_true", help="also the recipe with Muon (MUON) in the each-at-its-best table")
     args = parser.parse_args()
     if not (args.nanogpt / "train.py").is_file():
         sys.exit(f"--nanogpt {args.nanogpt}: no train.py there; fetch it as this script's docstring says")
@@ -222,6 +233,12 @@ def main() -> None:
                 best["gptpipe"].append(gptpipe_run(work / "gptpipe", None))
                 g = best["gptpipe"][-1]
                 print(f"pair {pair + 1} recipe as shipped: gptpipe {g['wall']:.1f} s val {g['val']:.4f}", flush=True)
+                if args.muon:
+                    muon = results.setdefault("muon", {"nanogpt": [], "gptpipe": []})
+                    muon["gptpipe"].append(gptpipe_run(work / "gptpipe", None, MUON))
+                    g = muon["gptpipe"][-1]
+                    print(f"pair {pair + 1} recipe with Muon: gptpipe {g['wall']:.1f} s val {g['val']:.4f}"
+                          f" ({', '.join(f'{k} {v:.1f}' for k, v in g['seconds'].items())})", flush=True)
     for setting in args.settings:
         print(table(f"{setting}: identical settings", results[setting]["gptpipe"], results[setting]["nanogpt"], "gptpipe, 4 stages",
                     "nanoGPT train.py"))
@@ -231,6 +248,12 @@ def main() -> None:
         theirs_name = min(candidates, key=lambda s: (median(candidates[s], "val") > TARGET, median(candidates[s], "wall")))
         print(table(f"each at its best (target {TARGET}): gptpipe's recipe as shipped against nanoGPT's {theirs_name} settings",
                     results["best"]["gptpipe"], candidates[theirs_name], "gptpipe recipe (wsd, 1100 steps)", f"nanoGPT {theirs_name}"))
+        if results.get("muon"):
+            print(table(f"each at its best, Muon: the recipe with train.optimizer=muon ({MUON['max_steps']} steps) against nanoGPT's"
+                        f" {theirs_name} settings", results["muon"]["gptpipe"], candidates[theirs_name],
+                        f"gptpipe recipe, Muon ({MUON['max_steps']} steps)", f"nanoGPT {theirs_name}"))
+            print(table("Muon against AdamW, both gptpipe's recipe (the 'nanoGPT' row is AdamW here)", results["muon"]["gptpipe"],
+                        results["best"]["gptpipe"], "Muon", "AdamW").replace("gptpipe / nanoGPT", "Muon / AdamW"))
     if not args.no_record:
         for setting in args.settings:
             n, g = results[setting]["nanogpt"], results[setting]["gptpipe"]
