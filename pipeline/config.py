@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -196,6 +196,27 @@ class ModelConfig(Section):
     @property
     def is_scratch(self) -> bool:
         return self.init == "scratch"
+
+    # Keys that shape a model only for some settings: llama's own, and every shape key for a scratch model.
+    LLAMA_ONLY: ClassVar[tuple[str, ...]] = ("n_kv_head", "intermediate_size", "rope_theta")
+    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = ("arch", "n_layer", "n_head", "n_embd", "tie_embeddings", *LLAMA_ONLY)
+
+    def unused_keys(self) -> dict[str, str]:
+        """key -> why it does nothing here, for each key set away from its default that these settings ignore
+        (`n_kv_head` with arch gpt2, `n_layer` with a pretrained init): said in the log, left out of the run identity."""
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        moved = [k for k in self.SCRATCH_ONLY if getattr(self, k) != defaults[k]]
+        if not self.is_scratch:
+            return {k: f"model.init={self.init!r} brings its own shape" for k in moved}
+        if self.arch == "gpt2":
+            return {k: "it shapes llama models only (model.arch=gpt2)" for k in moved if k in self.LLAMA_ONLY}
+        return {}
+
+    def identity_dump(self) -> dict:
+        """model.* as a run's identity holds it: keys that do nothing here at their defaults, so setting one keeps the run."""
+        dumped = self.model_dump()
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        return {**dumped, **{k: defaults[k] for k in self.unused_keys()}}
 
     @model_validator(mode="before")
     @classmethod
@@ -412,7 +433,8 @@ class CadenceConfig(TrainPart):
     target_loss: float | None = Field(
         None, gt=0, le=1e4, description="a val loss to reach: the first in-loop evaluation at or below it records the steps, tokens, model FLOPs and seconds it took (metrics.json: target); null = off", json_schema_extra=KEEPS_RUN)
     stop_at_target: bool = Field(False, description="end the run (then export) at the first evaluation that reaches target_loss", json_schema_extra=KEEPS_RUN)
-    save_interval: int = Field(100, ge=1, le=BIG, description="checkpoint every N steps (and at the end)", json_schema_extra=KEEPS_RUN)
+    save_interval: int = Field(
+        100, ge=0, le=BIG, description="checkpoint every N steps (and at the end); 0 = only at the end (and, with export: best, at each improvement)", json_schema_extra=KEEPS_RUN)
     keep_last: int = Field(2, ge=1, le=1 << 20, description="checkpoints kept, plus the best by val loss", json_schema_extra=KEEPS_RUN)
 
     @property

@@ -328,3 +328,33 @@ def test_stop_at_target_ends_the_run_there_and_exports(tokens_dir, tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
     with pytest.raises(UserError, match=r"train.stop_at_target: needs train.target_loss"):
         run_training(tiny_params(tokens_dir, tmp_path, stop_at_target=True))
+
+
+def test_a_key_that_does_nothing_here_is_said_and_keeps_the_run(tokens_dir, tmp_path, capfd):
+    """Issue 21: llama's keys with arch gpt2 (and shape keys with a pretrained init) changed nothing but the run's
+    identity, so the no-op edit started a new run in silence."""
+    from pipeline.checkpoints.run import run_identity
+
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=4))
+    capfd.readouterr()
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, model={"n_kv_head": 1, "rope_theta": 5e5}))
+    out = capfd.readouterr().out
+    assert "train: model.n_kv_head=1 does nothing here (it shapes llama models only (model.arch=gpt2)): ignored" in out, out
+    assert "model.rope_theta=500000.0 does nothing here" in out and "resuming" in out and summary["steps"] == 4
+    assert len(list((tmp_path / "checkpoints").glob("run-*"))) == 1
+    pretrained = config.ModelConfig(init="gpt2", n_layer=6, n_embd=256, n_head=4)
+    assert set(pretrained.unused_keys()) == {"n_layer", "n_embd"} and "brings its own shape" in pretrained.unused_keys()["n_layer"]
+    p = params.validate_params(tiny_params(tokens_dir, tmp_path, model={"arch": "llama", "n_kv_head": 1}))
+    assert run_identity(p, {}, p.train.batch(1, 32))["model.n_kv_head"] == 1  # where it does shape the model, it is the run's
+
+
+def test_save_interval_0_keeps_only_the_end_and_the_improvements(tokens_dir, tmp_path):
+    """Issue 21: HipGPT's "no periodic checkpoints". With export: last only the last step is saved; with best, also
+    each evaluation that improved (the best weights must be on disk to be exported)."""
+    run_training(tiny_params(tokens_dir, tmp_path, max_steps=12, eval_interval=4, save_interval=0, export="last"))
+    (run,) = (tmp_path / "checkpoints").glob("run-*")
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000012"]
+    best = tmp_path / "best"
+    run_training(tiny_params(tokens_dir, best, max_steps=12, eval_interval=4, save_interval=0))
+    (run,) = (best / "checkpoints").glob("run-*")
+    assert "step-000012" in {p.name for p in run.glob("step-*")} and (best / "final" / "model.safetensors").is_file()

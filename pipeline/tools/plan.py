@@ -294,7 +294,7 @@ def eta(p: Params, steps: int, probe: Probe) -> float:
     the probe did not do (each as long as the probe's; an improving evaluation saves too when train.export=best)."""
     t = p.train
     evals = set(range(t.eval_interval, steps + 1, t.eval_interval)) | {steps}
-    saves = set(range(t.save_interval, steps + 1, t.save_interval)) | {steps}
+    saves = (set(range(t.save_interval, steps + 1, t.save_interval)) if t.save_interval else set()) | {steps}
     if t.export == "best":
         saves |= evals  # the upper end: early on nearly every evaluation improves
     n_evals = len(evals) + (1 if t.eval_at_start else 0)

@@ -35,7 +35,7 @@ class Cadence:
         def every(interval: int | None) -> bool:
             return bool(interval) and (step % interval == 0 or last)
 
-        save = every(self.t.save_interval)
+        save = every(self.t.save_interval) or last  # save_interval 0: no periodic checkpoints, but the run's end is kept
         return Due(log=every(self.t.log_interval), eval=every(self.t.eval_interval) or save,
                    hellaswag=every(self.t.hellaswag_interval), sample=every(self.t.sample_interval), save=save)
 

@@ -126,6 +126,8 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack())
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
+    for key, why in p.model.unused_keys().items():
+        echo(f"train: model.{key}={getattr(p.model, key)!r} does nothing here ({why}): ignored, and not part of the run's identity")
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
     # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
