@@ -201,11 +201,14 @@ class ModelConfig(Section):
     LLAMA_ONLY: ClassVar[tuple[str, ...]] = ("n_kv_head", "intermediate_size", "rope_theta")
     SCRATCH_ONLY: ClassVar[tuple[str, ...]] = ("arch", "n_layer", "n_head", "n_embd", "tie_embeddings", *LLAMA_ONLY)
 
+    @classmethod
+    def _default(cls, key: str):
+        return cls.model_fields[key].default
+
     def unused_keys(self) -> dict[str, str]:
         """key -> why it does nothing here, for each key set away from its default that these settings ignore
         (`n_kv_head` with arch gpt2, `n_layer` with a pretrained init): said in the log, left out of the run identity."""
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        moved = [k for k in self.SCRATCH_ONLY if getattr(self, k) != defaults[k]]
+        moved = [k for k in self.SCRATCH_ONLY if getattr(self, k) != self._default(k)]
         if not self.is_scratch:
             return {k: f"model.init={self.init!r} brings its own shape" for k in moved}
         if self.arch == "gpt2":
@@ -214,9 +217,7 @@ class ModelConfig(Section):
 
     def identity_dump(self) -> dict:
         """model.* as a run's identity holds it: keys that do nothing here at their defaults, so setting one keeps the run."""
-        dumped = self.model_dump()
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        return {**dumped, **{k: defaults[k] for k in self.unused_keys()}}
+        return {**self.model_dump(), **{k: self._default(k) for k in self.unused_keys()}}
 
     @model_validator(mode="before")
     @classmethod

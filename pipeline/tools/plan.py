@@ -157,7 +157,7 @@ def memory_per_process(p: Params, s: Shape, processes: int) -> tuple[dict[str, f
     }
     offloaded = 0.0
     if t.offload_optimizer:
-        offloaded += parts.pop("optimizer state")
+        offloaded += parts["optimizer state"]
         parts["optimizer state"] = 0.0
     if t.offload_params:
         offloaded += parts["weights"]
@@ -184,7 +184,7 @@ def activation_bytes(p: Params, s: Shape) -> float:
     return tokens * (element * (layers + 2 * h) + logits)
 
 
-def runtime_bytes() -> tuple[float, str]:
+def runtime_bytes() -> float:
     """This process's resident memory once torch, transformers and DeepSpeed are loaded: what a training process
     holds before its model (on a CPU; a GPU's CUDA context is outside torch's allocations)."""
     import psutil
@@ -193,7 +193,7 @@ def runtime_bytes() -> tuple[float, str]:
 
     accelerator()  # DeepSpeed loaded for its memory, as training loads it (told it is on a CPU, as training tells it)
 
-    return float(psutil.Process().memory_info().rss), "Python, torch, transformers and DeepSpeed loaded (measured here)"
+    return float(psutil.Process().memory_info().rss)
 
 
 def machine_memory(per_node: int) -> tuple[float | None, str]:
@@ -230,7 +230,7 @@ def make_plan(p: Params, processes: int | None = None) -> Plan:
             notes.append("train.epochs: the steps are known once the data is tokenized")
     memory, offloaded = memory_per_process(p, shape, world)
     if not torch.cuda.is_available():
-        memory["runtime"], _ = runtime_bytes()
+        memory["runtime"] = runtime_bytes()
     available, source = machine_memory(per_node)
     return Plan(processes=world, per_node=per_node, tokens_per_step=batch.tokens_per_step, steps=steps, shape=shape,
                 memory=memory, cpu_offloaded=offloaded, available=available, available_source=source, notes=notes)
