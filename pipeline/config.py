@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
-from pipeline.layout import ReportDir, SamplesDir
+from pipeline.layout import ReportDir, SamplesDir, saved_tokenizer
 
 # Upper bounds: a size or seed beyond what the code can hold is a clear error here, not an overflow or a hang later.
 MAX_SEED = 2**32 - 1  # numpy's and torch's seeds, with room for seed + rank
@@ -130,7 +130,9 @@ class TokenizeConfig(Section):
     encoding: str = Field("gpt2", min_length=1, description="tiktoken only: encoding name (gpt2, r50k_base, cl100k_base, ...)")
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="bpe only: vocabulary size to train, special tokens included")
     min_frequency: int = Field(2, ge=1, le=BIG, description="bpe only: minimum pair count for a merge")
-    pretrained: str | None = Field(None, description="hf only: tokenizer folder or hub id (use the model's own for fine-tuning)")
+    pretrained: str | None = Field(
+        None, description="hf: tokenizer folder or hub id (use the model's own for fine-tuning); other kinds: a gptpipe checkpoint, run folder or export whose tokenizer to reuse instead of training one (continued training)"
+    )
     add_bos: bool | Literal["auto"] = Field(
         "auto", description="start every document with the tokenizer's BOS token; auto = when the tokenizer adds one itself (Llama, Gemma)"
     )
@@ -174,7 +176,7 @@ class ModelConfig(Section):
     """model: a Hugging Face causal LM built from scratch or loaded from a checkpoint."""
 
     init: str = Field(
-        "scratch", min_length=1, description="scratch, or a checkpoint to fine-tune: a local folder or hub id (gpt2, google/gemma-3-270m)"
+        "scratch", min_length=1, description="scratch, or a checkpoint to fine-tune: a local folder or hub id (gpt2, google/gemma-3-270m), or a gptpipe step, run or export folder"
     )
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="scratch only: GPT-2 (learned positions, GELU) or Llama (RoPE, SwiGLU, RMSNorm)")
     preset: Literal["gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m"] | None = Field(
@@ -184,7 +186,7 @@ class ModelConfig(Section):
     n_head: int = Field(4, ge=1, le=1024, description="scratch only: attention heads")
     n_kv_head: int | None = Field(None, ge=1, le=1024, description="llama only: key/value heads (grouped-query attention); null = n_head")
     n_embd: int = Field(128, ge=8, le=1 << 16, description="scratch only: embedding width")
-    intermediate_size: int | None = Field(None, ge=1, le=1 << 20, description="llama only: MLP width; null = 4 * n_embd * 2/3 rounded up to 64")
+    intermediate_size: int | None = Field(None, ge=1, le=1 << 20, description="scratch only: MLP width (GPT-2's n_inner); null = 4 * n_embd for gpt2, 2/3 of that rounded up to 64 for llama")
     block_size: int = Field(128, ge=8, le=1 << 20, description="context length in tokens (training windows; pretrained: at most the model's)")
     dropout: float | None = Field(
         None, ge=0.0, lt=1.0, description="dropout on embeddings, attention and residuals (a pretrained model's too); null = 0 from scratch, the checkpoint's own when fine-tuning"
@@ -198,26 +200,19 @@ class ModelConfig(Section):
         return self.init == "scratch"
 
     # Keys that shape a model only for some settings: llama's own, and every shape key for a scratch model.
-    LLAMA_ONLY: ClassVar[tuple[str, ...]] = ("n_kv_head", "intermediate_size", "rope_theta")
-    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = ("arch", "n_layer", "n_head", "n_embd", "tie_embeddings", *LLAMA_ONLY)
-
-    @classmethod
-    def _default(cls, key: str):
-        return cls.model_fields[key].default
+    LLAMA_ONLY: ClassVar[tuple[str, ...]] = ("n_kv_head", "rope_theta")
+    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = ("arch", "n_layer", "n_head", "n_embd", "intermediate_size", "tie_embeddings", *LLAMA_ONLY)
 
     def unused_keys(self) -> dict[str, str]:
         """key -> why it does nothing here, for each key set away from its default that these settings ignore
-        (`n_kv_head` with arch gpt2, `n_layer` with a pretrained init): said in the log, left out of the run identity."""
-        moved = [k for k in self.SCRATCH_ONLY if getattr(self, k) != self._default(k)]
+        (`n_kv_head` with arch gpt2, `n_layer` with a pretrained init). At its default such a key is harmless (the
+        shipped params.yaml lists the shape keys, and `-S model.init=gpt2` must still work); moved, it is an error."""
+        moved = [k for k in self.SCRATCH_ONLY if getattr(self, k) != type(self).model_fields[k].default]
         if not self.is_scratch:
-            return {k: f"model.init={self.init!r} brings its own shape" for k in moved}
+            return {k: "a pretrained model keeps its own shape" for k in moved}
         if self.arch == "gpt2":
-            return {k: "it shapes llama models only (model.arch=gpt2)" for k in moved if k in self.LLAMA_ONLY}
+            return {k: "it shapes llama models only" for k in moved if k in self.LLAMA_ONLY}
         return {}
-
-    def identity_dump(self) -> dict:
-        """model.* as a run's identity holds it: keys that do nothing here at their defaults, so setting one keeps the run."""
-        return {**self.model_dump(), **{k: self._default(k) for k in self.unused_keys()}}
 
     @model_validator(mode="before")
     @classmethod
@@ -245,6 +240,9 @@ class ModelConfig(Section):
             problems.append(("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}"))
         if self.n_kv_head and self.n_head % self.n_kv_head:
             problems.append(("n_kv_head", f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"))
+        # A key that changes nothing would still change the run's identity: the no-op edit would start a new run.
+        setting = f"model.init={self.init!r}" if not self.is_scratch else f"model.arch={self.arch}"
+        problems += [(k, f"{getattr(self, k)!r} does nothing with {setting} ({why}): remove it") for k, why in self.unused_keys().items()]
         check(problems)
         return self
 
@@ -421,6 +419,8 @@ class CadenceConfig(TrainPart):
     eval_interval: int = Field(50, ge=1, le=BIG, description="evaluate val loss every N steps (and at the end)", json_schema_extra=KEEPS_RUN)
     eval_batches: int = Field(
         4, ge=1, le=1 << 20, description="val windows per evaluation = eval_batches x micro_batch_size, a fixed set shared by all processes", json_schema_extra=KEEPS_RUN)
+    eval_batch_size: int | None = Field(
+        None, ge=1, le=1 << 16, description="sequences per forward pass of training's evaluations (val loss, HellaSwag); null = micro_batch_size. The windows scored stay the same, so only speed and memory change", json_schema_extra=KEEPS_RUN)
     eval_at_start: bool = Field(False, description="evaluate before the first step (a pretrained model's val loss before fine-tuning)", json_schema_extra=KEEPS_RUN)
     early_stopping_patience: int | None = Field(
         None, ge=1, le=1 << 20, description="stop after this many evaluations without a val loss improvement of at least early_stopping_min_delta; null = off", json_schema_extra=KEEPS_RUN)
@@ -559,7 +559,11 @@ class SampleConfig(Section):
 
     model_dir: str | None = Field(None, description="the model to sample from (an export, a checkpoint, any HF folder or hub id); null = train.export_dir")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="prompts, each sampled num_samples times")
-    prompts_file: str | None = Field(None, description="a text file with one prompt per line, used instead of prompts")
+    prompts_file: str | None = Field(None, description="a text file of prompts, used instead of prompts (see prompts_file_format)")
+    prompts_file_format: Literal["lines", "whole"] = Field(
+        "lines", description="lines: each non-empty line is a prompt; whole: the file is one prompt, newlines kept (nanoGPT's --start=FILE:)")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="precision of generation; auto = the training precision on a GPU, fp32 on a CPU")
     num_samples: int = Field(2, ge=1, le=1 << 20, description="samples per prompt")
     max_new_tokens: int = Field(200, ge=1, le=1 << 20, description="tokens generated per sample at most")
     temperature: float = Field(0.8, ge=0, description="softmax temperature; 0 = greedy")
@@ -676,7 +680,9 @@ class Params(Section):
     def _tokenizer_matches_model(self):
         # GPT-2 checkpoints and tiktoken's gpt2 encoding give identical ids: nanoGPT's fine-tuning flow (checked on load).
         gpt2_ids = self.tokenize.kind == "tiktoken" and self.tokenize.encoding == "gpt2"
-        if not self.model.is_scratch and self.tokenize.kind != "hf" and not gpt2_ids:
+        # A model gptpipe trained carries its tokenizer, of any kind: train checks that the tokens use its ids.
+        own = not self.model.is_scratch and saved_tokenizer(self.model.init) is not None
+        if not self.model.is_scratch and self.tokenize.kind != "hf" and not gpt2_ids and not own:
             check(
                 [
                     (

@@ -158,6 +158,20 @@ class ExportDir(Folder):
         return self.root / "gptpipe_tokenizer"
 
 
+def saved_tokenizer(folder: str | Path) -> Path | None:
+    """The gptpipe tokenizer folder inside a model folder gptpipe wrote: a step folder's, a run folder's newest
+    step's, an export's; None for any other folder (a Hugging Face one) or a hub id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    if RunDir(folder).latest.is_file():
+        folder = RunDir(folder).step(RunDir(folder).latest.read_text().strip()).root
+    for candidate in (CheckpointDir(folder).tokenizer, ExportDir(folder).tokenizer):
+        if (candidate / "tokenizer_meta.json").is_file():  # tokenizers.META_FILE
+            return candidate
+    return None
+
+
 class TrainMetrics(Folder):
     """DVCLive's folder: its names are DVCLive's, declared here so dvc.yaml's plots and the report agree."""
 

@@ -1,6 +1,7 @@
 """pipeline.tools.doctor: real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,34 @@ def test_packages_model_sources_and_disk_are_reported(tmp_path, monkeypatch):
     assert ok and "GB free for train.out_dir" in detail
     ok, detail = by_name(run_checks(Params(train={"keep_last": 10**6})))["disk"]  # a million kept checkpoints fit nowhere
     assert not ok and "lower train.keep_last" in detail
+
+
+def test_the_package_versions_other_hosts_report_are_compared():
+    """Issue 21: doctor compares package versions across hosts. Here the command doctor sends over ssh runs in a local
+    shell (no sshd here): it must print exactly what this Python has, and a host with another version is named."""
+    from pipeline.tools.doctor import package_versions, version_differences, versions_command
+
+    out = subprocess.run(["bash", "-c", versions_command()], capture_output=True, text=True, timeout=60, check=True).stdout
+    local = package_versions()
+    assert local["torch"] != "missing" and version_differences(local, out) == []
+    other = out.replace(f"transformers {local['transformers']}", "transformers 4.57.0")
+    assert version_differences(local, other) == [f"transformers {local['transformers']} here, 4.57.0 there"]
+
+
+def test_the_master_port_check_connects_to_a_listener_that_doctor_opens():
+    """Issue 21: doctor tests that the other nodes reach the master port; the probe it sends over ssh, run locally."""
+    from pipeline.tools.doctor import listening, master_address, reach_command
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    probe = ["bash", "-c", reach_command("127.0.0.1", port)]
+    assert subprocess.run(probe, capture_output=True, timeout=30).returncode != 0  # nothing listens yet
+    with listening(port) as problem:
+        assert problem is None
+        assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    with socket.create_server(("", port)), listening(port) as problem:  # the port taken: said, not raised
+        assert problem and "in use" in problem.lower()
+    assert master_address(["--no_ssh_check", "--master_addr", "10.0.0.1"], "worker-1") == "10.0.0.1"
+    assert master_address(["--master_addr=10.0.0.2"], "worker-1") == "10.0.0.2"
+    assert master_address([], "worker-1") == "worker-1"

@@ -158,9 +158,32 @@ def test_prompts_come_from_the_prompts_file(tmp_path):
     raw = {"sample": {"model_dir": str(model_dir), "prompts_file": str(tmp_path / "prompts.txt"), "num_samples": 1,
            "max_new_tokens": 2}}  # fmt: skip
     assert [s["prompt"] for s in generate_samples(params.validate_params(raw), device="cpu")] == ["the cat", "the mat"]
+    raw["sample"]["prompts_file_format"] = "whole"  # nanoGPT's --start=FILE: the file is one prompt, newlines kept
+    assert [s["prompt"] for s in generate_samples(params.validate_params(raw), device="cpu")] == ["the cat\n\nthe mat\n"]
     raw["sample"]["prompts_file"] = str(tmp_path / "missing.txt")
     with pytest.raises(UserError, match=r"sample.prompts_file: .*missing.txt not found"):
         generate_samples(params.validate_params(raw), device="cpu")
+
+
+def test_sample_dtype_chooses_the_precision_of_generation(tmp_path, monkeypatch):
+    import pipeline.sample.stage as stage
+
+    tok = char_tokenizer()
+    model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok), tok)
+    seen, real = [], stage.load_for_inference
+
+    def recording(*args, **kwargs):  # the real loader; only the dtype it was asked for is noted
+        model, tokenizer = real(*args, **kwargs)
+        seen.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(stage, "load_for_inference", recording)
+    raw = {"sample": {"model_dir": str(model_dir), "prompts": ["the"], "num_samples": 1, "max_new_tokens": 4, "temperature": 0}}
+    fp32 = generate_samples(params.validate_params(raw), device="cpu")
+    raw["sample"]["dtype"] = "bf16"
+    bf16 = generate_samples(params.validate_params(raw), device="cpu")
+    assert seen == [torch.float32, torch.bfloat16]  # auto on a CPU: fp32
+    assert fp32[0]["tokens"] == bf16[0]["tokens"] == 4
 
 
 def test_a_batch_of_samples_matches_one_row_at_a_time_and_the_cache_free_path():

@@ -330,22 +330,27 @@ def test_stop_at_target_ends_the_run_there_and_exports(tokens_dir, tmp_path):
         run_training(tiny_params(tokens_dir, tmp_path, stop_at_target=True))
 
 
-def test_a_key_that_does_nothing_here_is_said_and_keeps_the_run(tokens_dir, tmp_path, capfd):
+def test_a_key_that_does_nothing_here_is_one_message(tokens_dir, tmp_path):
     """Issue 21: llama's keys with arch gpt2 (and shape keys with a pretrained init) changed nothing but the run's
-    identity, so the no-op edit started a new run in silence."""
-    from pipeline.checkpoints.run import run_identity
+    identity, so the no-op edit started a new run in silence. Now each is an error naming the key and why; at its
+    default it is harmless (the shipped params.yaml lists the shape keys)."""
+    with pytest.raises(UserError) as e:
+        params.validate_params({"model": {"n_kv_head": 1, "rope_theta": 5e5}})
+    assert "model.n_kv_head: 1 does nothing with model.arch=gpt2 (it shapes llama models only): remove it" in str(e.value)
+    assert "model.rope_theta: 500000.0 does nothing" in str(e.value)
+    with pytest.raises(UserError, match=r"model.n_layer: 6 does nothing with model.init='gpt2' \(a pretrained model keeps its own shape\)"):
+        params.validate_params({"model": {"init": "gpt2", "n_layer": 6}})
+    config.ModelConfig(init="gpt2", n_layer=4, n_embd=128, block_size=64, dropout=0.1)  # defaults, and keys that apply
+    config.ModelConfig(arch="llama", n_kv_head=2, rope_theta=5e5)
+    # GPT-2's MLP width is wired to its config's n_inner (HipGPT's --ff): a different model, a different run.
+    from pipeline.model.build import scratch_config
 
-    run_training(tiny_params(tokens_dir, tmp_path, max_steps=4))
-    capfd.readouterr()
-    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=4, model={"n_kv_head": 1, "rope_theta": 5e5}))
-    out = capfd.readouterr().out
-    assert "train: model.n_kv_head=1 does nothing here (it shapes llama models only (model.arch=gpt2)): ignored" in out, out
-    assert "model.rope_theta=500000.0 does nothing here" in out and "resuming" in out and summary["steps"] == 4
-    assert len(list((tmp_path / "checkpoints").glob("run-*"))) == 1
-    pretrained = config.ModelConfig(init="gpt2", n_layer=6, n_embd=256, n_head=4)
-    assert set(pretrained.unused_keys()) == {"n_layer", "n_embd"} and "brings its own shape" in pretrained.unused_keys()["n_layer"]
-    p = params.validate_params(tiny_params(tokens_dir, tmp_path, model={"arch": "llama", "n_kv_head": 1}))
-    assert run_identity(p, {}, p.train.batch(1, 32))["model.n_kv_head"] == 1  # where it does shape the model, it is the run's
+    assert scratch_config(config.ModelConfig(intermediate_size=320), 300, 0).n_inner == 320
+    assert scratch_config(config.ModelConfig(), 300, 0).n_inner is None  # GPT-2's own 4 * n_embd
+    summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=2, model={"intermediate_size": 96}))
+    assert summary["steps"] == 2
+    mlp = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert mlp["n_inner"] == 96
 
 
 def test_save_interval_0_keeps_only_the_end_and_the_improvements(tokens_dir, tmp_path):
@@ -358,3 +363,18 @@ def test_save_interval_0_keeps_only_the_end_and_the_improvements(tokens_dir, tmp
     run_training(tiny_params(tokens_dir, best, max_steps=12, eval_interval=4, save_interval=0))
     (run,) = (best / "checkpoints").glob("run-*")
     assert "step-000012" in {p.name for p in run.glob("step-*")} and (best / "final" / "model.safetensors").is_file()
+
+
+def test_train_log_has_perplexity_and_token_accuracy_and_eval_batch_size_changes_only_speed(tokens_dir, tmp_path, capfd):
+    """Issue 21: HipGPT prints perplexity and token accuracy with each train line; --per_device_eval_batch_size sets the
+    evaluation batch apart from the training micro batch."""
+    run_training(tiny_params(tokens_dir, tmp_path / "a", max_steps=4, log_interval=2, eval_interval=4))
+    out = capfd.readouterr().out
+    losses, perplexities = logged(tmp_path / "a", "train/loss"), logged(tmp_path / "a", "train/perplexity")
+    accuracies = logged(tmp_path / "a", "train/token_accuracy")
+    assert len(losses) == len(perplexities) == len(accuracies) == 2
+    assert perplexities == pytest.approx([math.exp(x) for x in losses], rel=1e-6)
+    assert all(0 < a < 1 for a in accuracies)  # a char model a few steps in gets some characters right (spaces, e)
+    assert f"| ppl {perplexities[-1]:,.2f} | acc {100 * accuracies[-1]:.1f}% |" in out, out
+    run_training(tiny_params(tokens_dir, tmp_path / "b", max_steps=4, log_interval=2, eval_interval=4, eval_batch_size=1))
+    assert logged(tmp_path / "b", "val/loss") == pytest.approx(logged(tmp_path / "a", "val/loss"), abs=1e-5)

@@ -50,7 +50,7 @@ def run_identity(p: Params, data: dict, batch: Batch) -> dict:
 
     The world size is not in it: the same global batch on another number of processes continues the same run.
     """
-    identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.identity_dump().items()}}
+    identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
     # The train.* keys marked KEEPS_RUN in config.py (how long, how often, where) are left out: changing them keeps the run.
     kept = set(TrainConfig.identity_keys()) - BATCH_SPLIT
     if p.train.optimizer == "adamw":

@@ -13,8 +13,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from pipeline.checkpoints.folder import checkpoint_weights
+from pipeline.checkpoints.run import find_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import UserError
+from pipeline.layout import saved_tokenizer
+from pipeline.tokenize.tokenizers import load_tokenizer, same_ids
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +47,7 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
             n_head=n_head,
             n_embd=n_embd,
             n_positions=block_size,
+            n_inner=cfg.intermediate_size,  # null: GPT-2's own 4 * n_embd
             resid_pdrop=cfg.dropout or 0.0,
             embd_pdrop=cfg.dropout or 0.0,
             attn_pdrop=cfg.dropout or 0.0,
@@ -79,8 +84,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    elif (ckpt := init_checkpoint(cfg.init)) is not None:  # continued training from a gptpipe checkpoint
+        model = model_from_config(ckpt.root, TORCH_DTYPES[precision], dropout=cfg.dropout)
+        model.load_state_dict(checkpoint_weights(ckpt))
     else:
         model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
+    if not cfg.is_scratch:
         max_positions = context_length(model.config)
         if max_positions and cfg.block_size > max_positions:
             raise UserError(f"model.block_size={cfg.block_size} is longer than {cfg.init}'s context of {max_positions} tokens")
@@ -113,10 +122,33 @@ def check_fits_in_memory(config, shards: int = 1) -> None:
                         f" {need / 1e9:,.1f} GB, and this machine has {free / 1e9:,.1f} GB free. Choose a smaller shape")
 
 
+def init_checkpoint(init: str):
+    """The gptpipe training checkpoint model.init names (a step folder, or a run folder's newest intact step), verified;
+    None for an export, a Hugging Face folder or a hub id, which load with from_pretrained."""
+    return find_checkpoint(init, "model.init") if init != "scratch" and Path(init).is_dir() else None
+
+
+def init_config_dir(init: str) -> str:
+    """Where model.init's config.json is: a checkpoint's own folder, else init itself (a folder or hub id)."""
+    ckpt = init_checkpoint(init)
+    return str(ckpt.root) if ckpt is not None else init
+
+
 def check_vocabulary(model: PreTrainedModel, init: str, tokenizer) -> None:
-    """A pretrained model must speak the tokenizer's ids. An hf tokenizer is the checkpoint's own (its added tokens
-    got rows in build_model); tiktoken's gpt2 encoding fits GPT-2 checkpoints only, so check that it is one."""
-    if init == "scratch" or tokenizer.kind == "hf":
+    """A pretrained model must speak the tokenizer's ids. A model gptpipe trained carries its tokenizer: the tokens
+    must come from that one. An hf tokenizer is the checkpoint's own (its added tokens got rows in build_model);
+    tiktoken's gpt2 encoding fits GPT-2 checkpoints only, so check that it is one."""
+    if init == "scratch":
+        return
+    own = saved_tokenizer(init)
+    if own is not None:
+        saved = load_tokenizer(own)
+        if not same_ids(saved, tokenizer):
+            raise UserError(f"model.init={init!r} was trained on other token ids ({saved.kind}, {saved.vocab_size} ids) than the "
+                            f"tokens here ({tokenizer.kind}, {tokenizer.vocab_size} ids): tokenize with its tokenizer "
+                            f"(tokenize.kind={saved.kind}, tokenize.pretrained={init!r}), then train")
+        return
+    if tokenizer.kind == "hf":
         return
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < tokenizer.vocab_size or model.config.eos_token_id != tokenizer.eot_id:
@@ -131,16 +163,17 @@ def export_dtype(choice: str, cfg: ModelConfig) -> torch.dtype:
         return TORCH_DTYPES[choice]
     if cfg.is_scratch:
         return torch.float32
-    config = AutoConfig.from_pretrained(cfg.init, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(init_config_dir(cfg.init), trust_remote_code=cfg.trust_remote_code)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
-def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into."""
-    config = AutoConfig.from_pretrained(config_dir)
+def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32, dropout: float | None = None) -> PreTrainedModel:
+    """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into;
+    dropout, when given, replaces every dropout probability of the config."""
+    config = set_dropout(AutoConfig.from_pretrained(config_dir), dropout)
     return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw))
 
 
@@ -148,6 +181,15 @@ def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32
 # and Qwen's attention_dropout; BERT-style names some causal LMs reuse).
 DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "hidden_dropout_prob",
                 "attention_probs_dropout_prob", "embed_dropout", "resid_dropout", "dropout")
+
+
+def set_dropout(config, dropout: float | None):
+    """config with every dropout probability it has set to dropout (None: unchanged)."""
+    if dropout is not None:
+        for attr in DROPOUT_KEYS:
+            if isinstance(getattr(config, attr, None), (int, float)):
+                setattr(config, attr, dropout)
+    return config
 
 
 def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init",
@@ -159,11 +201,7 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if dropout is not None:
-            for attr in DROPOUT_KEYS:
-                if isinstance(getattr(config, attr, None), (int, float)):
-                    setattr(config, attr, dropout)
+        config = set_dropout(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), dropout)
         return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(
             name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
     except OSError as e:

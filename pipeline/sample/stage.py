@@ -12,13 +12,13 @@ from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.files import absent, write_text_atomic
 from pipeline.layout import SamplesDir
-from pipeline.model.build import inference_dtype
+from pipeline.model.build import TORCH_DTYPES, inference_dtype
 from pipeline.model.generate import sample_batch
 from pipeline.model.inference import load_for_inference
 
 
 def read_prompts(p: Params) -> list[str]:
-    """sample.prompts_file's non-empty lines when set, else sample.prompts."""
+    """sample.prompts_file's non-empty lines (or the whole file, prompts_file_format: whole) when set, else sample.prompts."""
     cfg = p.sample
     if not cfg.prompts_file:
         return list(cfg.prompts)
@@ -26,11 +26,13 @@ def read_prompts(p: Params) -> list[str]:
     if not path.is_file():
         raise UserError(f"sample.prompts_file: {path} {absent(path)}")
     try:
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"sample.prompts_file: {path} is not UTF-8 text (byte {e.start})") from None
+    whole = cfg.prompts_file_format == "whole"
+    prompts = ([text] if text.strip() else []) if whole else [line for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise UserError(f"sample.prompts_file: {path} holds no prompt (one per line)")
+        raise UserError(f"sample.prompts_file: {path} holds no prompt" + ("" if whole else " (one per line)"))
     return prompts
 
 
@@ -39,7 +41,8 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
     """sample.num_samples texts per prompt; one seeded generator for the run, so the same settings give the same text."""
     cfg = p.sample
     ref = p.model_for("sample")
-    model, tokenizer = load_for_inference(model_dir or ref.path, device, inference_dtype(p.train), key="--model" if model_dir else ref.key)
+    dtype = inference_dtype(p.train) if cfg.dtype == "auto" else TORCH_DTYPES[cfg.dtype]
+    model, tokenizer = load_for_inference(model_dir or ref.path, device, dtype, key="--model" if model_dir else ref.key)
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = []
     for prompt in prompts if prompts is not None else read_prompts(p):
@@ -65,7 +68,7 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
 def sample_summary(p: Params, model_dir: str | None = None) -> dict:
     """The settings shown at the top of samples.md."""
     cfg = p.sample
-    keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot")
+    keys = ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eot", "dtype")
     return {"model_dir": model_dir or p.model_for("sample").path, **{k: getattr(cfg, k) for k in keys}}
 
 

@@ -382,6 +382,8 @@ def build_tokenizer(cfg: TokenizeConfig, train_docs: Callable[[], Iterable[str]]
     """Load (tiktoken, hf) or train (char, bpe) the tokenizer; train_docs() streams the train split afresh."""
     if cfg.kind == "hf":
         return HfTokenizer(cfg.pretrained, add_bos=cfg.add_bos, parse_special=cfg.parse_special)
+    if cfg.pretrained:  # continued training: the tokenizer a gptpipe model was trained with, not a new one
+        return model_tokenizer(cfg.pretrained, cfg.kind)
     if cfg.kind == "tiktoken":
         tok = TiktokenTokenizer(cfg.encoding)
     elif cfg.kind == "char":
@@ -390,6 +392,28 @@ def build_tokenizer(cfg: TokenizeConfig, train_docs: Callable[[], Iterable[str]]
         tok = BpeTokenizer.train(train_docs(), cfg.vocab_size, cfg.min_frequency)
     tok.add_bos = cfg.add_bos is True  # these kinds add none of their own: auto = no
     return tok
+
+
+def model_tokenizer(model_folder: str, kind: str, key: str = "tokenize.pretrained") -> Tokenizer:
+    """The tokenizer saved with a gptpipe checkpoint, run folder or export, which must be of this kind."""
+    from pipeline.layout import saved_tokenizer
+
+    folder = saved_tokenizer(model_folder)
+    if folder is None:
+        what = absent(Path(model_folder), folder=True) if not Path(model_folder).is_dir() else "holds no gptpipe tokenizer"
+        raise UserError(f"{key}: {model_folder!r} {what}: with tokenize.kind={kind} it names a gptpipe checkpoint, run folder "
+                        "or export whose tokenizer to reuse (a Hugging Face tokenizer is tokenize.kind=hf)")
+    tok = load_tokenizer(folder)
+    if tok.kind != kind:
+        raise UserError(f"{key}: the tokenizer in {model_folder} is of kind {tok.kind}, not tokenize.kind={kind}: set tokenize.kind={tok.kind}")
+    return tok
+
+
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids: the same kind and settings, and every id the same text."""
+    if a.describe() != b.describe():
+        return False
+    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:

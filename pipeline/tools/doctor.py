@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -199,14 +200,14 @@ def estimated_parameters(p: Params) -> int | None:
     """The model's parameter count from its config alone (built on the meta device: no memory, no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.model.build import count_params, scratch_config
+    from pipeline.model.build import count_params, init_config_dir, scratch_config
 
     try:
         if p.model.is_scratch:
             vocab = p.tokenize.vocab_size if p.tokenize.kind == "bpe" else 50257
             config = scratch_config(p.model, vocab, 0)
         elif Path(p.model.init).is_dir():
-            config = AutoConfig.from_pretrained(p.model.init)
+            config = AutoConfig.from_pretrained(init_config_dir(p.model.init))
         else:
             return None
         with torch.device("meta"):
@@ -258,11 +259,125 @@ def check_cluster(train: TrainConfig, hostfile: str) -> list[Result]:
     if shutil.which("ssh") is None:
         results.append(("ssh", False, "no ssh client on PATH: apt-get install openssh-client (the launcher reaches every host by ssh)"))
         return results
-    local = local_revision()
-    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:  # a slow host costs its timeout once, not once per host
-        for host_results in pool.map(lambda host: check_host(host, local), [host for host, _ in hosts]):
-            results += host_results
+    local, packages = local_revision(), package_versions()
+    master = master_address(train.launcher_args, hosts[0][0])
+    # Something must answer on the master port while the other hosts try it: this machine listens (it is the first
+    # node, where the launcher and torch's rendezvous store run) for as long as the host checks take.
+    with listening(train.master_port) as listener_problem:
+        def one_host(host: str) -> list[Result]:
+            found = check_host(host, local)
+            if found[0][1]:  # reachable by ssh: the same packages, and the master port from there
+                found.append(check_host_packages(host, packages))
+                if host != hosts[0][0]:
+                    found.append(check_host_reaches(host, master, train.master_port, listener_problem))
+            return found
+
+        with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:  # a slow host costs its timeout once, not once per host
+            for host_results in pool.map(one_host, [host for host, _ in hosts]):
+                results += host_results
     return results
+
+
+# The packages whose versions must agree on every host: a mismatch fails late (a collective that hangs, a checkpoint
+# one host cannot read) or silently (other numerics).
+SAME_EVERYWHERE = ("torch", "deepspeed", "transformers", "gptpipe", "tokenizers", "safetensors")
+VERSIONS_PROGRAM = (
+    "import importlib.metadata as m\n"
+    "for name in {names!r}:\n"
+    "    try: print(name, m.version(name))\n"
+    "    except m.PackageNotFoundError: print(name, 'missing')\n"
+)
+
+
+def package_versions() -> dict[str, str]:
+    """name -> version (or 'missing') of SAME_EVERYWHERE in this Python."""
+    found = {}
+    for name in SAME_EVERYWHERE:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def versions_command() -> str:
+    """The shell command that prints SAME_EVERYWHERE's versions in this Python's path on another host: the launcher
+    starts every node with the interpreter of this path (sys.executable), so that is the one that must agree."""
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(VERSIONS_PROGRAM.format(names=SAME_EVERYWHERE))}"
+
+
+def version_differences(local: dict[str, str], remote_output: str) -> list[str]:
+    """'name here X, there Y' for each package that differs; remote_output is what versions_command printed."""
+    remote = dict(line.split(" ", 1) for line in remote_output.splitlines() if " " in line)
+    return [f"{name} {local[name]} here, {remote.get(name, 'unknown')} there" for name in local if remote.get(name) != local[name]]
+
+
+def check_host_packages(host: str, local: dict[str, str]) -> Result:
+    code, out = ssh(host, versions_command(), whole=True)
+    if code != 0:
+        return (f"packages on {host}", False, f"{sys.executable} does not run there ({out.splitlines()[-1] if out else 'failed'}):"
+                " install gptpipe at the same path on every host (the launcher uses this interpreter's path)")
+    differ = version_differences(local, out)
+    if differ:
+        return (f"packages on {host}", False, "; ".join(differ) + ": install the same versions there (scripts/setup.sh with this constraints.txt)")
+    return (f"packages on {host}", True, ", ".join(f"{k} {v}" for k, v in local.items()) + ", as here")
+
+
+def master_address(launcher_args: list[str], first_host: str) -> str:
+    """The address the other nodes rendezvous at: --master_addr when given, else the hostfile's first host."""
+    args = " ".join(launcher_args).replace("--master_addr=", "--master_addr ").split()
+    return args[args.index("--master_addr") + 1] if "--master_addr" in args[:-1] else first_host
+
+
+REACH_PROGRAM = "import socket, sys\nsocket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()\n"
+
+
+def reach_command(address: str, port: int) -> str:
+    """The shell command that connects to address:port with python3 (any Python will do): exit code 0 when it can."""
+    return f"python3 -c {shlex.quote(REACH_PROGRAM)} {shlex.quote(address)} {port}"
+
+
+def check_host_reaches(host: str, address: str, port: int, listener_problem: str | None) -> Result:
+    name = f"master port from {host}"
+    if listener_problem:
+        return name, False, f"not tried: nothing could listen on {port} here ({listener_problem})"
+    code, out = ssh(host, reach_command(address, port))
+    if code != 0:
+        return name, False, (f"{host} cannot connect to {address}:{port} ({out or 'failed'}): open the port in the firewall between"
+                             " the nodes, or set train.master_port (and --master_addr in train.launcher_args) to one they can reach")
+    return name, True, f"{host} connects to {address}:{port}"
+
+
+@contextmanager
+def listening(port: int):
+    """A socket accepting (and closing) connections on port on every interface while the block runs; yields None, or
+    why nothing could listen (the port is taken: check_master_port says so too)."""
+    import socket
+    import threading
+
+    try:
+        server = socket.create_server(("", port), reuse_port=False)
+    except OSError as e:
+        yield str(e)
+        return
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def accept():
+        while not done.is_set():
+            try:
+                server.accept()[0].close()
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield None
+    finally:
+        done.set()
+        thread.join()
+        server.close()
 
 
 def runner_name(launcher_args: list[str]) -> str:
@@ -311,8 +426,9 @@ def check_host(host: str, local: tuple[str | None, str]) -> list[Result]:
     return results
 
 
-def ssh(host: str, command: str) -> tuple[int, str]:
-    """(exit code, last line of output) of a command on host; never prompts, never waits past the timeout."""
+def ssh(host: str, command: str, whole: bool = False) -> tuple[int, str]:
+    """(exit code, last line of output, or all of it when whole) of a command on host; never prompts, never waits past
+    the timeout."""
     try:
         proc = subprocess.run(
             ["ssh", *SSH_OPTIONS, host, command],
@@ -323,7 +439,10 @@ def ssh(host: str, command: str) -> tuple[int, str]:
         )
     except subprocess.TimeoutExpired:
         return 124, f"ssh {host} gave no answer within {SSH_CONNECT_TIMEOUT + 10} s"
-    lines = (proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip() or proc.stdout.strip()).splitlines()
+    text = proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip() or proc.stdout.strip()
+    if whole:
+        return proc.returncode, text
+    lines = text.splitlines()
     return proc.returncode, lines[-1] if lines else ""
 
 

@@ -95,7 +95,7 @@ def model_shape(p: Params, vocab: int) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.model.build import count_params, flops_per_token, scratch_config
+    from pipeline.model.build import count_params, flops_per_token, init_config_dir, scratch_config
     from pipeline.train.optimizer import hidden_matrices
 
     m = p.model
@@ -103,7 +103,7 @@ def model_shape(p: Params, vocab: int) -> Shape:
         config = scratch_config(m, vocab, 0)
     else:
         try:
-            config = AutoConfig.from_pretrained(m.init, trust_remote_code=m.trust_remote_code)
+            config = AutoConfig.from_pretrained(init_config_dir(m.init), trust_remote_code=m.trust_remote_code)
         except OSError as e:
             raise UserError(f"model.init={m.init!r}: its config could not be read ({str(e).splitlines()[0]})") from None
     with torch.device("meta"):

@@ -126,8 +126,6 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack())
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
-    for key, why in p.model.unused_keys().items():
-        echo(f"train: model.{key}={getattr(p.model, key)!r} does nothing here ({why}): ignored, and not part of the run's identity")
     if p.model.trust_remote_code:
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
     # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
@@ -201,7 +199,8 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
     run.log.start(s.step, run.total_steps, progress)
     batches = MicroBatches(run.train_data, run.batch.grad_accum, s.step, run.dist.device)
     while s.step < run.total_steps:
-        loss, lr, grad_norm, seconds = train_step(run, batches)
+        # Token accuracy needs an argmax over the vocabulary: measured on the steps that log it only.
+        loss, accuracy, lr, grad_norm, seconds = train_step(run, batches, cadence.after(s.step + 1).log)
         s.step, s.tokens_seen = s.step + 1, s.tokens_seen + run.batch.tokens_per_step
         s.train_seconds += seconds
         run.seconds["train"] += seconds
@@ -210,7 +209,7 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
 
         if due.log:
             tokens_per_s, ms_per_step = throughput.read()
-            run.log.train(s.step, s.tokens_seen, loss, lr, grad_norm, tokens_per_s, ms_per_step, model_flops_utilisation(run, tokens_per_s))
+            run.log.train(s.step, s.tokens_seen, loss, accuracy, lr, grad_norm, tokens_per_s, ms_per_step, model_flops_utilisation(run, tokens_per_s))
         save = due.save
         if due.eval:
             with timed(run, "eval"):
@@ -254,29 +253,34 @@ def model_flops_utilisation(run: Run, tokens_per_s: float) -> float | None:
     return achieved / run.peak.tflops
 
 
-def train_step(run: Run, batches: MicroBatches) -> tuple[float, float, float | None, float]:
-    """One optimizer step over grad_accum micro batches: (mean loss over every process, lr, gradient norm, seconds)."""
+def train_step(run: Run, batches: MicroBatches, accuracy: bool = False) -> tuple[float, float | None, float, float | None, float]:
+    """One optimizer step over grad_accum micro batches: (mean loss over every process, token accuracy when asked
+    for, else None, lr, gradient norm, seconds)."""
     t, engine, batch, dist, s = run.p.train, run.engine, run.batch, run.dist, run.state
     start = time.perf_counter()
     lr = lr_at(s.step, t, s.decay_end)
     set_lr(engine, lr)
-    losses, grad_norm = [], None
+    losses, correct, grad_norm = [], [], None
     for micro in range(batch.grad_accum):
-        loss = lm_loss(engine, *batches.current)
+        x, y = batches.current
+        loss, hits = lm_loss(engine, x, y, count_correct=accuracy)
         batches.advance()  # the next micro batch is made while a GPU still runs this forward pass
         engine.backward(loss)
         grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.clip)
         losses.append(loss.detach())
+        correct.append(hits)
     loss_sum = sum(loss.item() for loss in losses)  # read once the step is done: no wait inside it
-    (loss_total,) = all_reduce_sum([loss_sum], dist.device)
+    hits_sum = sum(int(h) for h in correct) if accuracy else 0
+    loss_total, hits_total = all_reduce_sum([loss_sum, hits_sum], dist.device)
     train_loss = loss_total / (batch.grad_accum * batch.world_size)
+    token_accuracy = hits_total / (batch.grad_accum * batch.world_size * batch.micro_batch_size * batch.block_size) if accuracy else None
     if not math.isfinite(train_loss):
         latest = latest_tag(run.run_dir)
         raise UserError(
             f"train: the loss is {train_loss} at step {s.step + 1}; stopped without saving. The last good checkpoint is"
             f" {run.run_dir.root / latest if latest else 'none'}. Lower train.lr, raise train.warmup_steps or use train.precision=fp32/bf16."
         )
-    return train_loss, lr, grad_norm, time.perf_counter() - start
+    return train_loss, token_accuracy, lr, grad_norm, time.perf_counter() - start
 
 
 def save_run(run: Run) -> None:
@@ -315,17 +319,19 @@ def collective_error(e: RuntimeError, p: Params, dist: Dist, run: Run | None) ->
     return UserError(f"train: {why}, {where} (seen by rank {dist.rank}){resume}")
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy (mean, or sum over tokens); x, y are (B, T) inputs and targets shifted by one."""
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, count_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean next-token cross-entropy, the number of argmax predictions equal to the target when count_correct);
+    x, y are (B, T) inputs and targets shifted by one."""
     logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction=reduction)
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+    return loss, ((logits.detach().argmax(-1) == y).sum() if count_correct else None)
 
 
 def estimate_val_loss(run: Run) -> float:
     """Mean val loss over the fixed val windows, the same for every world size, split over the ranks."""
     dist = run.dist
     run.engine.eval()
-    sums = window_sums(run.engine, run.val_tokens, run.val_starts, run.batch.block_size, run.batch.micro_batch_size,
+    sums = window_sums(run.engine, run.val_tokens, run.val_starts, run.batch.block_size, run.p.train.eval_batch_size or run.batch.micro_batch_size,
                        dist.rank, dist.world_size, count_correct=False)
     run.engine.train()
     loss_sum, tokens = all_reduce_sum([sums.loss, sums.tokens], dist.device)
@@ -335,7 +341,7 @@ def estimate_val_loss(run: Run) -> float:
 def score_hellaswag(run: Run) -> dict:
     """HellaSwag acc and acc_norm of the model now, the items split over the ranks."""
     run.engine.eval()
-    scores = hellaswag_scores(run.engine, run.tokenizer, run.hellaswag, run.batch.micro_batch_size,
+    scores = hellaswag_scores(run.engine, run.tokenizer, run.hellaswag, run.p.train.eval_batch_size or run.batch.micro_batch_size,
                               dist=run.dist if run.dist.world_size > 1 else None, max_len=run.batch.block_size)
     run.engine.train()
     return scores

@@ -124,16 +124,18 @@ class MetricsLog:
         if self.wandb:
             self.wandb.log({**values, "tokens": tokens_seen}, step=step)
 
-    def train(self, step: int, tokens_seen: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float,
-              ms_per_step: float, mfu: float | None) -> None:
+    def train(self, step: int, tokens_seen: int, loss: float, accuracy: float | None, lr: float, grad_norm: float | None,
+              tokens_per_s: float, ms_per_step: float, mfu: float | None) -> None:
         if not self.enabled:
             return
-        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s,
+        perplexity = math.exp(min(loss, 50))
+        values = {"train/loss": loss, "train/perplexity": perplexity, "train/token_accuracy": accuracy, "train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s,
                   "train/ms_per_step": ms_per_step, "train/mfu": mfu}
         self._metrics(step, tokens_seen, values)
         norm = "" if grad_norm is None else f" | grad norm {grad_norm:.3f}"
         utilisation = "" if mfu is None else f" | MFU {100 * mfu:.1f}%"
-        self.echo(f"step {step:>6} | loss {loss:.4f} | lr {lr:.2e}{norm} | {ms_per_step:,.1f} ms | {tokens_per_s:,.0f} tok/s{utilisation}")
+        acc = "" if accuracy is None else f" | acc {100 * accuracy:.1f}%"
+        self.echo(f"step {step:>6} | loss {loss:.4f} | ppl {perplexity:,.2f}{acc} | lr {lr:.2e}{norm} | {ms_per_step:,.1f} ms | {tokens_per_s:,.0f} tok/s{utilisation}")
 
     def val(self, step: int, tokens_seen: int, val_loss: float, best_val_loss: float, extra: dict | None = None) -> None:
         if not self.enabled:
