@@ -241,3 +241,40 @@ def test_a_model_trained_on_the_sentence_picks_its_ending():
     # Left truncation: a model with a 16-token context scores queries longer than it.
     short = tiny_gpt2(tok, n_positions=16)
     assert hellaswag_scores(short, tok, [Item(SENTENCE * 2 + "the", ["mat.", "cat."], 0)], 2)["n"] == 1
+
+
+def test_your_own_metrics_run_beside_the_built_in_ones(tmp_path, monkeypatch):
+    """Issue 21: evaluate.metrics, module:function from the project folder, called with the model, tokenizer and val
+    tokens; a number or a dict of numbers lands in metrics.json beside val and hellaswag."""
+    tok = char_tokenizer()
+    model_dir = save_model_dir(tmp_path / "model", tiny_gpt2(tok, n_positions=32), tok)
+    tokens_dir = write_tokens_dir(tmp_path / "tokens", tok, [SENTENCE] * 4)
+    (tmp_path / "project_metrics_a.py").write_text(
+        "import torch\n\n"
+        "def eot_share(model, tokenizer, val_tokens):\n"
+        "    return float((val_tokens == tokenizer.eot_id).mean())\n\n"
+        "def first_logit(model, tokenizer, val_tokens):\n"
+        "    x = torch.from_numpy(val_tokens[:4].astype('int64'))[None]\n"
+        "    return {'logit': model(input_ids=x).logits[0, -1, 0], 'vocab': tokenizer.vocab_size}\n\n"
+        "def broken(model, tokenizer, val_tokens):\n"
+        "    return {'x': 1} / 2\n\n"
+        "def words(model, tokenizer, val_tokens):\n"
+        "    return 'many'\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    raw = {"tokenize": {"kind": "char", "out_dir": str(tokens_dir)}, "model": {"block_size": 32}, "train": {"export_dir": str(model_dir)},
+           "evaluate": {"metrics_file": str(tmp_path / "metrics.json"), "metrics": ["project_metrics_a:eot_share", "project_metrics_a:first_logit"]}}
+    m = evaluate(params.validate_params(raw))
+    assert m["eot_share"] == {"value": pytest.approx(4 / 100)}
+    assert m["first_logit"]["vocab"] == tok.vocab_size and isinstance(m["first_logit"]["logit"], float)
+    assert json.loads((tmp_path / "metrics.json").read_text())["eot_share"] == m["eot_share"] and "val" in m
+
+    for name, message in [
+        ("project_metrics_a:broken", r"project_metrics_a:broken raised TypeError: .* \(.*project_metrics_a.py:11\)"),
+        ("project_metrics_a:words", r"returned str; return a number or a dict of names to numbers"),
+        ("project_metrics_a:missing", r"project_metrics_a \(.*project_metrics_a.py\) has no function 'missing'"),
+        ("no_such_module:f", r"evaluate.metrics: no module 'no_such_module' in .* \(a file no_such_module.py there\)"),
+    ]:
+        raw["evaluate"]["metrics"] = [name]
+        with pytest.raises(UserError, match=message):
+            evaluate(params.validate_params(raw))

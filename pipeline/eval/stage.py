@@ -1,25 +1,31 @@
-"""The evaluate stage: val loss, perplexity, bits per byte, accuracy and HellaSwag of the trained model."""
+"""The evaluate stage: val loss, perplexity, bits per byte, accuracy, HellaSwag, lm-eval tasks and your own metrics of
+the trained model."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from pipeline.config import Params
 from pipeline.errors import UserError
+from pipeline.eval.harness import lm_eval_scores
 from pipeline.eval.hellaswag import hellaswag_scores, load_hellaswag
+from pipeline.eval.hooks import custom_metrics
 from pipeline.eval.lm import count_windows, covered_text_bytes, val_metrics
 from pipeline.files import write_json_atomic
-from pipeline.infra.distributed import Dist
+from pipeline.infra.distributed import Dist, leave_process_group
 from pipeline.infra.hardware import use_tf32
 from pipeline.layout import TokensDir
 from pipeline.model.build import count_params, inference_dtype, model_context
 from pipeline.model.inference import load_for_inference
-from pipeline.output import ProgressFactory, no_progress
+from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokens import open_split, read_meta
 
 
-def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactory = no_progress) -> dict:
+def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactory = no_progress, echo: Echo = silent) -> dict:
     """The evaluate stage: metrics of the trained model, written to evaluate.metrics_file by rank 0.
 
-    Launched on several processes (dist), each scores its share of the windows and items.
+    Launched on several processes (dist), each scores its share of the val windows and HellaSwag items, then leaves
+    the process group; rank 0 goes on to lm-eval's tasks and evaluate.metrics, and writes the file.
     """
     cfg = p.evaluate
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
@@ -67,9 +73,20 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
             metrics["hellaswag"] = hellaswag_scores(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
+    if dist is not None:
+        # Done with the other processes: lm-eval and your own metrics run on rank 0 alone, however long they take.
+        leave_process_group(dist)
+    if rank != 0:
+        return metrics
+
+    if cfg.lm_eval.tasks:
+        if world_size > 1:
+            notes.append("lm_eval: run on rank 0 alone")
+        metrics["lm_eval"] = lm_eval_scores(cfg.lm_eval, model, tokenizer, cfg.lm_eval.batch_size or cfg.batch_size, echo)
+    if cfg.metrics:
+        metrics.update(custom_metrics(cfg.metrics, model, tokenizer, np.asarray(val.tokens)))  # a memmap when one shard
 
     metrics["model"] = {"parameters": count_params(model), "dir": str(ref.path)}
     metrics["notes"] = notes
-    if rank == 0:
-        write_json_atomic(cfg.metrics_file, metrics)
+    write_json_atomic(cfg.metrics_file, metrics)
     return metrics

@@ -126,6 +126,11 @@ def metric_rows(metrics: dict, train_summary: dict) -> list[tuple[str, str]]:
     for group in ("val", "hellaswag"):
         for key, value in (metrics.get(group) or {}).items():
             rows.append((f"{group} {key}", format_value(value)))
+    for task, values in (metrics.get("lm_eval") or {}).items():  # lm-evaluation-harness tasks
+        rows += [(f"{task} {key}", format_value(value)) for key, value in values.items() if "stderr" not in key]
+    for name, values in metrics.items():  # evaluate.metrics: your own, beside metrics.json's own sections
+        if name not in ("val", "hellaswag", "lm_eval", "model", "notes") and isinstance(values, dict):
+            rows += [(f"{name} {key}", format_value(value)) for key, value in values.items()]
     for key in ("train/loss", "train/tokens_per_s", "train/ms_per_step", "train/mfu", "hellaswag/acc_norm"):
         value = _dig(train_summary, key.split("/"))
         if value is not None:
