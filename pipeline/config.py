@@ -124,8 +124,11 @@ class PrepareConfig(Section):
 class TokenizeConfig(Section):
     """tokenize: documents -> a tokenizer and memory-mappable token files."""
 
-    kind: Literal["tiktoken", "char", "bpe", "hf"] = Field(
-        "bpe", description="tiktoken (OpenAI BPE), char (characters of the train split), bpe (byte-level BPE trained here) or hf"
+    kind: Literal["tiktoken", "char", "bpe", "hf", "import"] = Field(
+        "bpe", description="tiktoken (OpenAI BPE), char (characters of the train split), bpe (byte-level BPE trained here), hf, or import (ids made elsewhere: import_dirs)"
+    )
+    import_dirs: list[str] = Field(
+        default_factory=list, description="import only: nanoGPT data folders (train.bin, val.bin; meta.pkl for char data, else gpt2 ids) or gptpipe token folders, concatenated split by split (one tokenizer); keep them under data/raw"
     )
     encoding: str = Field("gpt2", min_length=1, description="tiktoken only: encoding name (gpt2, r50k_base, cl100k_base, ...)")
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="bpe only: vocabulary size to train, special tokens included")
@@ -158,6 +161,10 @@ class TokenizeConfig(Section):
     def _kind_needs(self):
         if self.kind == "hf" and not self.pretrained:
             check([("pretrained", "required when kind is 'hf' (a tokenizer folder or hub id)")])
+        if self.kind == "import" and not self.import_dirs:
+            check([("import_dirs", "required when kind is 'import': the nanoGPT data or token folders to import")])
+        if self.import_dirs and self.kind != "import":
+            check([("import_dirs", f"set with tokenize.kind={self.kind}: it is read with kind import only")])
         return self
 
 
@@ -667,6 +674,7 @@ class Params(Section):
             "prepare.val_source.path": self.prepare.val_source.path if self.prepare.val_source and self.prepare.val_source.kind == "files" else None,
             "evaluate.hellaswag": self.evaluate.hellaswag, "sample.prompts_file": self.sample.prompts_file,
             "evaluate.lm_eval.include_path": self.evaluate.lm_eval.include_path,
+            **{f"tokenize.import_dirs[{i}]": path for i, path in enumerate(self.tokenize.import_dirs)},
             "train.deepspeed_config": self.train.deepspeed_config, "train.hostfile": self.train.hostfile,
             # A hub id is not a path; a local folder is.
             "model.init": self.model.init if not self.model.is_scratch and os.path.exists(self.model.init) else None,
@@ -715,7 +723,8 @@ class Params(Section):
         gpt2_ids = self.tokenize.kind == "tiktoken" and self.tokenize.encoding == "gpt2"
         # A model gptpipe trained carries its tokenizer, of any kind: train checks that the tokens use its ids.
         own = not self.model.is_scratch and saved_tokenizer(self.model.init) is not None
-        if not self.model.is_scratch and self.tokenize.kind != "hf" and not gpt2_ids and not own:
+        # Imported ids are checked against the model when train loads them (nanoGPT's gpt2 ids fit GPT-2 checkpoints).
+        if not self.model.is_scratch and self.tokenize.kind not in ("hf", "import") and not gpt2_ids and not own:
             check(
                 [
                     (

@@ -119,8 +119,11 @@ def _fields_at(loc: list[str]) -> list[str]:
 
 
 def _model_in(annotation) -> type[BaseModel] | None:
+    """The section model a field holds (X, or X | None); a list of models (evaluate.lm_eval.tasks) is a value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if getattr(annotation, "__origin__", None) in (list, dict, tuple):
+        return None
     for arg in getattr(annotation, "__args__", ()):
         if isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg

@@ -40,7 +40,7 @@ def test_typo_at_top_level_section_and_nested_depth():
 
 def test_bad_values_name_key_value_and_what_is_allowed():
     msg = problems({"tokenize": {"kind": "wordpiece", "vocab_size": 10}, "prepare": {"val_fraction": 2}})
-    assert "tokenize.kind: got 'wordpiece'; input should be 'tiktoken', 'char', 'bpe' or 'hf'" in msg
+    assert "tokenize.kind: got 'wordpiece'; input should be 'tiktoken', 'char', 'bpe', 'hf' or 'import'" in msg
     assert "tokenize.vocab_size: got 10; input should be greater than or equal to 260" in msg
     assert "prepare.val_fraction: got 2; input should be less than or equal to 0.5" in msg
 

@@ -24,7 +24,8 @@ STAGES: dict[str, dict] = {
     },
     "tokenize": {
         "package": "tokenize",
-        "deps": ["${prepare.out_dir}"],
+        # data/raw too: token folders imported from there (tokenize.kind: import) are read by this stage alone.
+        "deps": ["${prepare.out_dir}", "data/raw"],
         "params": ["tokenize"],
         "outs": {"${tokenize.out_dir}": {"persist": True}},
         "metrics": ["${tokenize.metrics_file}"],

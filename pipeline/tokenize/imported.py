@@ -1,0 +1,217 @@
+"""tokenize.kind: import. Token ids made elsewhere become gptpipe token folders, split by split, with no text to
+encode: nanoGPT's data folders (train.bin, val.bin: uint16 ids; char-level with a meta.pkl, else tiktoken's gpt2) and
+gptpipe token folders, several of them concatenated when they share one tokenizer (what a `cat` of token files,
+refused by their headers, was meant to do).
+
+meta.pkl is a pickle: it is read by an unpickler that builds no object but dicts, lists, strings and numbers, so a
+file that would run code is refused before anything runs."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.config import TokenizeConfig
+from pipeline.errors import UserError
+from pipeline.files import MARKER, absent, resumable_dir, write_json_atomic
+from pipeline.layout import SPLITS, TokensDir
+from pipeline.tokenize.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, same_ids
+from pipeline.tokens import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_split, read_meta, token_dtype
+
+KEY = "tokenize.import_dirs"
+BLOCK = 1 << 24  # ids read, checked and written at a time: bounded memory whatever the size of train.bin
+
+
+@dataclass
+class Source:
+    """One folder to import: its tokenizer, and per split a function giving its ids in blocks (already in the
+    tokenizer's ids), the UTF-8 bytes they stand for and their document count."""
+
+    folder: Path
+    tokenizer: Tokenizer
+    blocks: dict[str, Callable[[], Iterator[np.ndarray]]]
+    text_bytes: dict[str, int | None]  # None: counted from the ids as they are copied
+    documents: dict[str, int | None]
+
+
+class OnlyPlainData(pickle.Unpickler):
+    """Unpickles dicts, lists, tuples, strings and numbers only: any class or function the pickle names is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def read_nanogpt_meta(path: Path) -> dict:
+    """nanoGPT's meta.pkl: {"vocab_size": int, "itos": {int: str}, "stoi": {str: int}}, checked."""
+    try:
+        meta = OnlyPlainData(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise UserError(f"{KEY}: {path} is not a nanoGPT meta.pkl of plain data ({e}); refused, nothing in it ran") from None
+    itos = meta.get("itos") if isinstance(meta, dict) else None
+    if (not isinstance(itos, dict) or not isinstance(meta.get("vocab_size"), int)
+            or not all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())):
+        raise UserError(f"{KEY}: {path} is not nanoGPT's meta.pkl (a dict with vocab_size: int and itos: {{id: character}})")
+    if sorted(itos) != list(range(meta["vocab_size"])):
+        raise UserError(f"{KEY}: {path}: itos does not hold ids 0..{meta['vocab_size'] - 1}, one each")
+    if any(len(s) != 1 for s in itos.values()) or len(set(itos.values())) != len(itos):
+        raise UserError(f"{KEY}: {path}: itos maps ids to single distinct characters in nanoGPT's char datasets; this one does not")
+    return meta
+
+
+def nanogpt_source(folder: Path) -> Source:
+    files = {split: folder / f"{split}.bin" for split in SPLITS}
+    for path in files.values():
+        if not path.is_file():
+            raise UserError(f"{KEY}: {path} {absent(path)} (a nanoGPT data folder holds train.bin and val.bin)")
+        if path.stat().st_size % 2:
+            raise UserError(f"{KEY}: {path} is {path.stat().st_size:,} bytes, not a whole number of uint16 ids")
+    meta_path = folder / "meta.pkl"
+    if meta_path.is_file():
+        itos = read_nanogpt_meta(meta_path)["itos"]
+        tok = CharTokenizer(itos.values(), "unk")
+        # nanoGPT's id -> gptpipe's (the same when itos is sorted, as nanoGPT's prepare.py writes it)
+        remap = np.array([tok.encode(itos[i])[0] for i in range(len(itos))], dtype=np.uint32)
+        what = f"char ids of {meta_path}"
+    else:
+        tok, remap, what = TiktokenTokenizer("gpt2"), None, "tiktoken gpt2 ids (no meta.pkl)"
+    limit = len(remap) if remap is not None else tok.vocab_size
+
+    def blocks(path: Path) -> Callable[[], Iterator[np.ndarray]]:
+        def read() -> Iterator[np.ndarray]:
+            data = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size else np.zeros(0, np.uint16)
+            for start in range(0, len(data), BLOCK):
+                ids = np.asarray(data[start : start + BLOCK])
+                if ids.size and int(ids.max()) >= limit:
+                    at = start + int(np.argmax(ids >= limit))
+                    raise UserError(f"{KEY}: {path} holds id {int(data[at])} at position {at:,}, outside the {limit:,} {what}")
+                yield remap[ids] if remap is not None else ids
+
+        return read
+
+    return Source(folder, tok, {s: blocks(p) for s, p in files.items()}, {s: None for s in SPLITS}, {s: None for s in SPLITS})
+
+
+def tokens_source(folder: Path) -> Source:
+    meta = read_meta(folder)
+    tok = load_tokenizer(TokensDir(folder).tokenizer)
+    splits = {split: open_split(TokensDir(folder), split, meta) for split in SPLITS}
+
+    def blocks(split: str) -> Callable[[], Iterator[np.ndarray]]:
+        def read() -> Iterator[np.ndarray]:
+            shards = splits[split]
+            for start in range(0, len(shards), BLOCK):
+                yield np.asarray(shards[start : start + BLOCK])
+
+        return read
+
+    info = meta.get("splits", {})
+    return Source(folder, tok, {s: blocks(s) for s in SPLITS}, {s: info.get(s, {}).get("text_bytes") for s in SPLITS},
+                  {s: info.get(s, {}).get("documents") for s in SPLITS})
+
+
+def imported_ids(paths: list[str]) -> int:
+    """How many ids importing these folders copies (for a progress bar): file sizes only, nothing read."""
+    total = 0
+    for path in map(Path, paths):
+        meta = TokensDir(path).meta
+        if meta.is_file():
+            total += read_meta(path).get("tokens", 0)
+        else:
+            total += sum((path / f"{s}.bin").stat().st_size // 2 for s in SPLITS if (path / f"{s}.bin").is_file())
+    return total
+
+
+def open_source(path: str) -> Source:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{KEY}: {folder} {absent(folder, folder=True)}")
+    if TokensDir(folder).meta.is_file():
+        return tokens_source(folder)
+    if (folder / "train.bin").is_file() or (folder / "val.bin").is_file():
+        return nanogpt_source(folder)
+    raise UserError(f"{KEY}: {folder} is neither a gptpipe token folder (meta.json) nor a nanoGPT data folder (train.bin, val.bin)")
+
+
+def id_bytes(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each id stands for (0 for end-of-text), so bits per byte can be had without decoding the text."""
+    if isinstance(tok, TiktokenTokenizer):
+        sizes = [len(tok.enc.decode_single_token_bytes(i)) for i in range(tok.vocab_size)]
+    else:
+        sizes = [len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size)]
+    sizes[tok.eot_id] = 0
+    return np.array(sizes, dtype=np.int64)
+
+
+def import_tokens(cfg: TokenizeConfig, progress: Callable[[int], None] | None = None) -> tuple[dict, dict]:
+    """Every folder of cfg.import_dirs into cfg.out_dir, split by split in their order; (meta, throughput) as
+    tokenize_corpus gives them. The folder is built beside out_dir and swapped in whole. progress(n): n ids copied."""
+    start = time.perf_counter()
+    sources = [open_source(path) for path in cfg.import_dirs]
+    tok = sources[0].tokenizer
+    for other in sources[1:]:
+        if not same_ids(tok, other.tokenizer):
+            raise UserError(f"{KEY}: {other.folder} uses other token ids ({other.tokenizer.kind}, {other.tokenizer.vocab_size} ids) than"
+                            f" {sources[0].folder} ({tok.kind}, {tok.vocab_size} ids): only folders of one tokenizer can be combined")
+    sizes = id_bytes(tok) if any(None in s.text_bytes.values() for s in sources) else None
+    with resumable_dir(cfg.out_dir, "tokenize.out_dir") as folder:
+        out = TokensDir(folder)
+        for path in folder.iterdir():  # nothing of an earlier, interrupted run is kept: copying is fast
+            if path.name != MARKER:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        tok.save(out.tokenizer)
+        splits = {}
+        for split in SPLITS:
+            shards, count, text, documents = [], 0, 0, 0
+            writer = TokenWriter(out.shard(split, 0), tok.vocab_size, tok.eot_id)
+            for source in sources:
+                counted = 0
+                for ids in source.blocks[split]():
+                    while ids.size:
+                        room = cfg.shard_tokens - writer.count
+                        writer.write(ids[:room])
+                        if source.text_bytes[split] is None:
+                            text += int(sizes[ids[:room]].sum())
+                        counted += int((ids[:room] == tok.eot_id).sum())
+                        if progress:
+                            progress(min(room, ids.size))
+                        ids = ids[room:]
+                        if writer.count == cfg.shard_tokens:
+                            writer.close()
+                            shards.append(writer.count)
+                            writer = TokenWriter(out.shard(split, len(shards)), tok.vocab_size, tok.eot_id)
+                count_here = source.documents[split]
+                documents += count_here if count_here is not None else max(counted, 1)
+                text += source.text_bytes[split] or 0
+            if writer.count or not shards:
+                writer.close()
+                shards.append(writer.count)
+            else:
+                writer.abort()
+            count = sum(shards)
+            splits[split] = {"documents": documents, "tokens": count, "text_bytes": text, "shards": shards}
+        for split, info in splits.items():
+            if split == "train" and info["tokens"] < 2:
+                raise UserError(f"{KEY}: the train split has {info['tokens']} token(s) in {', '.join(cfg.import_dirs)}: nothing to train on")
+        meta = {
+            "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": token_dtype(tok.vocab_size).name,
+            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
+            "splits": splits,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "text_bytes": sum(s["text_bytes"] for s in splits.values()),
+            "params": cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file"}),
+        }
+        write_json_atomic(out.meta, meta)
+    seconds = round(time.perf_counter() - start, 3)
+    throughput = {"tokens": meta["tokens"], "text_bytes": meta["text_bytes"], "seconds": seconds,
+                  "tokens_per_s": round(meta["tokens"] / max(seconds, 1e-9)), "imported_from": list(cfg.import_dirs)}
+    return meta, throughput
