@@ -24,13 +24,33 @@ runner = CliRunner()
 
 
 def test_every_recipe_validates_and_has_a_header_saying_what_it_reproduces_needs_and_reached():
-    assert recipes.names() == ["bpe-from-scratch", "finetune-gpt2", "gemma-270m-multinode", "gpt2-124m", "shakespeare-char"]
+    assert recipes.names() == ["bpe-from-scratch", "finetune-gpt2", "finetune-gpt2-large", "finetune-gpt2-medium", "finetune-gpt2-xl",
+                               "gemma-270m-multinode", "gpt2-124m", "shakespeare-char"]
     for name in recipes.names():
         text = recipes.text(name)
         params.validate_params(yaml.safe_load(text), source=name)
         header = text.split("\n\n")[0]
         assert header.startswith(f"# {name}: ") and all(k in header for k in ("# Reproduces:", "# Needs:", "# Reached here:")), name
         assert (ROOT / "recipes" / f"{name}.yaml").read_text() == text  # what the installed package ships
+
+
+def test_the_fine_tune_recipes_differ_only_by_gpt2_size():
+    """Issue 21: -S model.init=gpt2-xl kept gpt2's micro batch and ZeRO 0; each size has its own recipe, whose micro
+    batch follows nanoGPT's configs (8/4/2/1) with the same global batch, and which is otherwise finetune-gpt2."""
+    def flat(name):
+        return {f"{section}.{k}": v for section, values in yaml.safe_load(recipes.text(name)).items() for k, v in values.items()}
+
+    base = flat("finetune-gpt2")
+    sizes = {"finetune-gpt2": ("gpt2", 8, 0), "finetune-gpt2-medium": ("gpt2-medium", 4, 0),
+             "finetune-gpt2-large": ("gpt2-large", 2, 2), "finetune-gpt2-xl": ("gpt2-xl", 1, 2)}
+    for name, (init, micro, zero) in sizes.items():
+        p = flat(name)
+        assert (p["model.init"], p["train.micro_batch_size"], p["train.zero_stage"]) == (init, micro, zero), name
+        assert {k: v for k, v in p.items() if base.get(k) != v} == {k: p[k] for k in ("model.init", "train.micro_batch_size", "train.zero_stage")
+                                                                   if p[k] != base[k]}, name
+        batch = params.validate_params(yaml.safe_load(recipes.text(name))).train.batch(1, 1024)
+        assert batch.global_size == 32 and batch.micro_batch_size * batch.grad_accum == 32, name
+        assert "Memory: about " in recipes.text(name) and "GB" in recipes.text(name).split("Memory:")[1].split("\n")[0], name
 
 
 def test_recipe_use_writes_params_keeps_comments_and_refuses_to_drop_changes(tmp_path, monkeypatch):
