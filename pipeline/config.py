@@ -326,6 +326,8 @@ class BatchConfig(TrainPart):
     global_batch_tokens: int | None = Field(
         None, ge=1, le=1 << 40, description="tokens per optimizer step over all processes; grad_accum is derived from it"
     )
+    document_mask: bool = Field(
+        False, description="attention stays inside each document of a window: positions restart after each end-of-text, so the mask is block-diagonal causal (evaluation scores the same way); for many short documents")
 
     def batch(self, world_size: int, block_size: int) -> Batch:
         """The batch arithmetic for this world size; UserError when the batch keys disagree."""

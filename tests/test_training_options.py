@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -378,3 +379,42 @@ def test_train_log_has_perplexity_and_token_accuracy_and_eval_batch_size_changes
     assert f"| ppl {perplexities[-1]:,.2f} | acc {100 * accuracies[-1]:.1f}% |" in out, out
     run_training(tiny_params(tokens_dir, tmp_path / "b", max_steps=4, log_interval=2, eval_interval=4, eval_batch_size=1))
     assert logged(tmp_path / "b", "val/loss") == pytest.approx(logged(tmp_path / "a", "val/loss"), abs=1e-5)
+
+
+def test_document_mask_keeps_attention_and_positions_inside_each_document(tokens_dir, tmp_path):
+    """Issue 21: train.document_mask. A packed window scores each document exactly as the document alone would
+    (GPT-2's learned positions and Llama's RoPE restart, the mask is block-diagonal); training and evaluation use it."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.eval.lm import document_positions, lm_forward, window_sums
+
+    eot = 9
+    x = torch.tensor([[1, 2, 3, eot, 4, 5, eot, 6], [eot, 1, 2, 3, 4, 5, 6, 7]])
+    assert document_positions(x, eot).tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 0, 1, 2, 3, 4, 5, 6]]
+    torch.manual_seed(0)
+    models = [GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=16)),
+              LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                                           intermediate_size=64, vocab_size=16, max_position_embeddings=16))]
+    for model in models:
+        model.eval()
+        with torch.no_grad():
+            packed = lm_forward(model, x[:1], eot).logits[0]
+            alone = [model(input_ids=torch.tensor([doc])).logits[0] for doc in ([1, 2, 3, eot], [4, 5, eot], [6])]
+            plain = lm_forward(model, x[:1]).logits[0]
+        assert torch.allclose(packed, torch.cat(alone), atol=1e-5), type(model).__name__
+        assert not torch.allclose(plain[4:], torch.cat(alone[1:]), atol=1e-3)  # without it the second document sees the first
+        tokens = x[0].numpy()
+        masked = window_sums(model, tokens, np.array([0]), 7, 1, eot_id=eot)
+        assert masked.loss != window_sums(model, tokens, np.array([0]), 7, 1).loss
+
+    # Through the train stage: a new key that changes the run (a run without it keeps its identity), said in the log.
+    plain_run = run_training(tiny_params(tokens_dir, tmp_path / "a", max_steps=4, eval_interval=4))
+    masked_run = run_training(tiny_params(tokens_dir, tmp_path / "b", max_steps=4, eval_interval=4, document_mask=True))
+    assert plain_run["steps"] == masked_run["steps"] == 4
+    assert logged(tmp_path / "a", "val/loss") != logged(tmp_path / "b", "val/loss")
+    p = params.validate_params(tiny_params(tokens_dir, tmp_path))
+    from pipeline.checkpoints.run import run_identity
+
+    assert "train.document_mask" not in run_identity(p, {}, p.train.batch(1, 32))
+    p = params.validate_params(tiny_params(tokens_dir, tmp_path, document_mask=True))
+    assert run_identity(p, {}, p.train.batch(1, 32))["train.document_mask"] is True

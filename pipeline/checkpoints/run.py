@@ -56,6 +56,8 @@ def run_identity(p: Params, data: dict, batch: Batch) -> dict:
     if p.train.optimizer == "adamw":
         # The Muon keys came later: an AdamW run's identity stays what it was, so its checkpoints still resume.
         kept -= {"optimizer", "muon_lr", "muon_momentum", "muon_weight_decay"}
+    if not p.train.document_mask:
+        kept -= {"document_mask"}  # a later key too: runs without it keep their identity
     identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k in kept})
     identity.update({f"data.{k}": v for k, v in data.items()})
     identity["train.tokens_per_step"] = batch.tokens_per_step

@@ -33,16 +33,39 @@ def count_windows(n_tokens: int, block_size: int) -> int:
     return math.ceil((n_tokens - 1) / block_size) if n_tokens > 1 else 0
 
 
+def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Position ids (B, T) that restart at 0 after each end-of-text in x (B, T) (a window's first token is 0 too).
+
+    Given to a transformers model, they reset GPT-2's learned positions and Llama's RoPE per document, and
+    transformers turns positions that restart into a block-diagonal causal mask (its packed-sequence path; a window
+    with one document keeps the plain causal kernel): attention stays inside each document, as torchtitan's
+    block_causal or Megatron's --reset-attention-mask / --reset-position-ids.
+    """
+    T = x.shape[1]
+    index = torch.arange(T, device=x.device).expand_as(x)
+    starts = torch.zeros_like(x, dtype=torch.bool)
+    starts[:, 1:] = x[:, :-1] == eot_id
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def lm_forward(model, x: torch.Tensor, eot_id: int | None = None):
+    """model(x) for next-token logits, with positions per document when eot_id is given (train.document_mask)."""
+    positions = document_positions(x, eot_id) if eot_id is not None else None
+    return model(input_ids=x, position_ids=positions, use_cache=False)
+
+
 @torch.no_grad()
 def window_sums(model, tokens: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int, rank: int = 0,
-                world_size: int = 1, count_correct: bool = True, progress: Callable[[int], None] | None = None) -> ValSums:
+                world_size: int = 1, count_correct: bool = True, progress: Callable[[int], None] | None = None,
+                eot_id: int | None = None) -> ValSums:
     """This rank's sums over the windows at starts[rank], starts[rank + world_size], ...: the one val loss of gptpipe,
     for the evaluate stage (consecutive windows) and training's evaluations (a fixed random set).
 
     Window s is tokens[s : s + T + 1]: inputs are its first T tokens, targets the last T; one cut short by the end of
     the tokens is padded on the right, which a causal model never sees. Every rank runs the same number of forward
     passes (ZeRO-3 gathers parameters inside each one), so a rank with fewer windows scores a placeholder that
-    counts for nothing. model may be a DeepSpeed engine or a plain module.
+    counts for nothing. model may be a DeepSpeed engine or a plain module. eot_id: attention inside each document
+    (train.document_mask), as training saw it.
     """
     T = block_size
     mine = starts[rank::world_size]
@@ -60,7 +83,7 @@ def window_sums(model, tokens: np.ndarray, starts: np.ndarray, block_size: int, 
             x[row, : len(w) - 1] = torch.from_numpy(w[:-1])
             y[row, : len(w) - 1] = torch.from_numpy(w[1:])
         x, y = x.to(device), y.to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()  # (B, T, V)
+        logits = lm_forward(model, x, eot_id).logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE, reduction="sum")
         if not counts:
             continue
@@ -73,11 +96,11 @@ def window_sums(model, tokens: np.ndarray, starts: np.ndarray, block_size: int, 
 
 
 def val_sums(model, tokens: np.ndarray, block_size: int, batch_size: int, max_windows: int | None = None,
-             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> ValSums:
+             rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None, eot_id: int | None = None) -> ValSums:
     """This rank's sums over the consecutive windows that predict every token once (the first max_windows)."""
     n = min(count_windows(len(tokens), block_size), max_windows or math.inf)
     return window_sums(model, tokens, np.arange(n, dtype=np.int64) * block_size, block_size, batch_size, rank, world_size,
-                       progress=progress)
+                       progress=progress, eot_id=eot_id)
 
 
 def metrics_from_sums(sums: ValSums, text_bytes: int | None) -> dict:
@@ -93,14 +116,14 @@ def metrics_from_sums(sums: ValSums, text_bytes: int | None) -> dict:
 
 def val_metrics(model, tokens: np.ndarray, block_size: int, batch_size: int, text_bytes: int | None,
                 max_windows: int | None = None, rank: int = 0, world_size: int = 1,
-                progress: Callable[[int], None] | None = None) -> dict:
+                progress: Callable[[int], None] | None = None, eot_id: int | None = None) -> dict:
     """Loss over the val tokens in non-overlapping windows (deterministic), summed over ranks.
 
     bits_per_byte divides the loss in bits by text_bytes, the UTF-8 size of the text the scored windows cover
     (the first token's text included, though it is not predicted): meta.json's text_bytes for the whole split,
     covered_text_bytes of the windows' tokens for a part. None leaves it out.
     """
-    sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress)
+    sums = val_sums(model, tokens, block_size, batch_size, max_windows, rank, world_size, progress, eot_id)
     if world_size > 1:
         loss, correct, count = all_reduce_sum([sums.loss, sums.correct, sums.tokens], next(model.parameters()).device)
         sums = ValSums(loss, round(correct), round(count))

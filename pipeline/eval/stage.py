@@ -60,10 +60,13 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
                             f"tokens vs {len(val)}): rerun the tokenize stage")
         text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
     with progress("val windows", len(range(rank, n_windows, world_size))) as advance:
-        v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance)
+        # Scored as the model was trained: with train.document_mask, attention inside each document.
+        eot = tokenizer.eot_id if p.train.document_mask else None
+        v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance, eot)
     metrics = {
         "val": {"loss": v["val_loss"], "perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"],
-                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"], "block_size": block_size},
+                "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"], "block_size": block_size,
+                **({"document_mask": True} if p.train.document_mask else {})},
     }
 
     if cfg.hellaswag or cfg.hellaswag_url:

@@ -19,7 +19,7 @@ from pipeline.checkpoints.state import TrainState
 from pipeline.config import Batch, Params
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
-from pipeline.eval.lm import window_sums
+from pipeline.eval.lm import lm_forward, window_sums
 from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
 from pipeline.infra.hardware import Peak, peak, peak_memory, use_tf32
@@ -55,6 +55,7 @@ class Run:
     peak: Peak | None  # what MFU is against, per process (rank 0; None elsewhere)
     export_dtype: torch.dtype
     log: MetricsLog
+    document_eot: int | None = None  # train.document_mask: the end-of-text id positions restart after
     state: TrainState = field(default_factory=TrainState)
     stop_reason: str | None = None
     seconds: dict = field(default_factory=lambda: defaultdict(float))  # wall time by phase
@@ -158,7 +159,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
         train_data=WindowSampler(train_tokens.tokens, batch=batch, seed=t.seed, rank=dist.rank),
         val_tokens=val_tokens.tokens,
         val_starts=fixed_windows(val_tokens.tokens, batch.block_size, t.eval_windows, seed=t.seed + 1),
-        hellaswag=hellaswag, run_dir=run_dir, n_params=n_params,
+        hellaswag=hellaswag, run_dir=run_dir, n_params=n_params, document_eot=tokenizer.eot_id if t.document_mask else None,
         flops_per_token=flops_per_token(model, n_params, batch.block_size),
         peak=mfu_peak,
         export_dtype=export_dtype(t.export_dtype, p.model),
@@ -177,7 +178,8 @@ def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_d
     return "\n".join([
         f"train: model     {model}, context {m.block_size}, {n_params:,} parameters",
         f"train: batch     {batch.micro_batch_size} x {batch.grad_accum} accumulation x {batch.world_size} processes"
-        f" = {batch.global_size:,} sequences = {batch.tokens_per_step:,} tokens per step",
+        f" = {batch.global_size:,} sequences = {batch.tokens_per_step:,} tokens per step"
+        + (", attention inside each document (train.document_mask)" if t.document_mask else ""),
         f"train: length    {length}, {total_steps * batch.tokens_per_step:,} tokens",
         f"train: optimizer {describe_optimizer(t)}, warmup {t.warmup_steps}, {schedule}, clip {t.clip or 'off'}",
         f"train: engine    {t.precision}, ZeRO {t.zero_stage}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
@@ -263,7 +265,7 @@ def train_step(run: Run, batches: MicroBatches, accuracy: bool = False) -> tuple
     losses, correct, grad_norm = [], [], None
     for micro in range(batch.grad_accum):
         x, y = batches.current
-        loss, hits = lm_loss(engine, x, y, count_correct=accuracy)
+        loss, hits = lm_loss(engine, x, y, count_correct=accuracy, eot_id=run.document_eot)
         batches.advance()  # the next micro batch is made while a GPU still runs this forward pass
         engine.backward(loss)
         grad_norm = optimizer_step(engine, boundary=micro == batch.grad_accum - 1, grad_clip=t.clip)
@@ -319,10 +321,11 @@ def collective_error(e: RuntimeError, p: Params, dist: Dist, run: Run | None) ->
     return UserError(f"train: {why}, {where} (seen by rank {dist.rank}){resume}")
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, count_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, count_correct: bool = False,
+            eot_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(mean next-token cross-entropy, the number of argmax predictions equal to the target when count_correct);
-    x, y are (B, T) inputs and targets shifted by one."""
-    logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    x, y are (B, T) inputs and targets shifted by one; eot_id: attention inside each document (train.document_mask)."""
+    logits = lm_forward(model, x, eot_id).logits  # (B, T, V)
     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
     return loss, ((logits.detach().argmax(-1) == y).sum() if count_correct else None)
 
@@ -332,7 +335,7 @@ def estimate_val_loss(run: Run) -> float:
     dist = run.dist
     run.engine.eval()
     sums = window_sums(run.engine, run.val_tokens, run.val_starts, run.batch.block_size, run.p.train.eval_batch_size or run.batch.micro_batch_size,
-                       dist.rank, dist.world_size, count_correct=False)
+                       dist.rank, dist.world_size, count_correct=False, eot_id=run.document_eot)
     run.engine.train()
     loss_sum, tokens = all_reduce_sum([sums.loss, sums.tokens], dist.device)
     return loss_sum / tokens
