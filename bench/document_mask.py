@@ -52,9 +52,14 @@ def run_side(folder: Path, text: Path, steps: int, document_mask: bool) -> dict:
     wall = stage(folder, "train")
     summary = json.loads((folder / "reports" / "train" / "metrics.json").read_text())
     scores = {}
+    info = folder / "models" / "final" / "gptpipe.json"
+    trained = json.loads(info.read_text())
     for name, masked in (("per document", True), ("across documents", False)):
-        stage(folder, "eval", f"train.document_mask={str(masked).lower()}")
+        # evaluate scores as the export was trained (its gptpipe.json): each way in turn, the file restored after
+        info.write_text(json.dumps({**trained, "params": {**trained["params"], "train": {**trained["params"]["train"], "document_mask": masked}}}))
+        stage(folder, "eval")
         scores[name] = json.loads((folder / "reports" / "metrics.json").read_text())["val"]["loss"]
+    info.write_text(json.dumps(trained))
     return {"wall": wall, "tokens_per_s": summary["train"]["tokens_per_s"], **scores}
 
 

@@ -412,6 +412,13 @@ def test_document_mask_keeps_attention_and_positions_inside_each_document(tokens
     masked_run = run_training(tiny_params(tokens_dir, tmp_path / "b", max_steps=4, eval_interval=4, document_mask=True))
     assert plain_run["steps"] == masked_run["steps"] == 4
     assert logged(tmp_path / "a", "val/loss") != logged(tmp_path / "b", "val/loss")
+    # The evaluate stage scores each export as it was trained (its gptpipe.json says whether with the mask).
+    from pipeline.eval.stage import evaluate_model
+
+    for run, masked in (("a", False), ("b", True)):
+        raw = tiny_params(tokens_dir, tmp_path / run)
+        raw["evaluate"] = {"metrics_file": str(tmp_path / run / "eval.json"), "max_windows": 4}
+        assert evaluate_model(params.validate_params(raw))["val"].get("document_mask", False) is masked
     p = params.validate_params(tiny_params(tokens_dir, tmp_path))
     from pipeline.checkpoints.run import run_identity
 

@@ -16,7 +16,7 @@ from pipeline.infra.distributed import Dist, leave_process_group
 from pipeline.infra.hardware import use_tf32
 from pipeline.layout import TokensDir
 from pipeline.model.build import count_params, inference_dtype, model_context
-from pipeline.model.inference import load_for_inference
+from pipeline.model.inference import load_for_inference, trained_params
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokens import open_split, read_meta
 
@@ -60,13 +60,14 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
                             f"tokens vs {len(val)}): rerun the tokenize stage")
         text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
     with progress("val windows", len(range(rank, n_windows, world_size))) as advance:
-        # Scored as the model was trained: with train.document_mask, attention inside each document.
-        eot = tokenizer.eot_id if p.train.document_mask else None
+        # Scored as the model was trained: trained with train.document_mask, attention inside each document.
+        document_mask = bool(trained_params(ref.path).get("train", {}).get("document_mask"))
+        eot = tokenizer.eot_id if document_mask else None
         v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance, eot)
     metrics = {
         "val": {"loss": v["val_loss"], "perplexity": v["perplexity"], "bits_per_byte": v["bits_per_byte"],
                 "token_accuracy": v["token_accuracy"], "tokens": v["tokens_scored"], "block_size": block_size,
-                **({"document_mask": True} if p.train.document_mask else {})},
+                **({"document_mask": True} if document_mask else {})},
     }
 
     if cfg.hellaswag or cfg.hellaswag_url:
