@@ -406,6 +406,9 @@ class PrecisionConfig(TrainPart):
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(
         False, description="torch.compile the model (through DeepSpeed): faster on GPUs; on a CPU small models gain little for their compile time", json_schema_extra=KEEPS_RUN)
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="the attention kernel (transformers' attn_implementation): auto = SDPA, or for train.document_mask on a CUDA GPU in bf16/fp16 "
+        "with flash-attn installed its variable-length kernel; eager = plain matmuls (slow: for debugging)", json_schema_extra=KEEPS_RUN)
     tf32: bool = Field(
         True, description="GPUs, fp32: matmuls and convolutions in TF32 on tensor cores (Ampere and newer), as nanoGPT sets; MFU is then against the TF32 peak", json_schema_extra=KEEPS_RUN)
     seed: int = Field(1337, ge=0, le=MAX_SEED, description="seed of initialisation, data order and dropout")

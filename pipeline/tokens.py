@@ -228,6 +228,22 @@ def open_split(tokens: TokensDir, split: str, meta: dict, verify: bool = True) -
     return TokenShards(files, f"{tokens.root / split}-*.bin")
 
 
+def describe_tokens(tokenizer, splits: dict[str, dict], params: dict) -> dict:
+    """meta.json: what a token folder holds (tokenizer, ids, file format, each split's counts) and the params that
+    made it; the tokenize stage and an import (tokenize.kind: import) write the same thing."""
+    return {
+        "tokenizer": tokenizer.describe(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
+        "splits": splits,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "text_bytes": sum(s["text_bytes"] for s in splits.values()),
+        "params": params,
+    }
+
+
 def read_meta(tokens_dir: str | Path) -> dict:
     """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
     path = TokensDir(tokens_dir).meta

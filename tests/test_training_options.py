@@ -425,3 +425,57 @@ def test_document_mask_keeps_attention_and_positions_inside_each_document(tokens
     assert "train.document_mask" not in run_identity(p, {}, p.train.batch(1, 32))
     p = params.validate_params(tiny_params(tokens_dir, tmp_path, document_mask=True))
     assert run_identity(p, {}, p.train.batch(1, 32))["train.document_mask"] is True
+
+
+def test_document_mask_scores_the_same_through_every_attention_kernel(tokens_dir, tmp_path):
+    """train.attention: SDPA and eager see the same block-diagonal mask, and the flash-attention layout (the batch as
+    one row of B x T, each window's positions from 0) scores each window as the batch does; flash itself needs a
+    GPU, so here it is chosen only on paper, and asked for on this machine it is one message before any folder."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from pipeline.eval.lm import attention_of, lm_forward
+    from pipeline.model.build import attention_kernel
+
+    eot = 9
+    x = torch.tensor([[1, 2, 3, eot, 4, 5, eot, 6], [eot, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]])
+    shapes = [GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=16),
+              LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                          intermediate_size=64, vocab_size=16, max_position_embeddings=16)]
+    for shape in shapes:
+        logits = {}
+        for kernel in ("sdpa", "eager"):
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(shape, attn_implementation=kernel).eval()
+            assert attention_of(model) == kernel
+            with torch.no_grad():
+                logits[kernel] = lm_forward(model, x, eot).logits
+                flat = lm_forward(model, x, eot, flatten=True).logits
+                alone = model(input_ids=x[2:]).logits  # a window without end-of-text is plain causal
+            assert flat.shape == logits[kernel].shape == (3, 8, 16)
+            assert torch.allclose(flat, logits[kernel], atol=1e-5), (type(model).__name__, kernel)
+            assert torch.allclose(logits[kernel][2:], alone, atol=1e-5)
+        assert torch.allclose(logits["sdpa"], logits["eager"], atol=1e-5), type(model).__name__
+
+    # auto: SDPA here; flash-attention's variable-length kernel only for the mask, on CUDA, in half precision, installed.
+    assert attention_kernel("auto", True, "bf16") == "sdpa" or torch.cuda.is_available()
+    assert attention_kernel("auto", True, "bf16", cuda=True, flash_installed=True) == "flash_attention_2"
+    for args in ((False, "bf16", True, True), (True, "fp32", True, True), (True, "bf16", False, True), (True, "bf16", True, False)):
+        assert attention_kernel("auto", *args[:2], cuda=args[2], flash_installed=args[3]) == "sdpa", args
+    assert attention_kernel("eager", True, "fp32") == "eager"
+    with pytest.raises(UserError, match=r"train.attention=flash_attention_2 needs .*train.precision bf16 or fp16 \(it is fp32\)"):
+        attention_kernel("flash_attention_2", True, "fp32", cuda=True, flash_installed=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="train.attention=flash_attention_2 needs a CUDA GPU"):
+            run_training(tiny_params(tokens_dir, tmp_path / "flash", max_steps=2, document_mask=True, attention="flash_attention_2"))
+        assert not (tmp_path / "flash" / "checkpoints").exists()
+    # Through the train stage: the log names the kernel, and another kernel continues the same run.
+    from pipeline.train.loop import train
+
+    lines = []
+    raw = tiny_params(tokens_dir, tmp_path / "e", max_steps=2, eval_interval=2, document_mask=True, attention="eager")
+    train(params.validate_params(raw), echo=lines.append)
+    assert any("attention eager" in line for line in lines)
+    lines.clear()
+    raw["train"].update(max_steps=4, attention="auto")
+    assert train(params.validate_params(raw), echo=lines.append)["steps"] == 4
+    assert any("resuming" in line for line in lines) and any("attention sdpa" in line for line in lines)

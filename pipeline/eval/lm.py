@@ -48,10 +48,30 @@ def document_positions(x: torch.Tensor, eot_id: int) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 
-def lm_forward(model, x: torch.Tensor, eot_id: int | None = None):
-    """model(x) for next-token logits, with positions per document when eot_id is given (train.document_mask)."""
-    positions = document_positions(x, eot_id) if eot_id is not None else None
-    return model(input_ids=x, position_ids=positions, use_cache=False)
+def attention_of(model) -> str:
+    """The attention kernel a model (or the DeepSpeed engine around it) runs: transformers' attn_implementation."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def lm_forward(model, x: torch.Tensor, eot_id: int | None = None, flatten: bool | None = None):
+    """model(x) for next-token logits, with positions per document when eot_id is given (train.document_mask).
+
+    flash-attention reads documents from the positions only in a batch of one sequence (transformers' padding-free
+    path; with more rows it would silently attend across documents), so for it the (B, T) windows go in as one
+    (1, B x T) row: each window's positions start at 0, so no document spans two windows. SDPA and eager take the
+    batch as it is (their mask is per row; one row of B x T would cost (B x T)^2). flatten: force either way.
+    """
+    if eot_id is None:
+        return model(input_ids=x, use_cache=False)
+    positions = document_positions(x, eot_id)
+    if flatten is None:
+        flatten = attention_of(model).startswith("flash")
+    if not flatten or x.shape[0] == 1:
+        return model(input_ids=x, position_ids=positions, use_cache=False)
+    out = model(input_ids=x.reshape(1, -1), position_ids=positions.reshape(1, -1), use_cache=False)
+    out.logits = out.logits.view(*x.shape, -1)
+    return out
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ the trained model."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from pipeline.config import Params
 from pipeline.errors import UserError
@@ -15,7 +16,7 @@ from pipeline.files import write_json_atomic
 from pipeline.infra.distributed import Dist, leave_process_group
 from pipeline.infra.hardware import use_tf32
 from pipeline.layout import TokensDir
-from pipeline.model.build import count_params, inference_dtype, model_context
+from pipeline.model.build import attention_kernel, count_params, inference_dtype, model_context
 from pipeline.model.inference import load_for_inference, trained_params
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokens import open_split, read_meta
@@ -31,7 +32,12 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     ref = p.model_for("evaluate")
     use_tf32(p.train.tf32)
-    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, inference_dtype(p.train), key=ref.key)
+    # Scored as the model was trained: trained with train.document_mask, attention inside each document (on a GPU
+    # in bf16/fp16 with flash-attn installed, through its variable-length kernel).
+    document_mask = bool(trained_params(ref.path).get("train", {}).get("document_mask"))
+    dtype = inference_dtype(p.train)
+    attention = attention_kernel("auto", document_mask, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"))
+    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, dtype, key=ref.key, attention=attention)
     notes = []
 
     tokens_dir = TokensDir(p.tokenize.out_dir)
@@ -60,8 +66,6 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
                             f"tokens vs {len(val)}): rerun the tokenize stage")
         text_bytes = split.get("text_bytes") or covered_text_bytes(tokenizer, val.tokens)
     with progress("val windows", len(range(rank, n_windows, world_size))) as advance:
-        # Scored as the model was trained: trained with train.document_mask, attention inside each document.
-        document_mask = bool(trained_params(ref.path).get("train", {}).get("document_mask"))
         eot = tokenizer.eot_id if document_mask else None
         v = val_metrics(model, val.tokens, block_size, cfg.batch_size, text_bytes, n_windows, rank, world_size, advance, eot)
     metrics = {

@@ -74,21 +74,22 @@ def scratch_config(cfg: ModelConfig, vocab_size: int, eot_id: int):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str = "fp32",
-                activation_checkpointing: bool = False, shards: int = 1) -> PreTrainedModel:
+                activation_checkpointing: bool = False, shards: int = 1, attention: str = "sdpa") -> PreTrainedModel:
     """A fresh model (seed torch first for reproducible weights) or a loaded checkpoint, ready to train.
 
     A fresh model starts in fp32, so its initialisation does not depend on the precision (DeepSpeed keeps fp32
     master weights for bf16/fp16 anyway); a checkpoint loads in the training precision. shards: the processes a
-    fresh model's weights are split over as it is built (ZeRO-3 under engine.model_init).
+    fresh model's weights are split over as it is built (ZeRO-3 under engine.model_init). attention: the kernel
+    attention_kernel chose.
     """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kw), attention)
     elif (ckpt := init_checkpoint(cfg.init)) is not None:  # continued training from a gptpipe checkpoint
-        model = model_from_config(ckpt.root, TORCH_DTYPES[precision], dropout=cfg.dropout)
+        model = model_from_config(ckpt.root, TORCH_DTYPES[precision], dropout=cfg.dropout, attention=attention)
         model.load_state_dict(checkpoint_weights(ckpt))
     else:
-        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout)
+        model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout, attention=attention)
     if not cfg.is_scratch:
         max_positions = context_length(model.config)
         if max_positions and cfg.block_size > max_positions:
@@ -170,11 +171,12 @@ def export_dtype(choice: str, cfg: ModelConfig) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
-def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32, dropout: float | None = None) -> PreTrainedModel:
+def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32, dropout: float | None = None,
+                      attention: str = "sdpa") -> PreTrainedModel:
     """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into;
     dropout, when given, replaces every dropout probability of the config."""
     config = set_dropout(AutoConfig.from_pretrained(config_dir), dropout)
-    return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw))
+    return _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw), attention)
 
 
 # The config keys that hold a dropout probability, by architecture family (GPT-2's three; Llama, Gemma, Mistral
@@ -193,7 +195,7 @@ def set_dropout(config, dropout: float | None):
 
 
 def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = False, key: str = "model.init",
-                    dropout: float | None = None) -> PreTrainedModel:
+                    dropout: float | None = None, attention: str = "sdpa") -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had.
 
     dropout, when given, replaces every dropout probability the checkpoint's config has.
@@ -202,8 +204,8 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
         raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
     try:
         config = set_dropout(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), dropout)
-        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(
-            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw))
+        return _with_kernel(lambda **kw: AutoModelForCausalLM.from_pretrained(
+            name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw), attention)
     except OSError as e:
         reason = str(e).splitlines()[0]
         if Path(name).exists():
@@ -224,14 +226,45 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
         raise UserError(f"{key}={name!r}: cannot load this model ({str(e).splitlines()[0]})") from None
 
 
-def _with_sdpa(make):
-    """make(attn_implementation="sdpa") (PyTorch's fused attention), or make() for architectures without it."""
+# train.attention's choices: transformers' attn_implementation names.
+FLASH = "flash_attention_2"
+
+
+def attention_kernel(choice: str, document_mask: bool, precision: str, cuda: bool | None = None,
+                     flash_installed: bool | None = None) -> str:
+    """train.attention resolved to a transformers attn_implementation, or UserError when the choice cannot run here.
+
+    auto is SDPA (PyTorch picks its flash kernel for a plain causal mask on a GPU), except for train.document_mask on
+    a CUDA GPU in bf16/fp16 with the flash-attn package installed: then flash-attention's variable-length kernel, which
+    skips the attention between documents instead of masking it (SDPA with a block-diagonal mask falls back to its
+    memory-efficient kernel and computes every pair). cuda and flash_installed default to this machine's.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if flash_installed is None:
+        import importlib.util
+
+        flash_installed = importlib.util.find_spec("flash_attn") is not None
+    half = precision in ("bf16", "fp16")
+    if choice == "auto":
+        return FLASH if document_mask and cuda and half and flash_installed else "sdpa"
+    if choice == FLASH:
+        missing = [why for ok, why in ((cuda, "a CUDA GPU"), (flash_installed, "the flash-attn package (pip install flash-attn)"),
+                                       (half, f"train.precision bf16 or fp16 (it is {precision})")) if not ok]
+        if missing:
+            raise UserError(f"train.attention={FLASH} needs {' and '.join(missing)}: set train.attention=auto to use SDPA")
+    return choice
+
+
+def _with_kernel(make, attention: str = "sdpa"):
+    """make(attn_implementation=attention); for SDPA, make() for architectures without it (their own attention)."""
     try:
-        return make(attn_implementation="sdpa")
-    except ValueError as e:
-        if "sdpa" not in str(e).lower():
-            raise
-        return make()
+        return make(attn_implementation=attention)
+    except (ValueError, ImportError) as e:
+        if attention == "sdpa" and "sdpa" in str(e).lower():
+            return make()
+        if attention != "sdpa":
+            raise UserError(f"train.attention={attention}: {str(e).splitlines()[0]}") from None
+        raise
 
 
 def context_length(config) -> int | None:

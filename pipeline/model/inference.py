@@ -37,8 +37,9 @@ def trained_params(source: str | Path) -> dict:
 
 
 def load_for_inference(source: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                       key: str = "evaluate.model_dir") -> tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode on device, its tokenizer); `key` names the param that chose source, for errors.
+                       key: str = "evaluate.model_dir", attention: str = "sdpa") -> tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode on device, its tokenizer); `key` names the param that chose source, for errors;
+    attention: the kernel (build.attention_kernel's choice).
 
     source is a local folder, or a hub id (downloaded once, or read from the cache offline).
 
@@ -56,15 +57,15 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
             if not needed.exists():
                 raise UserError(f"{key}: {ckpt.root} has no {needed.name} (a checkpoint of an older gptpipe?); "
                                 "point at the exported model folder instead")
-        model = model_from_config(ckpt.root, dtype)
+        model = model_from_config(ckpt.root, dtype, attention=attention)
         model.load_state_dict(checkpoint_weights(ckpt))
         tokenizer = load_tokenizer(ckpt.tokenizer)
     elif ExportDir(folder).model_config.is_file():
-        model = load_pretrained(str(folder), dtype, key=key)
+        model = load_pretrained(str(folder), dtype, key=key, attention=attention)
         own = ExportDir(folder).tokenizer
         tokenizer = load_tokenizer(own) if own.is_dir() else HfTokenizer(str(folder), key=key)
     elif not folder.exists() and HUB_ID.match(str(source)):  # e.g. gpt2, google/gemma-3-270m: the hub or its cache
-        model = load_pretrained(str(source), dtype, key=key)
+        model = load_pretrained(str(source), dtype, key=key, attention=attention)
         tokenizer = HfTokenizer(str(source), key=key)
     else:
         what = absent(folder, folder=True) if not folder.is_dir() else "is not a model folder (no config.json)"

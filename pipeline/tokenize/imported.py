@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.files import MARKER, absent, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, TokensDir
 from pipeline.tokenize.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, load_tokenizer, same_ids
-from pipeline.tokens import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_split, read_meta, token_dtype
+from pipeline.tokens import TokenWriter, describe_tokens, open_split, read_meta
 
 KEY = "tokenize.import_dirs"
 BLOCK = 1 << 24  # ids read, checked and written at a time: bounded memory whatever the size of train.bin
@@ -199,17 +199,7 @@ def import_tokens(cfg: TokenizeConfig, progress: Callable[[int], None] | None = 
         for split, info in splits.items():
             if split == "train" and info["tokens"] < 2:
                 raise UserError(f"{KEY}: the train split has {info['tokens']} token(s) in {', '.join(cfg.import_dirs)}: nothing to train on")
-        meta = {
-            "tokenizer": tok.describe(),
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": token_dtype(tok.vocab_size).name,
-            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
-            "splits": splits,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "text_bytes": sum(s["text_bytes"] for s in splits.values()),
-            "params": cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file"}),
-        }
+        meta = describe_tokens(tok, splits, cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file"}))
         write_json_atomic(out.meta, meta)
     seconds = round(time.perf_counter() - start, 3)
     throughput = {"tokens": meta["tokens"], "text_bytes": meta["text_bytes"], "seconds": seconds,

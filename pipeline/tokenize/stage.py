@@ -26,7 +26,7 @@ from pipeline.files import MARKER, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, PreparedDir, TokensDir
 from pipeline.prepare.documents import iter_documents, iter_prepared, read_manifest, text_bytes
 from pipeline.tokenize.tokenizers import Tokenizer, build_tokenizer
-from pipeline.tokens import HEADER_BYTES, MAGIC, VERSION, TokenWriter, open_tokens, token_dtype
+from pipeline.tokens import HEADER_BYTES, VERSION, TokenWriter, describe_tokens, open_tokens, token_dtype
 
 
 @dataclass
@@ -220,25 +220,14 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
         out.progress.unlink(missing_ok=True)
         for stray in folder.glob(".*.tmp"):  # an atomic write a kill interrupted (progress.json's): not part of the output
             stray.unlink()
-        tokens = sum(s["tokens"] for s in splits.values())
-        size = sum(s["text_bytes"] for s in splits.values())
-        meta = {
-            "tokenizer": tok.describe(),
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": token_dtype(tok.vocab_size).name,
-            "format": {"magic": MAGIC.decode(), "version": VERSION, "header_bytes": HEADER_BYTES},
-            "splits": splits,
-            "tokens": tokens,
-            "text_bytes": size,
-            # Where things go and how fast they are made (workers, chunk_bytes) never change the tokens.
-            "params": identity["params"],
-        }
+        # Where things go and how fast they are made (workers, chunk_bytes) never change the tokens.
+        meta = describe_tokens(tok, splits, identity["params"])
         write_json_atomic(out.meta, meta)
+    tokens = meta["tokens"]
     encoded = tokens - sum(resumed.values())
     throughput = {
         "tokens": tokens,
-        "text_bytes": size,
+        "text_bytes": meta["text_bytes"],
         "resumed_tokens": sum(resumed.values()),
         "tokenizer_seconds": round(build_seconds, 3),
         "encode_seconds": round(encode_seconds, 3),

@@ -19,12 +19,21 @@ from pipeline.checkpoints.state import TrainState
 from pipeline.config import Batch, Params
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
-from pipeline.eval.lm import lm_forward, window_sums
+from pipeline.eval.lm import attention_of, lm_forward, window_sums
 from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
 from pipeline.infra.hardware import Peak, peak, peak_memory, use_tf32
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
-from pipeline.model.build import build_model, check_fits_in_memory, check_vocabulary, count_params, export_dtype, flops_per_token, scratch_config
+from pipeline.model.build import (
+    attention_kernel,
+    build_model,
+    check_fits_in_memory,
+    check_vocabulary,
+    count_params,
+    export_dtype,
+    flops_per_token,
+    scratch_config,
+)
 from pipeline.model.generate import sample_tokens
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
@@ -112,6 +121,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     (rank 0), released when the caller closes it (without one, when the process ends)."""
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
     check_precision(t)  # before any folder is made or moved
+    attention = attention_kernel(t.attention, t.document_mask, t.precision)
     use_tf32(t.tf32)
     # Checked now, not after hours of training: the tokens against their CRC and vocabulary, the tokenizer's presence.
     meta = read_meta(tokens.root)
@@ -138,7 +148,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     torch.manual_seed(t.seed)  # the same seed on every rank gives every rank the same initial weights
     with model_init(ds_config, t.collective_timeout) if p.model.is_scratch else nullcontext():  # ZeRO-3: each rank builds its partition only
         model = build_model(p.model, meta["vocab_size"], meta["eot_id"], t.precision, t.activation_checkpointing,
-                            shards=dist.world_size if t.zero_stage == 3 else 1)
+                            shards=dist.world_size if t.zero_stage == 3 else 1, attention=attention)
     check_vocabulary(model, p.model.init, tokenizer)
     n_params = count_params(model)
     engine = build_engine(model, t, ds_config, param_groups(model, t))
@@ -150,7 +160,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
         copy_metrics(TrainMetrics(run_dir.step(tag).metrics), TrainMetrics(t.metrics_dir))
     state.decay_end, note = decay_end(t, total_steps, state.decay_end)
     mfu_peak = peak(t, dist.device) if dist.is_main else None  # a calibration, once per machine: on one rank, not all at once
-    echo(describe_run(p, batch, total_steps, n_params, run_dir) + (f"\ntrain: {note}" if note else ""))
+    echo(describe_run(p, batch, total_steps, n_params, run_dir, attention_of(model)) + (f"\ntrain: {note}" if note else ""))
     if mfu_peak:
         echo(f"train: MFU      against {mfu_peak.tflops:,.4g} TFLOP/s per process: {mfu_peak.source}")
 
@@ -169,7 +179,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     )  # fmt: skip
 
 
-def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_dir: RunDir) -> str:
+def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_dir: RunDir, attention: str = "sdpa") -> str:
     """The resolved configuration, one compact block at the start of the log."""
     m, t = p.model, p.train
     model = f"{m.init} (fine-tune)" if not m.is_scratch else f"{m.arch} {m.n_layer} layers x {m.n_embd} wide, {m.n_head} heads"
@@ -182,7 +192,7 @@ def describe_run(p: Params, batch: Batch, total_steps: int, n_params: int, run_d
         + (", attention inside each document (train.document_mask)" if t.document_mask else ""),
         f"train: length    {length}, {total_steps * batch.tokens_per_step:,} tokens",
         f"train: optimizer {describe_optimizer(t)}, warmup {t.warmup_steps}, {schedule}, clip {t.clip or 'off'}",
-        f"train: engine    {t.precision}, ZeRO {t.zero_stage}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
+        f"train: engine    {t.precision}, ZeRO {t.zero_stage}, attention {attention}, export {t.export} to {t.export_dir}, checkpoints in {run_dir.root}",
     ])  # fmt: skip
 
 
