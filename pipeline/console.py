@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,7 +96,21 @@ def run_stage(command: Callable, name: str) -> None:
     """`python -m pipeline.<stage>`: the DVC stage's entry, the same command as `gptpipe <name>`."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
     app.command(name, epilog=command.epilog)(command)
-    app(prog_name=f"python -m {command.__module__.rpartition('.')[0]}")
+    try:
+        app(prog_name=f"python -m {command.__module__.rpartition('.')[0]}")
+    except SystemExit as e:
+        if "LOCAL_RANK" in os.environ and "MASTER_ADDR" in os.environ:  # a process the deepspeed launcher started
+            # Leave without the interpreter's teardown. A rank that had finished its work and left the process
+            # group (barrier, destroy_process_group) still aborted there now and then in CI ("terminate called
+            # without an active exception", exit -6), and one such rank fails the whole launch. The likely path: a
+            # C++ thread of torch's or gloo's that takes the GIL once Python 3.11 has begun finalizing is ended by
+            # pthread_exit, whose unwinding through a noexcept destructor calls std::terminate. The command has
+            # written, renamed and closed all it makes; only the streams are left to flush.
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
 
 
 @contextmanager

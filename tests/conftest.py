@@ -96,8 +96,10 @@ def exported_weights(run_dir: Path) -> dict:
 
 
 def clean_env() -> dict:
-    """This process's environment without the distributed variables that in-process training set."""
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    """This process's environment without the distributed variables that in-process training set (and with Python's
+    fault handler on, so that a process that crashes prints where each of its threads was)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONFAULTHANDLER": "1"}
 
 
 def launch(args: list[str], params: dict, cwd: Path, module: str = "pipeline.train", **kw) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 best-model export, epochs, early stopping, evaluation and samples along the way, runs a user names and resumes,
 fine-tuning a pretrained checkpoint, the loggers they watch, and the log lines they compare."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -479,3 +480,33 @@ def test_document_mask_scores_the_same_through_every_attention_kernel(tokens_dir
     raw["train"].update(max_steps=4, attention="auto")
     assert train(params.validate_params(raw), echo=lines.append)["steps"] == 4
     assert any("resuming" in line for line in lines) and any("attention sdpa" in line for line in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="flash-attention's kernel needs a CUDA GPU and the flash_attn package (the GPU check runs it)")
+def test_flash_attention_scores_packed_windows_as_sdpa_does_under_the_document_mask():
+    """On a GPU: flash-attention's variable-length kernel, fed the batch as one row (lm_forward), gives the logits
+    SDPA gives with the block-diagonal mask, for GPT-2 and Llama, within bf16's rounding."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    from pipeline.eval.lm import attention_of, lm_forward
+
+    eot = 9
+    x = torch.tensor([[1, 2, 3, eot, 4, 5, eot, 6], [eot, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]], device="cuda")
+    shapes = [GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=16, vocab_size=16),
+              LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=64,
+                          intermediate_size=128, vocab_size=16, max_position_embeddings=16)]
+    for shape in shapes:
+        torch.manual_seed(0)
+        sdpa = AutoModelForCausalLM.from_config(shape, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
+        flash = AutoModelForCausalLM.from_config(shape, attn_implementation="flash_attention_2", dtype=torch.bfloat16).cuda().eval()
+        flash.load_state_dict(sdpa.state_dict())
+        assert attention_of(flash) == "flash_attention_2"
+        with torch.no_grad():
+            want = lm_forward(sdpa, x, eot).logits.float()
+            got = lm_forward(flash, x, eot).logits.float()
+            plain = flash(input_ids=x, use_cache=False).logits.float()  # no document mask: windows 0 and 1 change
+        # bf16's rounding, well under what attending across the end-of-text changes (0.4-0.5 for these models on the CPU)
+        err, leak = (got - want).abs().max().item(), (plain[:2] - want[:2]).abs().max().item()
+        assert got.shape == want.shape == (3, 8, 16)
+        assert err < 0.1 * leak, (type(sdpa).__name__, err, leak)

@@ -84,8 +84,9 @@ def init_distributed(single_process_group: bool = True, timeout_s: int = 600) ->
 
 
 def leave_process_group(dist: Dist) -> None:
-    """End a launched process's part in its group once every rank is done: a process that exits with gloo's
-    threads still running can abort ("terminate called without an active exception", exit -6)."""
+    """End a launched process's part in its group once every rank is done, so that no rank tears down its gloo
+    threads while another still talks to it. (An abort at interpreter exit could still follow: run_stage in
+    console.py ends launched processes with os._exit.)"""
     if dist.launched and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()

@@ -3,6 +3,7 @@ damaged token files, outputs pointed at inputs, a hostfile that smuggles ssh opt
 deeply nested YAML, a precision the machine lacks."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -214,7 +215,13 @@ def test_fp16_on_an_accelerator_without_it_moves_no_folder(tokens_dir, tmp_path,
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
-def test_the_stage_script_prints_one_line_not_a_traceback(project):
+@pytest.mark.parametrize("launched", [False, True])
+def test_the_stage_script_prints_one_line_not_a_traceback(project, launched):
+    """Also as a process the deepspeed launcher started (its variables set), which leaves by os._exit: the same
+    line reaches the stream and the same exit code the launcher."""
     (project / "params.yaml").write_text("train:\n  precision: fp16\n  zero_stage: 7\n")
-    out = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, cwd=project)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if launched:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+    out = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, cwd=project, env=env)
     assert out.returncode == 2 and "train.zero_stage" in out.stderr and "Traceback" not in out.stderr
