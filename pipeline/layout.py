@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 SPLITS = ("train", "val")
@@ -183,6 +184,18 @@ class TrainMetrics(Folder):
     def curves(self) -> Path:
         """One TSV per metric (step, value), e.g. train/loss.tsv."""
         return self.root / "plots" / "metrics"
+
+    def read_curves(self) -> dict[str, list[tuple[int, float]]]:
+        """Every curve DVCLive logged: name (e.g. "val/loss") -> [(step, value)] in the file's order. The one reader
+        of these files: for the report, a restored W&B history and plan's probe."""
+        curves = {}
+        for tsv in sorted(self.curves.rglob("*.tsv")):
+            name = tsv.relative_to(self.curves).with_suffix("").as_posix()
+            column = name.rpartition("/")[2]  # DVCLive names the value column after the file
+            with open(tsv, encoding="utf-8", newline="") as f:
+                rows = csv.DictReader(f, delimiter="\t")
+                curves[name] = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+        return curves
 
     @property
     def samples(self) -> Path:

@@ -5,7 +5,8 @@ import json
 from dvclive import Live
 
 from pipeline import params
-from pipeline.report.stage import build_report, read_history
+from pipeline.layout import TrainMetrics
+from pipeline.report.stage import build_report
 
 
 def fake_training_log(metrics_dir, steps=20):
@@ -38,7 +39,7 @@ def test_report_has_metrics_plots_samples_config_and_hardware(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"val": {"loss": 3.25, "perplexity": 25.8}, "notes": ["HellaSwag skipped"]}))
     (tmp_path / "samples.jsonl").write_text(json.dumps({"prompt": "Once", "index": 0, "text": "Once upon a <time>"}) + "\n")
 
-    assert [s for s, _ in read_history(tmp_path / "train")["val/loss"]] == [5, 10, 15, 20]
+    assert [s for s, _ in TrainMetrics(tmp_path / "train").read_curves()["val/loss"]] == [5, 10, 15, 20]
     assert build_report(p) == tmp_path / "report.html"
 
     plots = tmp_path / "plots"

@@ -6,7 +6,6 @@ DVC draws the same curves straight from DVCLive's files (dvc.yaml's plots); noth
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import os
@@ -30,19 +29,6 @@ CURVES = [
     ("train/grad_norm", "grad_norm", "gradient norm (before clipping)"),
     ("hellaswag/acc_norm", "hellaswag", "HellaSwag acc_norm"),
 ]
-
-
-def read_history(metrics_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Every metric DVCLive logged during training: name -> [(step, value)]."""
-    root = TrainMetrics(metrics_dir).curves
-    history = {}
-    for tsv in sorted(root.glob("**/*.tsv")):
-        name = tsv.relative_to(root).with_suffix("").as_posix()
-        with open(tsv, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        column = name.split("/")[-1]
-        history[name] = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
-    return history
 
 
 def draw_pngs(history: dict, out_dir: Path, target: dict | None = None) -> list[Path]:
@@ -165,7 +151,7 @@ def build_report(p: Params) -> Path:
     """PNGs and report.md / report.html in report.out_dir from what the earlier stages left; the HTML's path."""
     out = ReportDir(p.report.out_dir)
     out.plots.mkdir(parents=True, exist_ok=True)
-    history = read_history(p.train.metrics_dir)
+    history = TrainMetrics(p.train.metrics_dir).read_curves()
     metrics = _read_json(Path(p.evaluate.metrics_file))
     train_summary = _read_json(TrainMetrics(p.train.metrics_dir).summary)
     pngs = draw_pngs(history, out.plots, train_summary.get("target"))

@@ -29,6 +29,7 @@ import yaml
 
 from pipeline.config import Params
 from pipeline.errors import UserError
+from pipeline.layout import TrainMetrics
 from pipeline.output import Echo, silent
 
 GB = 1e9
@@ -284,7 +285,7 @@ def run_probe(p: Params, project: Path, steps: int, echo: Echo = silent) -> Prob
             tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-6:])
             raise UserError(f"plan --probe: the probe run stopped (exit {proc.returncode}):\n{tail}")
         metrics = json.loads((root / "metrics" / "metrics.json").read_text())
-        ms = read_curve(root / "metrics", "train/ms_per_step")
+        ms = [v for _, v in TrainMetrics(root / "metrics").read_curves()["train/ms_per_step"]]
     return Probe(steps=steps, seconds_per_step=statistics.median(ms[1:] or ms) / 1000, wall_s=wall,
                  seconds=metrics["time"], peak_memory=float(metrics["peak_memory_bytes"]))
 
@@ -311,13 +312,6 @@ def steps_to_target(p: Params) -> tuple[int | None, str]:
     if target and target.get("loss") == p.train.target_loss and target.get("reached"):
         return int(target["step"]), f"the last run in {p.train.metrics_dir} reached it at step {target['step']}"
     return None, f"no run in {p.train.metrics_dir} has reached {p.train.target_loss} yet: the whole run's ETA bounds it"
-
-
-def read_curve(metrics_dir: Path, name: str) -> list[float]:
-    import csv
-
-    with open(metrics_dir / "plots" / "metrics" / f"{name}.tsv") as f:
-        return [float(row[name.split("/")[-1]]) for row in csv.DictReader(f, delimiter="\t")]
 
 
 def size(n: float) -> str:

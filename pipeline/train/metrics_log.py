@@ -3,7 +3,6 @@ watch (TensorBoard, Weights & Biases), samples, log lines and progress."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import secrets
@@ -189,11 +188,9 @@ class MetricsLog:
 def restored_curve(files: TrainMetrics) -> dict[int, dict[str, float]]:
     """DVCLive's curves as {step: {metric: value}}: what a checkpoint restored (metrics/plots/metrics/*.tsv)."""
     rows: dict[int, dict[str, float]] = {}
-    for tsv in sorted(files.curves.rglob("*.tsv")):
-        name = str(tsv.relative_to(files.curves).with_suffix(""))
-        with open(tsv, encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f, delimiter="\t"):
-                rows.setdefault(int(row["step"]), {})[name] = float(row[name.rpartition("/")[2]])
+    for name, points in files.read_curves().items():
+        for step, value in points:
+            rows.setdefault(step, {})[name] = value
     return rows
 
 
