@@ -3,7 +3,6 @@ damaged token files, outputs pointed at inputs, a hostfile that smuggles ssh opt
 deeply nested YAML, a precision the machine lacks."""
 
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_training, tiny_params
+from conftest import clean_env, run_training, tiny_params
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -220,7 +219,7 @@ def test_the_stage_script_prints_one_line_not_a_traceback(project, launched):
     """Also as a process the deepspeed launcher started (its variables set), which leaves by os._exit: the same
     line reaches the stream and the same exit code the launcher."""
     (project / "params.yaml").write_text("train:\n  precision: fp16\n  zero_stage: 7\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = clean_env()
     if launched:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
     out = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, cwd=project, env=env)
