@@ -79,6 +79,10 @@ def stage_command(*sections: str) -> Callable:
             except KeyboardInterrupt:
                 console.print("[yellow]interrupted[/yellow]")
                 raise typer.Exit(130) from None
+            except SystemExit as e:
+                # Code the stage ran (a library, a hook) called sys.exit before the stage finished: with exit code 0
+                # DVC would record whatever outputs an earlier run left as this run's.
+                fail(f"{fn.__name__}: stopped by sys.exit({e.code!r}) in code it ran, before it finished; its outputs were not written")
 
         run.epilog = section_help(*sections)
         return run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pipeline.files import write_json_atomic
@@ -24,6 +24,9 @@ class TrainState:
     decay_end: int | None = None  # the schedule's plan, kept when max_steps is raised later
     train_seconds: float = 0.0  # time in optimizer steps so far, over every resume
     reached_target: dict | None = None  # train.target_loss's record: the first evaluation at or below it
+    # Each evaluation that lowered the run's lowest val loss, [step, tokens, train_seconds, stage_seconds, val_loss]:
+    # the first to reach any target is one of them, so a changed train.target_loss is answered from the run itself.
+    val_minima: list = field(default_factory=list)
     tag: str | None = None  # the step folder's name, step-000100
     world_size: int | None = None  # processes that saved it: another number resumes through a universal conversion
     params: dict | None = None  # the resolved params.yaml, so the folder describes itself

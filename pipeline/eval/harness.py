@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import LmEvalConfig
@@ -62,11 +63,32 @@ def task_manager(cfg: LmEvalConfig) -> TaskManager:
             return own
     manager = TaskManager(include_path=cfg.include_path)
     missing = unknown_tasks(manager, wanted)
+    broken = unreadable_yaml(cfg.include_path) if missing and cfg.include_path else None
+    if broken:
+        raise UserError(f"{KEY}.tasks: lm-eval has no task named {missing[0]!r}, and {broken}: lm-eval skips a task file it"
+                        " cannot read without a word")
     if missing:
         close = difflib.get_close_matches(missing[0], manager.all_tasks, n=3)
         raise UserError(f"{KEY}.tasks: lm-eval has no task named {missing[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
                         + (f", and {cfg.include_path} does not define one" if cfg.include_path else "; your own go in a folder named by evaluate.lm_eval.include_path"))
     return manager
+
+
+def unreadable_yaml(folder: str) -> str | None:
+    """The first task YAML under folder that is not valid YAML, with where it breaks; None when every one reads.
+    `!function` tags are read as text here: nothing is imported."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    for path in sorted(Path(folder).rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - a SafeLoader with one text tag
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            return f"{path} is not valid YAML ({' '.join(str(e).split())[:200]})"
+    return None
 
 
 def unknown_tasks(manager: TaskManager, names: list[str]) -> list[str]:
@@ -98,6 +120,10 @@ def metric_values(values: dict) -> dict:
 
 
 def task_error(name: str, e: Exception, online: bool) -> UserError:
+    too_long = continuation_too_long(e)
+    if too_long:
+        return UserError(f"{KEY}: task {name!r}: {too_long}; lm-eval cannot score a continuation that does not fit (use a model"
+                         " with a longer context, or a task with shorter answers)")
     text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     network = isinstance(e, ConnectionError) or any(w in str(e).lower() for w in ("offline", "couldn't reach", "connection", "hub"))
     if network and not online:
@@ -105,3 +131,21 @@ def task_error(name: str, e: Exception, online: bool) -> UserError:
                          " evaluate.lm_eval.online: true (downloads once into HF_HOME), or define the task in your own YAML with a"
                          " local dataset (dataset_path: json) in evaluate.lm_eval.include_path (docs/stages/evaluate.md)")
     return UserError(f"{KEY}: task {name!r} failed ({text})")
+
+
+def continuation_too_long(e: Exception) -> str | None:
+    """lm-eval's bare `assert len(continuation_enc) <= self.max_length` (lm_eval/models/huggingface.py), said in words:
+    which continuation, how many tokens, and the model's context. None for any other failure."""
+    if not isinstance(e, AssertionError):
+        return None
+    tb = e.__traceback__
+    while tb is not None:
+        f = tb.tb_frame.f_locals
+        lm, chunk, cont = f.get("self"), f.get("chunk"), f.get("continuation_enc")
+        max_length = getattr(lm, "max_length", None)
+        if isinstance(cont, list) and isinstance(max_length, int) and len(cont) > max_length:
+            text = next((key[1] for key, _, c in chunk or [] if c is cont and isinstance(key, tuple) and len(key) == 2), None)
+            shown = f" {text[:60]!r}{'...' if len(text) > 60 else ''}" if isinstance(text, str) else ""
+            return f"a continuation{shown} is {len(cont)} tokens, longer than the model's context of {max_length}"
+        tb = tb.tb_next
+    return None

@@ -109,12 +109,14 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 @torch.no_grad()
 def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: int, progress: Callable[[int], None] | None = None,
-                   dist: Dist | None = None, max_len: int | None = None) -> list[list[float]]:
+                   dist: Dist | None = None, max_len: int | None = None, cut: set[int] | None = None) -> list[list[float]]:
     """Summed log-likelihood of each item's endings (as the continuation " " + ending of its query).
 
     With dist, rank r scores requests r, r + world_size, ... and every rank gets them all back; every rank runs
     the same number of forward passes (ZeRO-3 gathers parameters inside each), a short one scoring a placeholder.
     model may be a DeepSpeed engine (training) or a plain module; max_len defaults to the model's context.
+    An ending longer than the context is scored on its last max_len tokens (lm-eval refuses it instead): the
+    indices of such items are added to cut, so the caller can say so.
     """
     max_len = max_len or model_context(model) or 1 << 30
     requests = []  # (item, ending, input ids, continuation ids)
@@ -122,6 +124,8 @@ def choice_logliks(model, tokenizer: Tokenizer, items: list[Item], batch_size: i
         for j, ending in enumerate(item.endings):
             context_ids, cont_ids = encode_pair(tokenizer, item.query, " " + ending)
             ids = (context_ids + cont_ids)[-(max_len + 1) :][:-1]  # truncated from the left, like lm-eval
+            if len(cont_ids) > len(ids) and cut is not None:
+                cut.add(i)
             requests.append((i, j, ids, cont_ids[-len(ids) :]))
     requests.sort(key=lambda r: -len(r[2]))  # similar lengths together: less padding
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
@@ -179,11 +183,18 @@ def accuracy_counts(items: list[Item], logliks: list[list[float]]) -> dict:
 
 
 def hellaswag_scores(model, tokenizer: Tokenizer, items: list[Item], batch_size: int, progress: Callable[[int], None] | None = None,
-                     dist: Dist | None = None, max_len: int | None = None) -> dict:
+                     dist: Dist | None = None, max_len: int | None = None, cut: set[int] | None = None) -> dict:
     """{"acc", "acc_norm", "n"} of the model on items, zero-shot as lm-evaluation-harness scores HellaSwag: the one
-    scoring chain, for the evaluate stage and training's evaluations (dist and max_len as choice_logliks takes them)."""
-    counts = accuracy_counts(items, choice_logliks(model, tokenizer, items, batch_size, progress, dist, max_len))
+    scoring chain, for the evaluate stage and training's evaluations (dist, max_len and cut as choice_logliks takes them)."""
+    counts = accuracy_counts(items, choice_logliks(model, tokenizer, items, batch_size, progress, dist, max_len, cut))
     return scores_from_counts(counts)
+
+
+def describe_cut(cut: set[int], max_len: int) -> str:
+    """A note for items whose ending did not fit in the context (1-based, as in the file's item order)."""
+    shown = ", ".join(str(i + 1) for i in sorted(cut)[:5]) + (", ..." if len(cut) > 5 else "")
+    return (f"hellaswag: {len(cut)} item(s) have an ending longer than the model's context of {max_len} tokens (items {shown});"
+            " only each such ending's last tokens were scored")
 
 
 def scores_from_counts(counts: dict) -> dict:

@@ -27,8 +27,8 @@ def custom_metrics(names: list[str], model, tokenizer, val_tokens, project: str 
         function = load_function(module_name, function_name, folder)
         try:
             result = function(model=model, tokenizer=tokenizer, val_tokens=val_tokens)
-        except Exception as e:  # noqa: BLE001 - the user's code failed: where, in one message
-            raise UserError(f"{KEY}: {name} raised {type(e).__name__}: {e} ({where(e, folder)})") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code failed (or tried to end the stage): where, in one message
+            raise UserError(f"{KEY}: {name} {failure(e)} ({where(e, folder)})") from None
         key = function_name if function_name not in BUILT_IN and function_name not in results else name
         results[key] = checked_result(name, result)
     return results
@@ -41,12 +41,20 @@ def load_function(module_name: str, function_name: str, folder: str):
         if e.name and module_name.startswith(e.name):
             raise UserError(f"{KEY}: no module {module_name!r} in {folder} (a file {module_name.replace('.', '/')}.py there)") from None
         raise UserError(f"{KEY}: importing {module_name} failed: {e} ({where(e, folder)})") from None
-    except Exception as e:  # noqa: BLE001 - the module's own code failed as it was imported
-        raise UserError(f"{KEY}: importing {module_name} raised {type(e).__name__}: {e} ({where(e, folder)})") from None
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the module's own code failed as it was imported
+        raise UserError(f"{KEY}: importing {module_name} {failure(e)} ({where(e, folder)})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"{KEY}: {module_name} ({module.__file__}) has no function {function_name!r}")
     return function
+
+
+def failure(e: BaseException) -> str:
+    """What the user's code did: an exception it raised, or sys.exit, which must not end the stage as if it had finished
+    (the stage's own metrics file would then be missing, or an earlier one taken for this run's)."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r}) before the stage wrote its metrics: a metric function returns its result"
+    return f"raised {type(e).__name__}: {e}"
 
 
 def checked_result(name: str, result) -> dict:
@@ -60,6 +68,8 @@ def checked_result(name: str, result) -> dict:
 
     if number(result) is not None:
         result = {"value": result}
+    elif isinstance(result, numbers.Real) or hasattr(result, "item") and getattr(result, "ndim", None) == 0:
+        raise UserError(f"{KEY}: {name} returned {result!r}; a metric must be a finite number")
     if not isinstance(result, dict) or not result:
         raise UserError(f"{KEY}: {name} returned {type(result).__name__}; return a number or a dict of names to numbers")
     checked = {}

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.eval.harness import lm_eval_scores
-from pipeline.eval.hellaswag import hellaswag_scores, load_hellaswag
+from pipeline.eval.hellaswag import describe_cut, hellaswag_scores, load_hellaswag
 from pipeline.eval.hooks import custom_metrics
 from pipeline.eval.lm import count_windows, covered_text_bytes, val_metrics
 from pipeline.files import write_json_atomic
@@ -77,8 +77,13 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
     if cfg.hellaswag or cfg.hellaswag_url:
         items = load_hellaswag(p, cfg.hellaswag_limit, progress)
         endings = sum(len(i.endings) for i in items)
+        cut = set()
         with progress("HellaSwag endings", len(range(rank, endings, world_size))) as advance:
-            metrics["hellaswag"] = hellaswag_scores(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None)
+            metrics["hellaswag"] = hellaswag_scores(model, tokenizer, items, cfg.batch_size, advance, dist if world_size > 1 else None,
+                                                    cut=cut)
+        if cut:
+            metrics["hellaswag"]["endings_cut"] = len(cut)
+            notes.append(describe_cut(cut, context or 1 << 30))
     else:
         notes.append("hellaswag: skipped (evaluate.hellaswag not set)")
     if dist is not None:

@@ -70,19 +70,43 @@ class EarlyStopping:
 class TimeToTarget:
     """train.target_loss: the first evaluation at or below it, with what it took to get there (steps, tokens, model
     FLOPs, seconds in training steps over every resume, seconds since this stage's process started). The record
-    lives in the TrainState, so a resumed run keeps it; a run that never gets there says so, with no figure."""
+    lives in the TrainState, so a resumed run keeps it; a run that never gets there says so, with no figure.
+
+    The target is not part of the run's identity (changing it resumes the run), so a record belongs to the target it
+    was made for: a resumed run redoes it from the evaluations the run has made (TrainState.val_minima)."""
 
     def __init__(self, t: TrainConfig):
         self.target, self.stop = t.target_loss, t.stop_at_target
 
     def record(self, s: TrainState, flops_per_token: float, stage_seconds: float) -> bool:
         """After an evaluation: True when this one is the first to reach the target."""
-        if self.target is None or s.reached_target is not None or s.val_loss is None or s.val_loss > self.target:
+        if s.val_loss is None:
             return False
-        s.reached_target = {"step": s.step, "tokens": s.tokens_seen, "flops": s.tokens_seen * flops_per_token,
-                            "train_seconds": round(s.train_seconds, 3), "stage_seconds": round(stage_seconds, 3),
-                            "val_loss": s.val_loss}
+        if not s.val_minima or s.val_loss < s.val_minima[-1][4]:
+            s.val_minima.append([s.step, s.tokens_seen, round(s.train_seconds, 3), round(stage_seconds, 3), s.val_loss])
+        if self.target is None or s.reached_target is not None or s.val_loss > self.target:
+            return False
+        s.reached_target = self._made_from(s.val_minima[-1], flops_per_token)
         return True
+
+    def resume(self, s: TrainState, flops_per_token: float) -> str | None:
+        """Make a resumed run's record the one for this target; a line saying what changed, or None."""
+        before = s.reached_target
+        if s.val_minima:
+            first = next((e for e in s.val_minima if self.target is not None and e[4] <= self.target), None)
+            s.reached_target = self._made_from(first, flops_per_token) if first else None
+        elif before is not None and before.get("loss") != self.target:
+            s.reached_target = None  # a record of another target, and nothing to redo it from
+        if s.reached_target == before or (before is not None and before.get("loss") == self.target):
+            return None
+        was = f"the record was for train.target_loss={before.get('loss')}" if before else "no target was reached before"
+        now = self.describe(s) if self.target is not None else "no target now"
+        return f"{was}; from the run's {len(s.val_minima)} best evaluations so far: {now}"
+
+    def _made_from(self, minimum: list, flops_per_token: float) -> dict:
+        step, tokens, train_seconds, stage_seconds, val_loss = minimum
+        return {"loss": self.target, "step": step, "tokens": tokens, "flops": tokens * flops_per_token,
+                "train_seconds": train_seconds, "stage_seconds": stage_seconds, "val_loss": val_loss}
 
     def reason(self, s: TrainState) -> str | None:
         if not self.stop or s.reached_target is None:

@@ -202,6 +202,9 @@ def fit(run: Run, progress: ProgressFactory = no_progress) -> None:
     cadence, stopping, throughput = Cadence(t, run.total_steps), EarlyStopping(t), Throughput(run.batch.tokens_per_step)
     target = TimeToTarget(t)
     run.engine.train()
+    changed = target.resume(s, run.flops_per_token)
+    if changed:
+        run.log.echo(f"train: {changed}")
     run.stop_reason = stopping.reason(s) or target.reason(s)  # stopped before this resume: nothing more to do
     if run.stop_reason:
         return
