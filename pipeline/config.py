@@ -500,7 +500,7 @@ class LaunchConfig(TrainPart):
     exclude: str | None = Field(None, description="deepspeed launcher --exclude: hosts and devices to leave out, e.g. worker-2:0", json_schema_extra=KEEPS_RUN)
     master_port: int = Field(29500, ge=1024, le=65535, description="deepspeed launcher: rendezvous port on the first node", json_schema_extra=KEEPS_RUN)
     launcher_args: list[str] = Field(default_factory=list, description="extra deepspeed launcher arguments, e.g. [--no_ssh_check, --master_addr, 10.0.0.1]", json_schema_extra=KEEPS_RUN)
-    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged on top of the generated config")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON for what the params do not set (communication, buckets, ...); keys the params own only as \"auto\" or the same value")
     collective_timeout: int = Field(
         600, ge=10, le=86400, description="seconds a process waits for the others in a collective before the run ends with a message (a frozen rank)", json_schema_extra=KEEPS_RUN)
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import config, params
 from pipeline.errors import UserError
-from pipeline.infra.deepspeed import deepspeed_config, merge_user_config
+from pipeline.infra.deepspeed import deepspeed_config, resolve_user_config
 from pipeline.infra.launcher import launcher_command
 
 
@@ -45,25 +45,62 @@ def test_accumulation_from_global_batch_tokens():
         both.batch(world_size=1, block_size=128)
 
 
-def test_user_json_is_merged_on_top_and_changes_are_reported(tmp_path):
-    user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5e7}, "wall_clock_breakdown": True}))
-    merged, changed = merge_user_config(ds_config(), str(user))
-    assert merged["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 5e7}
-    assert merged["wall_clock_breakdown"] is True and merged["optimizer"]["type"] == "AdamW"
-    assert changed == ["zero_optimization.stage: 0 -> 1", "wall_clock_breakdown: False -> True"]
+def resolve(user: dict | str, tmp_path, **train) -> tuple[dict, list[str]]:
+    path = tmp_path / "ds.json"
+    path.write_text(user if isinstance(user, str) else json.dumps(user))
+    t = config.TrainConfig(**train)
+    return resolve_user_config(t, deepspeed_config(t, t.batch(1, 128)), str(path))
 
 
-def test_user_json_may_not_change_the_batch_and_bad_files_are_named(tmp_path):
-    user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64}))
-    with pytest.raises(UserError, match="sets train_micro_batch_size_per_gpu, which gptpipe derives"):
-        merge_user_config(ds_config(), str(user))
-    user.write_text('{"zero_optimization": {"stage": 1,}}')
+def test_keys_the_params_do_not_own_pass_through_and_are_reported(tmp_path):
+    user = {"zero_optimization": {"stage": "auto", "reduce_bucket_size": 5e7, "allgather_bucket_size": "auto"},
+            "wall_clock_breakdown": True, "activation_checkpointing": {"partition_activations": True}}
+    merged, added = resolve(user, tmp_path, zero_stage=1)
+    assert merged["zero_optimization"] == {**ds_config(zero_stage=1)["zero_optimization"], "reduce_bucket_size": 5e7}
+    assert merged["wall_clock_breakdown"] is True and merged["activation_checkpointing"] == {"partition_activations": True}
+    assert merged["optimizer"] == ds_config(zero_stage=1)["optimizer"]
+    assert added == ["zero_optimization.reduce_bucket_size: 50000000.0", "zero_optimization.allgather_bucket_size: auto (DeepSpeed's default)",
+                     "wall_clock_breakdown: false -> true", "activation_checkpointing.partition_activations: true"]
+
+
+def test_a_json_written_for_hugging_face_with_auto_and_equal_values_resolves_to_the_params(tmp_path):
+    """The usual HF Trainer JSON: "auto" everywhere the Trainer fills in, or values equal to the params."""
+    user = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": False}, "gradient_clipping": 0.5, "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto",
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.95], "eps": "auto", "weight_decay": "auto"}},
+            "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto"}},
+            "zero_optimization": {"stage": 2, "overlap_comm": True}}
+    merged, _ = resolve(user, tmp_path, zero_stage=2, micro_batch_size=8, grad_clip=0.5, precision="fp32")
+    expected = ds_config(zero_stage=2, micro_batch_size=8, grad_clip=0.5, precision="fp32")
+    assert merged == {**expected, "zero_optimization": {**expected["zero_optimization"], "overlap_comm": True}}
+
+
+@pytest.mark.parametrize("user, message", [
+    ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage=2 where train.zero_stage gives 0"),
+    ({"gradient_clipping": 0.0}, r"gradient_clipping=0.0 where train.grad_clip gives 1.0"),
+    ({"bf16": {"enabled": True}}, r"bf16.enabled=true where train.precision gives false"),
+    ({"optimizer": {"type": "SGD"}}, r"optimizer.type=\"SGD\" where train.optimizer gives \"AdamW\""),
+    ({"optimizer": {"params": {"lr": 0.1, "weight_decay": 0.5}}}, r"optimizer.params.lr=0.1 where train.lr gives .*; optimizer.params.weight_decay=0.5 where train.weight_decay"),
+    ({"optimizer": None}, r"optimizer=null, which must be an object"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, r"zero_optimization.offload_optimizer.device=\"cpu\" where train.offload_optimizer gives \"none\""),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.01}}}, r"a scheduler with values of its own"),
+    ({"train_micro_batch_size_per_gpu": 64}, r"train_micro_batch_size_per_gpu=64 where train.micro_batch_size gives"),
+])  # fmt: skip
+def test_a_json_that_contradicts_the_params_is_one_message_naming_the_param(tmp_path, user, message):
+    """Before, the JSON won silently: ZeRO 2 from the JSON on train.zero_stage: 0 turned clipping off and the checkpoint
+    was read as ZeRO 0."""
+    with pytest.raises(UserError, match=r"train.deepspeed_config: .*ds.json sets " + message):
+        resolve(user, tmp_path)
+
+
+def test_bad_json_files_are_named(tmp_path):
     with pytest.raises(UserError, match=r"ds.json:1: invalid JSON"):
-        merge_user_config(ds_config(), str(user))
+        resolve('{"zero_optimization": {"stage": 1,}}', tmp_path)
+    with pytest.raises(UserError, match="must hold a JSON object"):
+        resolve("[1]", tmp_path)
+    t = config.TrainConfig()
     with pytest.raises(UserError, match="not found"):
-        merge_user_config(ds_config(), str(tmp_path / "missing.json"))
+        resolve_user_config(t, deepspeed_config(t, t.batch(1, 128)), str(tmp_path / "missing.json"))
 
 
 def test_launcher_command_from_params(tmp_path):

@@ -22,10 +22,6 @@ from pipeline.errors import UserError
 from pipeline.files import absent
 from pipeline.output import Echo, silent
 
-# Keys that the data path derives from train.* itself: a user JSON may not change them.
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
 def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
     """The DeepSpeed JSON for train.*, one key at a time; the lr schedule is set by the loop each step."""
     zero: dict = {"stage": train.zero_stage}
@@ -75,39 +71,128 @@ def optimizer_config(train: TrainConfig) -> dict:
     return {"type": "AdamW", "params": {**adam, **({"fused": True} if not train.offload_optimizer else {})}}
 
 
-def merge_user_config(generated: dict, path: str | None) -> tuple[dict, list[str]]:
-    """Put a user's DeepSpeed JSON on top of the generated one; return it and the keys it changed."""
-    if not path:
-        return generated, []
+def read_user_config(path: str) -> dict:
+    """train.deepspeed_config's JSON object, or one message naming the file (and the line)."""
     if not Path(path).is_file():
         raise UserError(f"train.deepspeed_config: {path} {absent(path)}")
     try:
-        user = json.loads(Path(path).read_text())
+        user = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"train.deepspeed_config: {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"train.deepspeed_config: {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"train.deepspeed_config: {path}{where}: invalid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(user, dict):
         raise UserError(f"train.deepspeed_config: {path} must hold a JSON object")
-    fixed = [k for k in BATCH_KEYS if k in user and user[k] != generated[k]]
-    if fixed:
-        raise UserError(
-            f"train.deepspeed_config: {path} sets {', '.join(fixed)}, which gptpipe derives from train.micro_batch_size,"
-            " train.grad_accum / train.global_batch_tokens and the world size: set those params instead"
-        )
-    changed: list[str] = []
-    return _merge(generated, user, "", changed), changed
+    return user
 
 
-def _merge(base: dict, top: dict, prefix: str, changed: list[str]) -> dict:
+def owned_keys(train: TrainConfig, generated: dict) -> dict[tuple[str, ...], tuple[str, object]]:
+    """The DeepSpeed keys gptpipe's schema owns: path in the JSON -> (the param that sets it, the value the params give).
+    The loop, the checkpoint reader, clipping, plan and doctor read those params, so the JSON may not say otherwise."""
+    adam = generated["optimizer"]["params"]
+    device = {True: "cpu", False: "none"}
+    owned = {
+        ("train_batch_size",): ("train.micro_batch_size x train.grad_accum (or train.global_batch_tokens) x processes", generated["train_batch_size"]),
+        ("train_micro_batch_size_per_gpu",): ("train.micro_batch_size", generated["train_micro_batch_size_per_gpu"]),
+        ("gradient_accumulation_steps",): ("train.grad_accum (or train.global_batch_tokens)", generated["gradient_accumulation_steps"]),
+        ("gradient_clipping",): ("train.grad_clip", train.clip),
+        ("zero_optimization", "stage"): ("train.zero_stage", train.zero_stage),
+        ("zero_optimization", "offload_optimizer", "device"): ("train.offload_optimizer", device[train.offload_optimizer]),
+        ("zero_optimization", "offload_param", "device"): ("train.offload_params", device[train.offload_params]),
+        ("bf16", "enabled"): ("train.precision", train.precision == "bf16"),
+        ("bfloat16", "enabled"): ("train.precision", train.precision == "bf16"),
+        ("fp16", "enabled"): ("train.precision", train.precision == "fp16"),
+        ("optimizer", "type"): ("train.optimizer", generated["optimizer"]["type"]),
+        ("optimizer", "params", "lr"): ("train.lr", train.lr),
+        ("optimizer", "params", "betas"): ("train.beta1 and train.beta2", [train.beta1, train.beta2]),
+        ("optimizer", "params", "eps"): ("train.eps", train.eps),
+        ("optimizer", "params", "weight_decay"): ("train.weight_decay", train.weight_decay),
+        ("optimizer", "params", "adam_w_mode"): ("train.optimizer", True),
+    }
+    if train.optimizer == "muon":
+        owned[("optimizer", "params", "muon_lr")] = ("train.muon_lr", adam["muon_lr"])
+        owned[("optimizer", "params", "momentum")] = ("train.muon_momentum", adam["momentum"])
+    if train.zero_stage == 3:  # the export gathers the whole model through it
+        owned[("zero_optimization", "stage3_gather_16bit_weights_on_model_save")] = ("train.zero_stage", True)
+    return owned
+
+
+def same_value(given, expected) -> bool:
+    if isinstance(expected, bool) or isinstance(given, bool):
+        return given is expected
+    if isinstance(expected, str):  # DeepSpeed reads optimizer names and devices in any case; Adam with adam_w_mode is AdamW
+        names = {"adamw": {"adamw", "adam"}}.get(expected.lower(), {expected.lower()})
+        return isinstance(given, str) and given.lower() in names
+    if isinstance(expected, list):
+        return isinstance(given, list) and len(given) == len(expected) and all(same_value(g, e) for g, e in zip(given, expected))
+    return isinstance(given, (int, float)) and float(given) == float(expected)
+
+
+def resolve_user_config(train: TrainConfig, generated: dict, path: str | None) -> tuple[dict, list[str]]:
+    """The one engine config: the generated one with a user's DeepSpeed JSON resolved into it; and what the JSON added.
+
+    As in Hugging Face's DeepSpeed integration, a key the params own (owned_keys) may appear in the JSON only as "auto"
+    or with the value the params give; any other value is one message naming the train.* key to set instead. A
+    "scheduler" block may hold only "auto" values (the loop sets the lr each step, from train.schedule). Everything
+    else (communication, bucket sizes, activation checkpointing, ...) passes through; "auto" there means
+    DeepSpeed's default.
+    """
+    if not path:
+        return generated, []
+    user = read_user_config(path)
+    owned = owned_keys(train, generated)
+    conflicts, added = [], []
+
+    def walk(node: dict, prefix: tuple[str, ...]) -> dict:
+        kept = {}
+        for key, value in node.items():
+            at = (*prefix, key)
+            name = ".".join(at)
+            if at in owned:
+                param, expected = owned[at]
+                if value != "auto" and not same_value(value, expected):
+                    conflicts.append(f"{name}={json.dumps(value)} where {param} gives {json.dumps(expected)}")
+                continue  # the generated value stands: it encodes the same setting as the engine needs it
+            if at == ("scheduler",):
+                params = value.get("params") if isinstance(value, dict) else None
+                if value != "auto" and not (isinstance(params, dict) and all(v == "auto" for v in params.values())):
+                    conflicts.append("a scheduler with values of its own, where train.schedule, train.warmup_steps, train.lr and"
+                                     " train.min_lr give the schedule (the loop sets the lr every step): remove it or make its params \"auto\"")
+                continue
+            holds_owned = any(len(o) > len(at) and o[: len(at)] == at for o in owned)
+            if isinstance(value, dict):
+                kept[key] = walk(value, at)
+            elif holds_owned:  # "optimizer": "auto" keeps gptpipe's block; anything else would replace what the params set
+                if value != "auto":
+                    conflicts.append(f"{name}={json.dumps(value)}, which must be an object (or \"auto\") as it holds what the params set")
+            elif value == "auto":
+                added.append(f"{name}: auto (DeepSpeed's default)")
+            else:
+                kept[key] = value
+                before = generated_at(generated, at)
+                added.append(f"{name}: {json.dumps(before)} -> {json.dumps(value)}" if before is not None else f"{name}: {json.dumps(value)}")
+        return kept
+
+    passed = walk(user, ())
+    if conflicts:
+        raise UserError(f"train.deepspeed_config: {path} sets " + "; ".join(conflicts)
+                        + '. Set those params instead (or write "auto", as for Hugging Face\'s DeepSpeed integration)')
+    return _merge(generated, passed), added
+
+
+def generated_at(config: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            out[key] = _merge(base[key], value, f"{prefix}{key}.", changed)
-        else:
-            if key in base and base[key] != value:
-                changed.append(f"{prefix}{key}: {base[key]!r} -> {value!r}")
-            out[key] = value
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
 
 
@@ -123,11 +208,11 @@ def check_precision(train: TrainConfig) -> None:
 
 
 def engine_config(train: TrainConfig, batch: Batch, echo: Echo = silent) -> dict:
-    """The DeepSpeed config a run trains with: generated from train.*, a user JSON merged on top."""
+    """The DeepSpeed config a run trains with: generated from train.*, a user JSON resolved into it (resolve_user_config)."""
     check_precision(train)
-    ds_config, changed = merge_user_config(deepspeed_config(train, batch), train.deepspeed_config)
-    for change in changed:
-        echo(f"train: {train.deepspeed_config} overrides {change}")
+    ds_config, added = resolve_user_config(train, deepspeed_config(train, batch), train.deepspeed_config)
+    for change in added:
+        echo(f"train: {train.deepspeed_config} sets {change}")
     return ds_config
 
 
