@@ -67,11 +67,13 @@ def test_the_module_table_names_every_module_and_only_those():
     assert not documented - actual, f"docs/architecture.md lists modules that do not exist: {sorted(documented - actual)}"
 
 
-def test_every_pipeline_import_keeps_the_documented_rules():
-    rules = {names(row[0])[0].rstrip("/") if names(row[0]) else row[0]: [] if row[1] == "nothing" else names(row[1])
-             for row in table("| package |")}
-    assert {"prepare", "train", "cli", "tools"} <= set(rules), rules
-    files = modules()
+def import_rules() -> dict[str, list[str]]:
+    return {names(row[0])[0].rstrip("/") if names(row[0]) else row[0]: [] if row[1] == "nothing" else names(row[1])
+            for row in table("| package |")}
+
+
+def rule_violations(files: dict[str, Path], rules: dict[str, list[str]]) -> list[str]:
+    """Every import in files that the package table does not allow, as 'module:line imports ...'."""
     broken = []
     for module, path in files.items():
         package = package_of(module)
@@ -89,6 +91,13 @@ def test_every_pipeline_import_keeps_the_documented_rules():
                 broken.append(f"{module}:{line} imports {dotted}: ground modules import ground modules only")
             elif not allowed(dotted, rules.get(package, [])):
                 broken.append(f"{module}:{line} imports {dotted}, which docs/architecture.md does not allow for {package}/")
+    return broken
+
+
+def test_every_pipeline_import_keeps_the_documented_rules():
+    rules = import_rules()
+    assert {"prepare", "train", "cli", "tools"} <= set(rules), rules
+    broken = rule_violations(modules(), rules)
     assert not broken, "\n".join(broken)
 
 
@@ -114,7 +123,15 @@ def test_no_stage_module_is_imported_by_another_package():
                 assert module == "cli" and dotted.endswith("/command"), f"{module}:{line} imports {dotted}"
 
 
-def test_the_rule_checker_catches_a_broken_rule():
-    """The checks above can fail: an import the table forbids is reported."""
+def test_the_rule_checker_catches_a_broken_rule(tmp_path):
+    """The checks above can fail: a planted module of prepare/ that imports the train loop, and a ground module that
+    imports a package, a function-level import among them, are each reported."""
     assert not allowed("eval/stage", ["eval/lm", "eval/hellaswag"]) and allowed("infra/launcher", ["infra/"])
     assert package_of("train/loop") == "train" and package_of("tokens") == "ground" and package_of("cli") == "cli"
+    (tmp_path / "planted.py").write_text("import json\n\n\ndef f():\n    from pipeline.train.loop import train\n")
+    (tmp_path / "ground.py").write_text("from pipeline.eval import lm\n")
+    files = {**modules(), "prepare/planted": tmp_path / "planted.py", "planted_ground": tmp_path / "ground.py"}
+    assert rule_violations(files, import_rules()) == [
+        "prepare/planted:5 imports train/loop, which docs/architecture.md does not allow for prepare/",
+        "planted_ground:1 imports eval/lm: ground modules import ground modules only",
+    ]

@@ -1,4 +1,4 @@
-"""The generated DeepSpeed config, a user JSON on top of it, and the batch arithmetic."""
+"""The generated DeepSpeed config, a user JSON resolved into it, the batch arithmetic and the launcher command."""
 
 import json
 
