@@ -130,6 +130,9 @@ class TokenizeConfig(Section):
     import_dirs: list[str] = Field(
         default_factory=list, description="import only: nanoGPT data folders (train.bin, val.bin; meta.pkl for char data, else gpt2 ids) or gptpipe token folders, concatenated split by split (one tokenizer); keep them under data/raw"
     )
+    import_encoding: Literal["auto", "gpt2"] = Field(
+        "auto", description="import only: the ids of a nanoGPT folder without meta.pkl; auto = tiktoken's gpt2, refused when every id is below 256 (char data that lost its meta.pkl); gpt2 = gpt2 ids even then"
+    )
     encoding: str = Field("gpt2", min_length=1, description="tiktoken only: encoding name (gpt2, r50k_base, cl100k_base, ...)")
     vocab_size: int = Field(4096, ge=260, le=1_000_000, description="bpe only: vocabulary size to train, special tokens included")
     min_frequency: int = Field(2, ge=1, le=BIG, description="bpe only: minimum pair count for a merge")
@@ -165,6 +168,8 @@ class TokenizeConfig(Section):
             check([("import_dirs", "required when kind is 'import': the nanoGPT data or token folders to import")])
         if self.import_dirs and self.kind != "import":
             check([("import_dirs", f"set with tokenize.kind={self.kind}: it is read with kind import only")])
+        if self.import_encoding != "auto" and self.kind != "import":
+            check([("import_encoding", f"set with tokenize.kind={self.kind}: it is read with kind import only")])
         return self
 
 
@@ -730,12 +735,21 @@ class Params(Section):
         own = not self.model.is_scratch and saved_tokenizer(self.model.init) is not None
         # Imported ids are checked against the model when train loads them (nanoGPT's gpt2 ids fit GPT-2 checkpoints).
         if not self.model.is_scratch and self.tokenize.kind not in ("hf", "import") and not gpt2_ids and not own:
+            init = self.model.init
+            if not os.path.exists(os.path.expanduser(init)):
+                # Not a folder here: either a mistyped path or a hub id; say which, rather than "a pretrained checkpoint".
+                if os.path.isabs(init) or init.startswith((".", "~")) or init.count("/") > 1:
+                    check([("model.init", f"{init!r} not found (no such folder; a hub id has the form name or owner/name)")])
+                what = ("is no folder here, so it names a model on the Hugging Face hub (downloaded with network access, or read"
+                        " from the HF_HOME cache; if you meant a folder, check the path)")
+            else:
+                what = "is a pretrained checkpoint"
             check(
                 [
                     (
                         "tokenize.kind",
-                        f"is '{self.tokenize.kind}' but model.init={self.model.init!r} is a pretrained checkpoint: its own"
-                        f" tokenizer is needed (tokenize.kind=hf, tokenize.pretrained={self.model.init!r}; for GPT-2 checkpoints"
+                        f"is '{self.tokenize.kind}' but model.init={init!r} {what}: its own"
+                        f" tokenizer is needed (tokenize.kind=hf, tokenize.pretrained={init!r}; for GPT-2 checkpoints"
                         " tokenize.kind=tiktoken with encoding gpt2 also works)",
                     )
                 ]

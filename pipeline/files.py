@@ -1,12 +1,13 @@
 """Writing outputs so that an interrupted run never leaves a half-written file or folder behind, a folder is
 replaced only when gptpipe wrote it, two runs never write one folder at once, a symlinked folder is written
-through its link, and a full disk is one message."""
+through its link, and a full disk is one message; and a written folder's checksum list checked on reading."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
@@ -233,3 +234,49 @@ def parse_json(text: str, where: str):
         raise UserError(f"{where}: malformed JSON ({e.msg} at {at})") from None
     except RecursionError:
         raise UserError(f"{where}: JSON nested too deeply to be data") from None
+
+
+def sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def seal(root: Path, listing: Path) -> None:
+    """Write listing (inside root): the sha256 of every other file under root. Call it last: a folder without its
+    listing is incomplete. The one writer of the checksum lists of step folders, exports and conversions."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != listing)
+    write_json_atomic(listing, {str(p.relative_to(root)): sha256(p) for p in files})
+
+
+def seal_problem(root: Path, listing: Path, unlisted: str = "*.pt", under: str | None = None) -> str | None:
+    """Why the files under root do not match listing (seal's), naming the file; None when every file it lists is
+    there with its sha256 and no file matching the pattern unlisted is missing from it. With under (a subfolder's
+    name), only that subfolder is checked: a tokenizer reused from a checkpoint need not hash its weights. The one
+    reader of seal's lists."""
+    try:
+        listed = json.loads(listing.read_text())
+    except (ValueError, UnicodeDecodeError):
+        listed = None
+    except FileNotFoundError:
+        return f"{listing.name} is missing"
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):  # a check, not an assert: -O keeps it
+        return f"{listing.name} is not a checksum list"
+    for name, digest in listed.items():
+        if under is not None and Path(name).parts[:1] != (under,):
+            continue
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:  # only files inside the folder
+            return f"{name} is missing"
+        if not path.is_file():
+            return f"{name} {absent(path)}" if path.exists() else f"{name} is missing"
+        try:
+            if sha256(path) != digest:
+                return f"{name} is corrupt (its sha256 differs from {listing.name})"
+        except FileNotFoundError:  # removed while it was read
+            return f"{name} is missing"
+    known = set(listed) | {listing.name}
+    for path in sorted((root / under if under else root).rglob(unlisted)):
+        name = str(path.relative_to(root))
+        if name not in known and not path.is_dir():
+            return f"{name} is not in {listing.name}"
+    return None

@@ -5,7 +5,8 @@
     RunDir        train.out_dir/run-* run.json, ds_config.json, latest, best, step-*/, universal/step-*/
     CheckpointDir run-*/step-*        DeepSpeed's files, rng-rank<r>.pt, config.json, tokenizer/, metrics/, state.json,
                                       checksums.json (last)
-    ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json and gptpipe_tokenizer/
+    ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json, gptpipe_tokenizer/ and
+                                      gptpipe_checksums.json (last)
     TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves), samples.jsonl
     SamplesDir    sample.out_dir      samples.jsonl, samples.md
     ReportDir     report.out_dir      report.md, report.html, plots/*.png
@@ -147,6 +148,12 @@ class ExportDir(Folder):
     @property
     def model_config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def checksums(self) -> Path:
+        """sha256 of every other file, as a step folder's checksums.json (checkpoints/folder.py seals both); written
+        last. Named apart from a step folder's, which tells a step folder from an export."""
+        return self.root / "gptpipe_checksums.json"
 
     @property
     def info(self) -> Path:

@@ -245,14 +245,62 @@ def describe_tokens(tokenizer, splits: dict[str, dict], params: dict) -> dict:
 
 
 def read_meta(tokens_dir: str | Path) -> dict:
-    """The tokenize stage's meta.json: vocab size, end-of-text id, token counts."""
+    """The tokenize stage's meta.json: vocab size, end-of-text id, token counts; every key a reader uses checked, so
+    a damaged file is one message naming the file and the key."""
     path = TokensDir(tokens_dir).meta
     if not path.is_file():
         raise UserError(f"{path} {absent(path)}: run the tokenize stage first (dvc repro tokenize)")
     try:
         meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{path}: not valid JSON; rerun the tokenize stage") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: not the tokenize stage's meta.json; rerun the tokenize stage")
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path}: {problem}: the file is damaged; rerun the tokenize stage")
     return meta
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with a meta.json's keys, naming the key; None when vocab_size and eot_id are there and every
+    count present is a whole number."""
+
+    def count(value, low: int = 0, high: int = 1 << 62) -> bool:
+        return type(value) is int and low <= value <= high
+
+    def shown(value) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 40 else text[:40] + "..."
+
+    if "vocab_size" not in meta or "eot_id" not in meta:
+        return f"`{'vocab_size' if 'vocab_size' not in meta else 'eot_id'}` is missing"
+    if not count(meta["vocab_size"], 1, 1 << 32):
+        return f"`vocab_size` is {shown(meta['vocab_size'])}, not a vocabulary size (a whole number from 1 to 2**32)"
+    if not count(meta["eot_id"], 0, 1 << 32):  # below vocab_size too: open_split holds both against the shards' headers
+        return f"`eot_id` is {shown(meta['eot_id'])}, not a token id"
+    for key in ("tokens", "text_bytes"):
+        if key in meta and not count(meta[key]):
+            return f"`{key}` is {shown(meta[key])}, not a count"
+    if "tokenizer" in meta and not isinstance(meta["tokenizer"], dict):
+        return f"`tokenizer` is {shown(meta['tokenizer'])}, not a description of the tokenizer"
+    splits = meta.get("splits", {})
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) for s in splits.values()):
+        return f"`splits` is {shown(splits)}, not {{split: counts}}"
+    for split, info in splits.items():
+        for key in ("documents", "tokens", "text_bytes"):
+            if key in info and not count(info[key]):
+                return f"`splits.{split}.{key}` is {shown(info[key])}, not a count"
+        if "shards" in info and not (isinstance(info["shards"], list) and all(count(n) for n in info["shards"])):
+            return f"`splits.{split}.shards` is {shown(info['shards'])}, not a list of token counts"
+    return None
+
+
+def first_position(shards: TokenShards, token_id: int) -> int | None:
+    """Where token_id first occurs in a split (None: nowhere), block by block: train.document_mask needs the
+    end-of-text id in the data, and a split that has it has it early."""
+    for start in range(0, len(shards), VERIFY_BLOCK):
+        hits = np.flatnonzero(np.asarray(shards[start : start + VERIFY_BLOCK]) == token_id)
+        if hits.size:
+            return start + int(hits[0])
+    return None

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.checkpoints.deepspeed_io import check_loadable, deepspeed_to_universal, partitioned_optimizer
-from pipeline.checkpoints.folder import sha256
 from pipeline.checkpoints.state import TrainState
 from pipeline.errors import UserError
-from pipeline.files import write_failure, write_json_atomic, write_text_atomic
+from pipeline.files import seal, seal_problem, sha256, write_failure, write_json_atomic, write_text_atomic
 from pipeline.infra.distributed import Dist, barrier
 from pipeline.layout import CheckpointDir, RunDir
 from pipeline.output import Echo, silent
@@ -108,8 +107,7 @@ def convert_universal(source: CheckpointDir, out: Path, stamp: dict) -> None:
         deepspeed_to_universal(source.root, tmp)
         (tmp.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to tmp: gptpipe keeps its own
         write_json_atomic(tmp / SOURCE, stamp)
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        write_json_atomic(tmp / "checksums.json", {str(p.relative_to(tmp)): sha256(p) for p in files})
+        seal(tmp, tmp / "checksums.json")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failure(e, out) or e from None
@@ -125,27 +123,15 @@ def universal_problem(out: Path, stamp: dict) -> str | None:
     listing = out / "checksums.json"
     if not listing.is_file():
         return "incomplete (no checksums.json)"
-    try:
-        listed = json.loads(listing.read_text())
-    except (ValueError, UnicodeDecodeError):
-        listed = None
-    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
-        return "checksums.json is not a checksum list"
     if not converted_from(out, stamp):
         return f"it was converted from an earlier {stamp['step']}, which has been saved again since"
-    for name, digest in listed.items():
-        path = out / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
-            return f"{name} is missing"
-        if sha256(path) != digest:
-            return f"{name} is corrupt (its sha256 differs from checksums.json)"
-    for path in sorted(out.rglob("*.pt")):
-        name = str(path.relative_to(out))
-        if name not in listed:
-            return f"{name} is not in checksums.json"
+    problem = seal_problem(out, listing)
+    if problem:
+        return problem
+    for path in sorted(out.rglob("*.pt")):  # each one listed: seal_problem says so
         problem = check_loadable(path)
         if problem:
-            return f"{name}: {problem}"
+            return f"{path.relative_to(out)}: {problem}"
     return None
 
 

@@ -3,7 +3,6 @@ back with each rank's RNG state, pruned to what train.keep_last keeps."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -15,7 +14,7 @@ import torch
 from pipeline.checkpoints.deepspeed_io import check_loadable, load_engine, missing_parameters, read_zero_weights, save_engine
 from pipeline.checkpoints.state import TrainState
 from pipeline.errors import UserError
-from pipeline.files import write_failure, write_json_atomic, write_text_atomic
+from pipeline.files import absent, seal, seal_problem, sha256, write_failure, write_json_atomic, write_text_atomic
 from pipeline.infra.distributed import Dist, any_rank, barrier
 from pipeline.layout import CheckpointDir, RunDir, TrainMetrics, step_tag
 from pipeline.tokenize.tokenizers import Tokenizer
@@ -30,38 +29,20 @@ def verify_checkpoint(ckpt: CheckpointDir) -> str | None:
     """
     if not ckpt.checksums.is_file():
         return "incomplete (no checksums.json: the save was interrupted)"
-    try:
-        listed = json.loads(ckpt.checksums.read_text())
-    except (ValueError, UnicodeDecodeError):
-        listed = None
-    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):  # a check, not an assert: -O keeps it
-        return f"{ckpt.checksums.name} is not a checksum list"
-    for name, digest in listed.items():
-        path = ckpt.root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():  # only files inside the folder
-            return f"{name} is missing"
-        if sha256(path) != digest:
-            return f"{name} is corrupt (its sha256 differs from {ckpt.checksums.name})"
-    unlisted = sorted(str(p.relative_to(ckpt.root)) for p in ckpt.root.rglob("*.pt") if str(p.relative_to(ckpt.root)) not in listed)
-    if unlisted:
-        return f"{unlisted[0]} is not in {ckpt.checksums.name}"
+    problem = seal_problem(ckpt.root, ckpt.checksums)
+    if problem:
+        return problem
     try:
         state = TrainState.read(ckpt.state)
     except (ValueError, TypeError, OSError):
         return f"{ckpt.state.name} is unreadable"
     if state.tag != ckpt.tag or state.step != int(ckpt.tag.removeprefix("step-")):
         return f"{ckpt.state.name} describes {state.tag} (step {state.step}), not this folder"
-    for name in listed:
-        if name.endswith(".pt"):
-            problem = check_loadable(ckpt.root / name)
-            if problem:
-                return f"{name}: {problem}"
+    for path in sorted(ckpt.root.rglob("*.pt")):  # each one listed: seal_problem says so
+        problem = check_loadable(path)
+        if problem:
+            return f"{path.relative_to(ckpt.root)}: {problem}"
     return None
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def latest_tag(run: RunDir) -> str | None:
@@ -111,8 +92,7 @@ def _complete(engine, run: RunDir, ckpt: CheckpointDir, state: TrainState, token
     tokenizer.save(ckpt.tokenizer)
     copy_metrics(metrics, TrainMetrics(ckpt.metrics))
     state.write(ckpt.state)
-    files = sorted(p for p in ckpt.root.rglob("*") if p.is_file() and p != ckpt.checksums)
-    write_json_atomic(ckpt.checksums, {str(p.relative_to(ckpt.root)): sha256(p) for p in files})
+    seal(ckpt.root, ckpt.checksums)
     write_text_atomic(run.latest, ckpt.tag)
     if state.best_tag == ckpt.tag:
         write_text_atomic(run.best, ckpt.tag)

@@ -94,11 +94,13 @@ def differences(saved: dict, identity: dict) -> str:
     return ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in keys)
 
 
-def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, hold: ExitStack | None = None) -> tuple[RunDir, str | None]:
+def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, hold: ExitStack | None = None,
+             inputs: dict[str, str] | None = None) -> tuple[RunDir, str | None]:
     """(the run folder, the checkpoint to resume or None), decided on rank 0 and the same on every rank.
 
     train.resume: auto resumes the newest intact checkpoint; never moves an existing folder aside to
-    <folder>.previous and starts over; a checkpoint folder resumes that step (a later branch is moved aside).
+    <folder>.previous and starts over (refused, nothing moved, when one of inputs, {param: path}, is that folder or
+    inside it); a checkpoint folder resumes that step (a later branch is moved aside).
     Rank 0 first takes train.out_dir's lock into hold, held until the caller closes it: a second training into the
     same out_dir while this one runs gets one message, before either moves or writes anything.
     """
@@ -107,7 +109,7 @@ def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, ho
         try:
             if hold is not None:
                 hold.enter_context(folder_lock(os.path.realpath(t.out_dir), "train.out_dir", inside=True))
-            run, tag = _open_run(t, identity, echo)
+            run, tag = _open_run(t, identity, echo, inputs or {})
             answer = ("ok", (str(run.root), tag))
         except UserError as e:
             answer = ("error", str(e))
@@ -117,7 +119,7 @@ def open_run(t: TrainConfig, identity: dict, dist: Dist, echo: Echo = silent, ho
     return RunDir(value[0]), value[1]
 
 
-def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str | None]:
+def _open_run(t: TrainConfig, identity: dict, echo: Echo, inputs: dict[str, str]) -> tuple[RunDir, str | None]:
     if t.resume not in ("auto", "never"):
         ckpt = find_checkpoint(t.resume, "train.resume")
         if ckpt is None:
@@ -143,6 +145,7 @@ def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str |
 
     run = RunDir(Path(t.out_dir) / t.run_name) if t.run_name else run_folder(t.out_dir, identity)
     if t.resume == "never" and run.root.exists():
+        check_moves_no_input(run.root, inputs)
         aside = set_aside(run.root)
         echo(f"train: train.resume=never: starting over; the earlier {run.root} is now {aside} (nothing deleted)")
         return run, None
@@ -153,6 +156,18 @@ def _open_run(t: TrainConfig, identity: dict, echo: Echo) -> tuple[RunDir, str |
                             " choose another run_name, or set train.resume=never to start it over (the old folder is kept as"
                             f" {run.root.name}.previous)")
     return run, choose_resume(run, echo)
+
+
+def check_moves_no_input(folder: Path, inputs: dict[str, str]) -> None:
+    """UserError when an input (model.init) is folder or inside it: setting folder aside would take it away."""
+    real = os.path.realpath(folder)
+    for key, path in inputs.items():
+        where = os.path.realpath(path)
+        if where == real or where.startswith(real + os.sep):
+            raise UserError(f"train.resume=never would move {folder} aside to start over, but {key}={path!r} is"
+                            f" {'that folder' if where == real else 'inside it'}: training would then start from a model that is"
+                            f" gone. Nothing was moved: choose another train.run_name, or copy the model out of {folder} and"
+                            f" point {key} at the copy")
 
 
 def set_aside(folder: Path) -> Path:
@@ -184,30 +199,48 @@ def start_run(run: RunDir, identity: dict, ds_config: dict, dist: Dist) -> None:
                         " which rank 0 wrote")
 
 
-def choose_resume(run: RunDir, echo: Echo = silent) -> str | None:
+def choose_resume(run: RunDir, echo: Echo = silent, key: str = "train") -> str | None:
     """The newest intact checkpoint of the run, or None when it has none (a fresh start).
 
     `latest` is a convenience, not the only record: a missing or bad pointer falls back to the newest step
-    folder that verifies. A run whose every complete checkpoint is damaged is an error, never overwritten.
+    folder that verifies. A run whose every complete checkpoint is damaged is an error, never overwritten. A step
+    folder removed while it is read (the run that writes the folder pruning it) is not damage: the folder is listed
+    again, for the steps saved since. key: the param that named the run, for messages.
     """
-    complete = [c for c in reversed(run.steps()) if c.checksums.is_file()]
-    damaged = []
-    for ckpt in complete:
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            pointer = run.latest.read_text().strip() if run.latest.is_file() else None
-            for tag, why in damaged:
-                echo(f"train: skipping checkpoint {run.root / tag}: {why}")
-            if pointer != ckpt.tag:
-                echo(f"train: `latest` names {pointer or 'nothing'}; the newest intact checkpoint is {ckpt.tag}")
-            return ckpt.tag
-        damaged.append((ckpt.tag, problem))
+    removed: list[str] = []
+    for _ in range(3):
+        damaged, gone = [], []
+        for ckpt in [c for c in reversed(run.steps()) if c.checksums.is_file()]:
+            try:
+                problem = verify_checkpoint(ckpt)
+            except FileNotFoundError:
+                if ckpt.root.is_dir():
+                    raise
+                problem = "removed"
+            if problem is None:
+                pointer = run.latest.read_text().strip() if run.latest.is_file() else None
+                for tag, why in damaged:
+                    echo(f"{key}: skipping checkpoint {run.root / tag}: {why}")
+                if pointer != ckpt.tag:
+                    echo(f"{key}: `latest` names {pointer or 'nothing'}; the newest intact checkpoint is {ckpt.tag}")
+                return ckpt.tag
+            if not ckpt.root.is_dir():
+                gone.append(ckpt.tag)
+            else:
+                damaged.append((ckpt.tag, problem))
+        removed += gone
+        if not gone:
+            break
+    if removed:
+        others = f"; the others are damaged ({'; '.join(f'{tag}: {why}' for tag, why in damaged)})" if damaged else ""
+        raise UserError(f"{key}: the checkpoints {', '.join(sorted(set(removed)))} of {run.root} were removed while they were"
+                        f" being read (is a run pruning the folder, train.keep_last?){others}. Nothing was overwritten: try"
+                        " again once that run has saved its next checkpoint")
     if damaged:
         listing = "; ".join(f"{tag}: {why}" for tag, why in damaged)
-        raise UserError(f"train: every checkpoint in {run.root} is damaged ({listing}). Nothing was overwritten: move the"
+        raise UserError(f"{key}: every checkpoint in {run.root} is damaged ({listing}). Nothing was overwritten: move the"
                         f" folder away (mv {run.root} {run.root}.damaged) to start this run over, or restore it from a backup")
     return None
-
 
 
 def find_checkpoint(folder: str | Path, key: str) -> CheckpointDir | None:
@@ -216,12 +249,20 @@ def find_checkpoint(folder: str | Path, key: str) -> CheckpointDir | None:
     folder = Path(folder)
     ckpt = CheckpointDir(folder)
     if ckpt.checksums.is_file() or ckpt.state.is_file():
-        problem = verify_checkpoint(ckpt)
+        try:
+            problem = verify_checkpoint(ckpt)
+        except FileNotFoundError:
+            if folder.is_dir():
+                raise
+            problem = "removed"
+        if not folder.is_dir():  # pruned by the run that wrote it, or moved
+            raise UserError(f"{key}: checkpoint {folder} was removed while it was being read (is a run pruning its folder,"
+                            " train.keep_last?): name a newer step, or the run folder for its newest")
         if problem:
             raise UserError(f"{key}: checkpoint {folder} cannot be used: {problem}")
         return ckpt
     if RunDir(folder).identity.is_file():
-        tag = choose_resume(RunDir(folder))
+        tag = choose_resume(RunDir(folder), key=key)
         if tag is None:
             raise UserError(f"{key}: the run folder {folder} has no complete checkpoint yet")
         return RunDir(folder).step(tag)

@@ -105,7 +105,7 @@ def transformers_tokenizer(tokenizer: Tokenizer):
         if not tokenizer.save_for_transformers(folder):
             raise UserError(f"{KEY}: lm-eval needs a transformers tokenizer, and the model's is of kind {tokenizer.kind}, which has"
                             " none: use it with a model trained with tokenize.kind bpe or hf (HellaSwag, evaluate.hellaswag, scores any kind)")
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def metric_values(values: dict) -> dict:

@@ -37,7 +37,8 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
     document_mask = bool(trained_params(ref.path).get("train", {}).get("document_mask"))
     dtype = inference_dtype(p.train)
     attention = attention_kernel("auto", document_mask, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"))
-    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, dtype, key=ref.key, attention=attention)
+    model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, dtype, key=ref.key, attention=attention,
+                                          trust_remote_code=p.model.trust_remote_code)
     notes = []
 
     tokens_dir = TokensDir(p.tokenize.out_dir)

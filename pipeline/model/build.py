@@ -6,6 +6,7 @@ Nothing here knows about DeepSpeed: the engine wraps whatever this returns.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import re
 from pathlib import Path
@@ -17,8 +18,9 @@ from pipeline.checkpoints.folder import checkpoint_weights
 from pipeline.checkpoints.run import find_checkpoint
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import UserError
-from pipeline.layout import saved_tokenizer
-from pipeline.tokenize.tokenizers import load_tokenizer, same_ids
+from pipeline.files import absent, seal_problem
+from pipeline.layout import ExportDir, saved_tokenizer
+from pipeline.tokenize.tokenizers import ids_difference, load_tokenizer
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,9 +86,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, eot_id: int, precision: str =
     """
     if cfg.is_scratch:
         config = scratch_config(cfg, vocab_size, eot_id)
-        model = _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kw), attention)
+        model = _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False, **kw), attention)
     elif (ckpt := init_checkpoint(cfg.init)) is not None:  # continued training from a gptpipe checkpoint
-        model = model_from_config(ckpt.root, TORCH_DTYPES[precision], dropout=cfg.dropout, attention=attention)
+        model = model_from_config(ckpt.root, TORCH_DTYPES[precision], cfg.dropout, attention, cfg.trust_remote_code)
         model.load_state_dict(checkpoint_weights(ckpt))
     else:
         model = load_pretrained(cfg.init, TORCH_DTYPES[precision], cfg.trust_remote_code, dropout=cfg.dropout, attention=attention)
@@ -115,7 +117,7 @@ def check_fits_in_memory(config, shards: int = 1) -> None:
     import psutil
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        n = count_params(AutoModelForCausalLM.from_config(config))
+        n = count_params(AutoModelForCausalLM.from_config(config, trust_remote_code=False))
     need, free = 4 * n / shards, psutil.virtual_memory().available
     if need > free:
         share = f"this process's 1/{shards} of their fp32 weights" if shards > 1 else "their fp32 weights alone"
@@ -130,8 +132,11 @@ def init_checkpoint(init: str):
 
 
 def init_config_dir(init: str) -> str:
-    """Where model.init's config.json is: a checkpoint's own folder, else init itself (a folder or hub id)."""
+    """Where model.init's config.json is: a checkpoint's own folder, else init itself (a folder or hub id); a
+    checkpoint or an export is verified first."""
     ckpt = init_checkpoint(init)
+    if ckpt is None and Path(init).is_dir():
+        check_export(Path(init), "model.init")
     return str(ckpt.root) if ckpt is not None else init
 
 
@@ -144,9 +149,9 @@ def check_vocabulary(model: PreTrainedModel, init: str, tokenizer) -> None:
     own = saved_tokenizer(init)
     if own is not None:
         saved = load_tokenizer(own)
-        if not same_ids(saved, tokenizer):
-            raise UserError(f"model.init={init!r} was trained on other token ids ({saved.kind}, {saved.vocab_size} ids) than the "
-                            f"tokens here ({tokenizer.kind}, {tokenizer.vocab_size} ids): tokenize with its tokenizer "
+        difference = ids_difference(saved, tokenizer, "the model's tokenizer", "the tokens here")
+        if difference:
+            raise UserError(f"model.init={init!r} was trained on other token ids ({difference}): tokenize with its tokenizer "
                             f"(tokenize.kind={saved.kind}, tokenize.pretrained={init!r}), then train")
         return
     if tokenizer.kind == "hf":
@@ -172,11 +177,18 @@ def export_dtype(choice: str, cfg: ModelConfig) -> torch.dtype:
 
 
 def model_from_config(config_dir: str | Path, dtype: torch.dtype = torch.float32, dropout: float | None = None,
-                      attention: str = "sdpa") -> PreTrainedModel:
+                      attention: str = "sdpa", trust_remote_code: bool = False, key: str = "model.init") -> PreTrainedModel:
     """A model with random weights from the config.json in config_dir (a checkpoint's), for loading weights into;
-    dropout, when given, replaces every dropout probability of the config."""
-    config = set_dropout(AutoConfig.from_pretrained(config_dir), dropout)
-    return _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=dtype, **kw), attention)
+    dropout, when given, replaces every dropout probability of the config. A config naming modelling code of its
+    own (an auto_map) is refused unless trust_remote_code (model.trust_remote_code)."""
+    try:
+        config = set_dropout(AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code), dropout)
+        return _with_kernel(lambda **kw: AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code, **kw), attention)
+    except ValueError as e:
+        if ships_code(e):
+            raise code_refused(key, config_dir) from None
+        raise
 
 
 # The config keys that hold a dropout probability, by architecture family (GPT-2's three; Llama, Gemma, Mistral
@@ -198,32 +210,81 @@ def load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool = Fal
                     dropout: float | None = None, attention: str = "sdpa") -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained with a clear message when the checkpoint can't be had.
 
-    dropout, when given, replaces every dropout probability the checkpoint's config has.
+    A gptpipe export is verified against its checksums first (a folder without them, e.g. a download, loads as it
+    is). dropout, when given, replaces every dropout probability the checkpoint's config has.
     """
-    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        raise UserError(f"{key}={name!r}: cannot load this folder (it has no config.json; save a model there with save_pretrained)")
+    from safetensors import SafetensorError
+
+    folder = Path(name)
+    if folder.is_dir():
+        check_export(folder, key)
+        config_file = ExportDir(folder).model_config
+        if not config_file.is_file():
+            what = f"its config.json {absent(config_file)}" if config_file.exists() else "it has no config.json"
+            raise UserError(f"{key}={name!r}: cannot load this folder ({what}; save a model there with save_pretrained)")
+    elif looks_like_path(name):
+        raise UserError(f"{key}={name!r}: not found (no such folder; a hub id has the form name or owner/name)")
     try:
         config = set_dropout(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code), dropout)
         return _with_kernel(lambda **kw: AutoModelForCausalLM.from_pretrained(
             name, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **kw), attention)
     except OSError as e:
         reason = str(e).splitlines()[0]
-        if Path(name).exists():
+        if folder.exists():
             raise UserError(f"{key}={name!r}: cannot load this folder ({reason})") from None
+        offline = " HF_HUB_OFFLINE is set, so only the cache is read." if huggingface_offline() else " Offline?"
         raise UserError(
-            f"{key}={name!r}: cannot load this hub id ({reason}). Offline? Use a local folder saved with save_pretrained,"
-            " or download it once with network access (HF_HOME caches it)."
+            f"{key}={name!r}: no folder of this name here, and as a hub id it cannot be loaded ({reason}).{offline} Use a"
+            " local folder saved with save_pretrained, or download it once with network access (HF_HOME caches it)."
         ) from None
     except pickle.UnpicklingError as e:  # a pickle weights file (pytorch_model.bin) that would run code: torch refused it
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        files = sorted(p.name for p in Path(name).glob("*.bin")) if Path(name).is_dir() else []
-        which = (files[0] if len(files) == 1 else f"one of {', '.join(files)}") if files else "its pickle weights file"
+        which = weights_files(folder, "*.bin", "its pickle weights file")
         raise UserError(f"{key}={name!r}: refused to load {which}: it holds {found.group(1) if found else 'an object'}, which loading"
                         " would run as code (none ran). Use safetensors weights (model.safetensors), or re-save a file you trust") from None
+    except SafetensorError as e:  # a damaged or truncated weights file that no checksum covered (not an export's)
+        which = weights_files(folder, "*.safetensors", "its safetensors weights")
+        raise UserError(f"{key}={name!r}: {which} is damaged or cut short ({str(e).splitlines()[0]}): copy or"
+                        " download the model again") from None
     except ValueError as e:
-        if "trust_remote_code" in str(e) or "custom code" in str(e):
-            raise UserError(f"{key}={name!r} ships its own modelling code: set model.trust_remote_code=true if you trust it") from None
+        if ships_code(e):
+            raise code_refused(key, name) from None
         raise UserError(f"{key}={name!r}: cannot load this model ({str(e).splitlines()[0]})") from None
+
+
+def check_export(folder: Path, key: str) -> None:
+    """UserError naming the file when folder is a gptpipe export whose files differ from its checksums (a folder
+    without them, a Hugging Face download, is not checked)."""
+    export = ExportDir(folder)
+    if export.checksums.is_file():
+        problem = seal_problem(export.root, export.checksums, unlisted="*")
+        if problem:
+            raise UserError(f"{key}: the exported model {folder} is damaged: {problem}. Nothing was loaded: export it"
+                            " again (rerun train: it exports from its last checkpoint) or restore it (dvc checkout)")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a path, never a hub id (name or owner/name)."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def huggingface_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def weights_files(folder: Path, pattern: str, otherwise: str) -> str:
+    files = sorted(p.name for p in folder.glob(pattern)) if folder.is_dir() else []
+    return (files[0] if len(files) == 1 else f"one of {', '.join(files)}") if files else otherwise
+
+
+def ships_code(e: ValueError) -> bool:
+    """Whether transformers refused a folder or hub id because it names modelling code (an auto_map) to run."""
+    return "trust_remote_code" in str(e) or "custom code" in str(e)
+
+
+def code_refused(key: str, name: str | Path) -> UserError:
+    return UserError(f"{key}={str(name)!r} ships its own modelling code (an auto_map in its config.json), which gptpipe runs"
+                     " only with model.trust_remote_code=true: none of it ran. Set that if you trust the code")
 
 
 # train.attention's choices: transformers' attn_implementation names.

@@ -37,15 +37,17 @@ def trained_params(source: str | Path) -> dict:
 
 
 def load_for_inference(source: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                       key: str = "evaluate.model_dir", attention: str = "sdpa") -> tuple[torch.nn.Module, Tokenizer]:
+                       key: str = "evaluate.model_dir", attention: str = "sdpa",
+                       trust_remote_code: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode on device, its tokenizer); `key` names the param that chose source, for errors;
-    attention: the kernel (build.attention_kernel's choice).
+    attention: the kernel (build.attention_kernel's choice); trust_remote_code: model.trust_remote_code (else a
+    model naming modelling code of its own is refused, its code never run).
 
     source is a local folder, or a hub id (downloaded once, or read from the cache offline).
 
     A training checkpoint (run-*/step-*, or a run folder for its latest) is rebuilt from the config and tokenizer
-    it carries; an export or any Hugging Face folder loads with from_pretrained, with gptpipe's own tokenizer
-    from gptpipe_tokenizer/ when present (every kind), else the folder's transformers tokenizer.
+    it carries; an export (verified against its checksums) or any Hugging Face folder loads with from_pretrained,
+    with gptpipe's own tokenizer from gptpipe_tokenizer/ when present (every kind), else the folder's transformers tokenizer.
     """
     from transformers.utils import logging as hf_logging
 
@@ -57,15 +59,15 @@ def load_for_inference(source: str | Path, device: torch.device | str | None = N
             if not needed.exists():
                 raise UserError(f"{key}: {ckpt.root} has no {needed.name} (a checkpoint of an older gptpipe?); "
                                 "point at the exported model folder instead")
-        model = model_from_config(ckpt.root, dtype, attention=attention)
+        model = model_from_config(ckpt.root, dtype, attention=attention, trust_remote_code=trust_remote_code, key=key)
         model.load_state_dict(checkpoint_weights(ckpt))
         tokenizer = load_tokenizer(ckpt.tokenizer)
-    elif ExportDir(folder).model_config.is_file():
-        model = load_pretrained(str(folder), dtype, key=key, attention=attention)
+    elif ExportDir(folder).model_config.exists() or ExportDir(folder).checksums.is_file():  # checked in load_pretrained
+        model = load_pretrained(str(folder), dtype, trust_remote_code, key=key, attention=attention)
         own = ExportDir(folder).tokenizer
         tokenizer = load_tokenizer(own) if own.is_dir() else HfTokenizer(str(folder), key=key)
     elif not folder.exists() and HUB_ID.match(str(source)):  # e.g. gpt2, google/gemma-3-270m: the hub or its cache
-        model = load_pretrained(str(source), dtype, key=key, attention=attention)
+        model = load_pretrained(str(source), dtype, trust_remote_code, key=key, attention=attention)
         tokenizer = HfTokenizer(str(source), key=key)
     else:
         what = absent(folder, folder=True) if not folder.is_dir() else "is not a model folder (no config.json)"

@@ -42,7 +42,8 @@ def generate_samples(p: Params, prompts: list[str] | None = None, model_dir: str
     cfg = p.sample
     ref = p.model_for("sample")
     dtype = inference_dtype(p.train) if cfg.dtype == "auto" else TORCH_DTYPES[cfg.dtype]
-    model, tokenizer = load_for_inference(model_dir or ref.path, device, dtype, key="--model" if model_dir else ref.key)
+    model, tokenizer = load_for_inference(model_dir or ref.path, device, dtype, key="--model" if model_dir else ref.key,
+                                          trust_remote_code=p.model.trust_remote_code)
     generator = torch.Generator().manual_seed(cfg.seed)
     samples = []
     for prompt in prompts if prompts is not None else read_prompts(p):

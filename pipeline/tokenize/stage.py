@@ -171,7 +171,8 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
     build_seconds = time.perf_counter() - start
     read_manifest(prepared_dir)  # present and readable, before any folder is made
     identity = {"manifest": hashlib.sha256(PreparedDir(prepared_dir).manifest.read_bytes()).hexdigest(),
-                "params": cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file"}),
+                # import_encoding is read by imports alone: meta.json stays what it was before the key came
+                "params": cfg.model_dump(mode="json", exclude={"workers", "chunk_bytes", "out_dir", "metrics_file", "import_encoding"}),
                 "tokenizer": tok.describe(), "format": VERSION}
     workers = encode_workers(tok, cfg)
     with resumable_dir(cfg.out_dir, "tokenize.out_dir") as folder:

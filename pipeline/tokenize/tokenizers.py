@@ -11,7 +11,7 @@ import numpy as np
 
 from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
-from pipeline.files import absent, write_json_atomic, write_text_atomic
+from pipeline.files import absent, seal_problem, write_json_atomic, write_text_atomic
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
@@ -328,7 +328,7 @@ class HfTokenizer(Tokenizer):
         if not path.is_dir() and (path.is_absolute() or pretrained.startswith((".", "~")) or pretrained.count("/") > 1):
             raise UserError(f"{key}: tokenizer folder {pretrained!r} {absent(path, folder=True)}")
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else pretrained)
+            self.tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else pretrained, trust_remote_code=False)
         except (OSError, ValueError) as e:  # missing files, hub unreachable, malformed id
             raise UserError(
                 f"{key}: could not load tokenizer {pretrained!r} ({str(e).splitlines()[0]}); use a local folder holding "
@@ -396,13 +396,22 @@ def build_tokenizer(cfg: TokenizeConfig, train_docs: Callable[[], Iterable[str]]
 
 def model_tokenizer(model_folder: str, kind: str, key: str = "tokenize.pretrained") -> Tokenizer:
     """The tokenizer saved with a gptpipe checkpoint, run folder or export, which must be of this kind."""
-    from pipeline.layout import saved_tokenizer
+    from pipeline.layout import CheckpointDir, ExportDir, saved_tokenizer
 
     folder = saved_tokenizer(model_folder)
     if folder is None:
         what = absent(Path(model_folder), folder=True) if not Path(model_folder).is_dir() else "holds no gptpipe tokenizer"
         raise UserError(f"{key}: {model_folder!r} {what}: with tokenize.kind={kind} it names a gptpipe checkpoint, run folder "
                         "or export whose tokenizer to reuse (a Hugging Face tokenizer is tokenize.kind=hf)")
+    step, export = CheckpointDir(folder.parent), ExportDir(folder.parent)
+    if folder == step.tokenizer:  # a step folder's: checked as a resume checks it
+        problem = seal_problem(step.root, step.checksums, unlisted="*", under=folder.name)
+        if problem:
+            raise UserError(f"{key}: the checkpoint {step.root} is not intact: {problem}; name another step folder")
+    elif export.checksums.is_file():  # a sealed export's (an unsealed folder, a hub download, reads as it is)
+        problem = seal_problem(export.root, export.checksums, unlisted="*", under=folder.name)
+        if problem:
+            raise UserError(f"{key}: the exported model {export.root} is damaged: {problem}; export it again (rerun train)")
     tok = load_tokenizer(folder)
     if tok.kind != kind:
         raise UserError(f"{key}: the tokenizer in {model_folder} is of kind {tok.kind}, not tokenize.kind={kind}: set tokenize.kind={tok.kind}")
@@ -411,9 +420,26 @@ def model_tokenizer(model_folder: str, kind: str, key: str = "tokenize.pretraine
 
 def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
     """Whether two tokenizers map text to the same ids: the same kind and settings, and every id the same text."""
-    if a.describe() != b.describe():
-        return False
-    return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+    return ids_difference(a, b) is None
+
+
+def ids_difference(a: Tokenizer, b: Tokenizer, a_name: str = "the first", b_name: str = "the second") -> str | None:
+    """What makes b's ids other than a's, in words ("both are char with 65 ids, but id 3 is 'c' in data/a and 'd' in
+    data/b"), for a message that would otherwise read "(char, 65 ids) than (char, 65 ids)"; None when they map text
+    to the same ids (the same kind and settings, and every id the same text)."""
+    if (a.kind, a.vocab_size) != (b.kind, b.vocab_size):
+        return f"{a.kind} with {a.vocab_size:,} ids in {a_name}, {b.kind} with {b.vocab_size:,} ids in {b_name}"
+    both = f"both are {a.kind} with {a.vocab_size:,} ids"
+    first, second = a.describe(), b.describe()
+    for key in sorted(set(first) | set(second)):
+        if key.startswith("unknown_chars_"):  # counts of the text encoded, not settings
+            continue
+        if first.get(key) != second.get(key):
+            return f"{both}, but {key} is {first.get(key)!r} in {a_name} and {second.get(key)!r} in {b_name}"
+    for i in range(a.vocab_size):
+        if a.decode([i]) != b.decode([i]):
+            return f"{both}, but id {i} is {a.decode([i])!r} in {a_name} and {b.decode([i])!r} in {b_name}"
+    return None
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:

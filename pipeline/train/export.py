@@ -1,4 +1,4 @@
-"""The trained model as a standard Hugging Face folder that loads without gptpipe."""
+"""The trained model as a standard Hugging Face folder that loads without gptpipe, sealed with its checksums."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from transformers import GenerationConfig
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.files import building_dir, write_failure, write_json_atomic
+from pipeline.files import building_dir, seal, write_failure, write_json_atomic
 from pipeline.infra.deepspeed import full_state_dict
 from pipeline.infra.distributed import Dist, any_rank
 from pipeline.layout import ExportDir
@@ -48,3 +48,4 @@ def write_hf_folder(model, weights: dict, p: Params, info: dict, tokenizer: Toke
         tokenizer.save_for_transformers(out.root)  # bpe and hf: AutoTokenizer reads the folder
         tokenizer.save(out.tokenizer)  # every kind, char and tiktoken too: what `gptpipe sample` decodes with
         write_json_atomic(out.info, {**info, "dtype": str(dtype).removeprefix("torch."), "params": p.model_dump()})
+        seal(out.root, out.checksums)  # last, as a step folder's: gptpipe verifies the export wherever it reads it

@@ -37,7 +37,7 @@ from pipeline.model.build import (
 from pipeline.model.generate import sample_tokens
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokenize.tokenizers import Tokenizer, load_tokenizer
-from pipeline.tokens import open_split, read_meta
+from pipeline.tokens import first_position, open_split, read_meta
 from pipeline.train.batches import MicroBatches, WindowSampler, fixed_windows, full_windows
 from pipeline.train.cadence import Cadence, EarlyStopping, Throughput, TimeToTarget, seconds_since_process_start
 from pipeline.train.export import export_model
@@ -127,6 +127,10 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     meta = read_meta(tokens.root)
     train_tokens, val_tokens = (open_split(tokens, split, meta) for split in ("train", "val"))
     tokenizer = load_tokenizer(tokens.tokenizer)
+    if t.document_mask and first_position(train_tokens, tokenizer.eot_id) is None:
+        raise UserError(f"train.document_mask: the train split of {tokens.root} holds no end-of-text id ({tokenizer.eot_id}), "
+                        "so there is no document boundary to mask at and the mask would change nothing (nanoGPT's data, "
+                        "imported, is one stream): set train.document_mask: false, or tokenize the text as documents")
     hellaswag = load_hellaswag(p, t.hellaswag_limit) if t.hellaswag_interval else []
     batch = t.batch(dist.world_size, p.model.block_size)
     total_steps = t.total_steps(full_windows(train_tokens.tokens, batch.block_size), batch)
@@ -134,7 +138,8 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
     identity = run_identity(p, data, batch)
-    run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack())
+    inputs = {} if p.model.is_scratch else {"model.init": p.model.init}  # never moved aside by train.resume=never
+    run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack(), inputs)
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
     if p.model.trust_remote_code:
