@@ -75,3 +75,34 @@ def test_train_problems_from_every_group_come_in_one_message():
         params.validate_params({"train": {"min_lr": 1.0, "lr": 0.1, "offload_params": True, "run_name": "a b", "include": "localhost:0", "num_gpus": 2}})
     for key in ("train.min_lr", "train.offload_params", "train.run_name", "train.include"):
         assert key in str(e.value), key
+
+
+DATA = {"vocab_size": 4096, "eot_id": 0, "train_crc32": 1, "val_crc32": 2}
+
+
+def test_the_default_runs_identity_is_pinned():
+    """Issue 30: resolving the DeepSpeed JSON into the identity leaves runs without one as they were, so their
+    checkpoints keep resuming (the values are what gptpipe computed before that change)."""
+    import yaml
+
+    from pipeline import params
+
+    for raw, pinned in [({}, "run-9f91927d6d4c"), (yaml.safe_load((ROOT / "params.yaml").read_text()), "run-7e756ecfa42a")]:
+        p = params.validate_params(raw)
+        assert run_folder("ckpt", run_identity(p, DATA, p.train.batch(1, p.model.block_size))).root.name == pinned
+
+
+def test_a_deepspeed_json_counts_in_the_identity_by_its_content(tokens_dir, tmp_path):
+    """An edited JSON is another run (before, only its path counted, so the edit resumed the old run with other engine
+    settings); the same content elsewhere, or reformatted, is the same run."""
+    from conftest import run_training, tiny_params
+
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"wall_clock_breakdown": false}')
+    raw = tiny_params(tokens_dir, tmp_path, max_steps=4, eval_interval=4, save_interval=4, deepspeed_config=str(ds))
+    first = run_training(raw)["run"]
+    moved = tmp_path / "elsewhere.json"
+    moved.write_text('{\n  "wall_clock_breakdown":   false\n}\n')
+    assert run_training({**raw, "train": {**raw["train"], "deepspeed_config": str(moved)}})["run"] == first
+    ds.write_text('{"wall_clock_breakdown": false, "zero_optimization": {"reduce_bucket_size": 1000000}}')
+    assert run_training(raw)["run"] != first

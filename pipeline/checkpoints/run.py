@@ -45,8 +45,9 @@ BATCH_SPLIT = {"grad_accum", "global_batch_tokens"}
 RUN_FORMAT = 3
 
 
-def run_identity(p: Params, data: dict, batch: Batch) -> dict:
-    """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens.
+def run_identity(p: Params, data: dict, batch: Batch, deepspeed_json: dict | None = None) -> dict:
+    """Everything a checkpoint must agree with to be resumed, as flat dotted keys; data fingerprints the tokens, and
+    deepspeed_json is the content of train.deepspeed_config (read by infra/deepspeed.py).
 
     The world size is not in it: the same global batch on another number of processes continues the same run.
     """
@@ -61,6 +62,10 @@ def run_identity(p: Params, data: dict, batch: Batch) -> dict:
     identity.update({f"train.{k}": v for k, v in p.train.model_dump().items() if k in kept})
     identity.update({f"data.{k}": v for k, v in data.items()})
     identity["train.tokens_per_step"] = batch.tokens_per_step
+    if p.train.deepspeed_config:
+        # What the JSON says, not where it lives: an edited file is another run, a moved one the same. Without a JSON
+        # the key stays null, so runs without one keep their identity.
+        identity["train.deepspeed_config"] = f"sha256:{hashlib.sha256(json.dumps(deepspeed_json, sort_keys=True).encode()).hexdigest()}"
     return identity
 
 

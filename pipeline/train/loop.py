@@ -20,7 +20,7 @@ from pipeline.config import Batch, Params
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
 from pipeline.eval.lm import attention_of, lm_forward, window_sums
-from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, set_lr
+from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, read_user_config, set_lr
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
 from pipeline.infra.hardware import Peak, peak, peak_memory, use_tf32
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
@@ -137,7 +137,9 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
 
     # The data a run learns from, by content: re-tokenizing identical text keeps the run resumable.
     data = {"vocab_size": meta["vocab_size"], "eot_id": meta["eot_id"], "train_crc32": train_tokens.crc32, "val_crc32": val_tokens.crc32}
-    identity = run_identity(p, data, batch)
+    # The engine's config first: a DeepSpeed JSON that contradicts the params stops the run before any folder moves.
+    ds_config = engine_config(t, batch, echo)
+    identity = run_identity(p, data, batch, read_user_config(t.deepspeed_config) if t.deepspeed_config else None)
     inputs = {} if p.model.is_scratch else {"model.init": p.model.init}  # never moved aside by train.resume=never
     run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack(), inputs)
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
@@ -146,7 +148,6 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
         echo(f"train: model.trust_remote_code is on: running the modelling code that ships with {p.model.init}")
     # A checkpoint of another number of processes: converted to DeepSpeed's universal format first when needed.
     universal = prepare_elastic_resume(run_dir, tag, dist, echo, t.collective_timeout, t.optimizer) if tag else None
-    ds_config = engine_config(t, batch, echo)
 
     if p.model.is_scratch:
         check_fits_in_memory(scratch_config(p.model, meta["vocab_size"], meta["eot_id"]), dist.world_size if t.zero_stage == 3 else 1)
