@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import platform
+import stat
 import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -29,10 +30,24 @@ def resolve_files(pattern: str, key: str = "prepare.source") -> list[Path]:
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         problem = f"the folder {pattern} has no (non-hidden) files"
     else:
-        files, problem = [path] if path.is_file() else [], f"{pattern}: no such file or folder"
+        files = [path] if path.is_file() else []
+        problem = "" if files else f"{pattern}: {_not_a_file(path)}"
     if not files:
         raise UserError(f"{key}.path: {problem}")
     return files
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path that is neither a file nor a folder cannot be read, from its kind (a FIFO is never opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file or folder"
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not a regular file (prepare sizes, hashes and may reread a source: save the stream to a file)"
+    return "not a regular file (a socket or device)"
 
 
 def _counted_docs(texts: Iterable[str], stats: SourceStats, record: dict) -> Iterator[str]:

@@ -96,7 +96,8 @@ def doctor(
 def plan(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = [],  # noqa: B006
-    processes: Annotated[int | None, typer.Option(help="plan for this many processes (default: what the launcher settings give)")] = None,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="plan for this many processes (default: what the launcher settings give)")] = None,
     probe: Annotated[int | None, typer.Option(
         "--probe", min=1, help="also run N real optimizer steps (outputs in a scratch folder, deleted after) for speed, peak memory and an ETA")] = None,
 ):

@@ -207,11 +207,11 @@ def estimated_parameters(p: Params) -> int | None:
             vocab = p.tokenize.vocab_size if p.tokenize.kind == "bpe" else 50257
             config = scratch_config(p.model, vocab, 0)
         elif Path(p.model.init).is_dir():
-            config = AutoConfig.from_pretrained(init_config_dir(p.model.init))
+            config = AutoConfig.from_pretrained(init_config_dir(p.model.init), trust_remote_code=p.model.trust_remote_code)
         else:
             return None
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=p.model.trust_remote_code)
         return count_params(model)
     except (OSError, ValueError):
         return None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -29,8 +28,10 @@ import yaml
 
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.layout import TrainMetrics
+from pipeline.files import parse_json
+from pipeline.layout import TokensDir, TrainMetrics
 from pipeline.output import Echo, silent
+from pipeline.tools.child_process import SigtermUnwinds, run_to_end
 
 GB = 1e9
 
@@ -61,6 +62,8 @@ class Plan:
     available: float | None  # bytes a process may use on this machine
     available_source: str
     notes: list[str] = field(default_factory=list)
+    target_steps: int | None = None  # the steps the last run took to reach train.target_loss (steps_to_target)
+    target_basis: str = ""
 
     @property
     def total_memory(self) -> float:
@@ -76,7 +79,9 @@ def world_of(p: Params, processes: int | None) -> tuple[int, int]:
     import torch
 
     t = p.train
-    if processes:
+    if processes is not None:
+        if processes < 1:
+            raise UserError(f"--processes {processes}: plan for at least 1 process")
         return processes, processes
     if t.launcher == "python":
         return 1, 1
@@ -103,12 +108,15 @@ def model_shape(p: Params, vocab: int) -> Shape:
     if m.is_scratch:
         config = scratch_config(m, vocab, 0)
     else:
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             config = AutoConfig.from_pretrained(init_config_dir(m.init), trust_remote_code=m.trust_remote_code)
-        except OSError as e:
-            raise UserError(f"model.init={m.init!r}: its config could not be read ({str(e).splitlines()[0]})") from None
+        # Missing or malformed JSON (OSError), no or an unknown model_type (ValueError), a key of the wrong type.
+        except (OSError, ValueError, StrictDataclassError) as e:
+            raise UserError(f"model.init={m.init!r}: its config.json could not be read ({first_line(e)})") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     n_params = count_params(model)
     hidden = hidden_matrices(model)
     named = dict(model.named_parameters())
@@ -121,25 +129,45 @@ def model_shape(p: Params, vocab: int) -> Shape:
                  flops_per_token=flops_per_token(model, n_params, m.block_size))
 
 
-def vocabulary(p: Params) -> tuple[int, str | None]:
-    """The tokenizer's vocabulary size: from the tokenized data when it exists, else from tokenize.* (and a note)."""
-    from pipeline.layout import TokensDir
+def tokenized(p: Params) -> dict | None:
+    """The tokenize stage's meta.json (its keys checked by its one reader), or None before the data is tokenized."""
+    from pipeline.tokens import read_meta
 
-    meta = TokensDir(p.tokenize.out_dir).meta
-    if meta.is_file():
-        return int(json.loads(meta.read_text())["vocab_size"]), None
+    return read_meta(p.tokenize.out_dir) if TokensDir(p.tokenize.out_dir).meta.is_file() else None
+
+
+def vocabulary(p: Params, meta: dict | None) -> tuple[int, str | None]:
+    """The tokenizer's vocabulary size: from the tokenized data when it exists, else from tokenize.* (and a note)."""
+    if meta is not None:
+        return meta["vocab_size"], None
     t = p.tokenize
     if t.kind == "bpe":
         return t.vocab_size, None
     if t.kind == "tiktoken":
         import tiktoken
 
-        return tiktoken.get_encoding(t.encoding).n_vocab, None
+        if t.encoding not in tiktoken.list_encoding_names():
+            raise UserError(f"tokenize.encoding: unknown tiktoken encoding {t.encoding!r}; known: "
+                            f"{', '.join(tiktoken.list_encoding_names())}")
+        try:
+            return tiktoken.get_encoding(t.encoding).n_vocab, None
+        except (OSError, ValueError, ImportError) as e:  # fetching: requests errors, a hash mismatch, blobfile missing
+            raise UserError(f"tokenize.encoding: tiktoken encoding {t.encoding!r} could not be loaded "
+                            f"({type(e).__name__}: {first_line(e)}); set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
     if t.kind == "hf":
         from transformers import AutoTokenizer
 
-        return len(AutoTokenizer.from_pretrained(t.pretrained)), None
+        try:
+            return len(AutoTokenizer.from_pretrained(t.pretrained, trust_remote_code=False)), None
+        except (OSError, ValueError) as e:  # missing files, hub unreachable, malformed id, remote code refused
+            raise UserError(f"tokenize.pretrained: could not load tokenizer {t.pretrained!r} ({first_line(e)}); use a "
+                            "local folder holding its files, or a cached hub id (offline: HF_HUB_OFFLINE=1)") from None
     return 256, f"{p.tokenize.out_dir} is not tokenized yet: a character vocabulary of 256 assumed"
+
+
+def first_line(e: Exception) -> str:
+    line = (str(e).splitlines() or [""])[0]
+    return line if len(line) <= 120 else line[:120] + "..."
 
 
 def memory_per_process(p: Params, s: Shape, processes: int) -> tuple[dict[str, float], float]:
@@ -214,17 +242,16 @@ def make_plan(p: Params, processes: int | None = None) -> Plan:
     import torch
 
     world, per_node = world_of(p, processes)
-    vocab, note = vocabulary(p)
+    meta = tokenized(p)
+    target_steps, target_basis = steps_to_target(p)  # read before a probe spends its time
+    vocab, note = vocabulary(p, meta)
     shape = model_shape(p, vocab)
     batch = p.train.batch(world, p.model.block_size)
     steps = p.train.max_steps
     notes = [note] if note else []
     if steps is None:
-        from pipeline.layout import TokensDir
-
-        meta = TokensDir(p.tokenize.out_dir).meta
-        if meta.is_file():
-            tokens = json.loads(meta.read_text()).get("splits", {}).get("train", {}).get("tokens")
+        if meta is not None:
+            tokens = meta.get("splits", {}).get("train", {}).get("tokens")
             if tokens:
                 steps = p.train.total_steps(max(1, tokens // batch.block_size), batch)
         if steps is None:
@@ -234,7 +261,8 @@ def make_plan(p: Params, processes: int | None = None) -> Plan:
         memory["runtime"] = runtime_bytes()
     available, source = machine_memory(per_node)
     return Plan(processes=world, per_node=per_node, tokens_per_step=batch.tokens_per_step, steps=steps, shape=shape,
-                memory=memory, cpu_offloaded=offloaded, available=available, available_source=source, notes=notes)
+                memory=memory, cpu_offloaded=offloaded, available=available, available_source=source, notes=notes,
+                target_steps=target_steps, target_basis=target_basis)
 
 
 def fix_for(plan: Plan, p: Params) -> str:
@@ -262,10 +290,11 @@ class Probe:
 
 def run_probe(p: Params, project: Path, steps: int, echo: Echo = silent) -> Probe:
     """A real run of `steps` optimizer steps through `python -m pipeline.train` (the launcher too, when params say
-    deepspeed) with its outputs in a scratch folder that is deleted after: the project's own folders are untouched."""
+    deepspeed) with its outputs in a scratch folder that is deleted after, on SIGTERM too: the project's own folders
+    are untouched."""
     import time
 
-    with tempfile.TemporaryDirectory(prefix="gptpipe-probe-") as scratch:
+    with SigtermUnwinds() as sigterm, tempfile.TemporaryDirectory(prefix="gptpipe-probe-") as scratch:
         root = Path(scratch)
         dumped = p.model_dump(mode="json")
         dumped["train"].update(
@@ -278,8 +307,7 @@ def run_probe(p: Params, project: Path, steps: int, echo: Echo = silent) -> Prob
         echo(f"plan: probing {steps} steps (python -m pipeline.train, outputs in {root})")
         start = time.perf_counter()
         # Run from the project, so relative paths (the tokens, a hostfile, a DeepSpeed JSON) mean what they mean there.
-        proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(root / "params.yaml")],
-                              capture_output=True, text=True, cwd=project)
+        proc = run_to_end([sys.executable, "-m", "pipeline.train", "--params", str(root / "params.yaml")], project, sigterm)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-6:])
@@ -304,14 +332,33 @@ def eta(p: Params, steps: int, probe: Probe) -> float:
 
 
 def steps_to_target(p: Params) -> tuple[int | None, str]:
-    """The steps the last run in train.metrics_dir took to reach train.target_loss, and what that figure rests on."""
+    """The steps the last run in train.metrics_dir took to reach train.target_loss, and what that figure rests on;
+    a damaged metrics.json is one message naming it and the key."""
     if p.train.target_loss is None:
         return None, ""
-    path = Path(p.train.metrics_dir) / "metrics.json"
-    target = json.loads(path.read_text()).get("target") if path.is_file() else None
-    if target and target.get("loss") == p.train.target_loss and target.get("reached"):
-        return int(target["step"]), f"the last run in {p.train.metrics_dir} reached it at step {target['step']}"
+    path = TrainMetrics(p.train.metrics_dir).summary
+    target = last_target(path) if path.is_file() else None
+    if target and target.get("loss") == p.train.target_loss and target.get("reached") is True:
+        step = target.get("step")
+        if type(step) is not int or step < 1:
+            raise UserError(f"{path}: `target.step` is {step!r}, not a step; the file is damaged: rerun the train stage")
+        return step, f"the last run in {p.train.metrics_dir} reached it at step {step}"
     return None, f"no run in {p.train.metrics_dir} has reached {p.train.target_loss} yet: the whole run's ETA bounds it"
+
+
+def last_target(path: Path) -> dict | None:
+    """The "target" record of a training run's metrics.json (None: the run had no target)."""
+    try:
+        summary = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); the file is damaged: rerun the train stage") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path}: not a training run's metrics.json (a JSON object); the file is damaged: rerun the train stage")
+    target = summary.get("target")
+    if target is not None and not isinstance(target, dict):
+        raise UserError(f"{path}: `target` is {json.dumps(target)[:40]}, not the record of train.target_loss; the file is "
+                        "damaged: rerun the train stage")
+    return target
 
 
 def size(n: float) -> str:
@@ -353,6 +400,6 @@ def plan_rows(p: Params, plan: Plan, probe: Probe | None) -> tuple[dict[str, str
         if plan.steps is not None:
             rows["ETA"] = f"{duration(eta(p, plan.steps, probe))} for {plan.steps:,} steps, evaluations and saves included"
         if t.target_loss is not None:
-            steps, basis = steps_to_target(p)
+            steps, basis = plan.target_steps, plan.target_basis
             rows["ETA to the target"] = (f"{duration(eta(p, steps, probe))} ({basis})" if steps else basis)
     return rows, warning

@@ -7,6 +7,8 @@ They live in the repository's recipes/ folder, installed as the gptpipe_recipes 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import subprocess
 from importlib import resources
 from pathlib import Path
@@ -63,12 +65,27 @@ def use(name: str, overrides: list[str], dest: str | Path = "params.yaml", force
         raise UserError(f"--params {dest} is a folder: name the params file to write (e.g. {dest / 'params.yaml'})")
     if dest.parent.exists() and not dest.parent.is_dir():
         raise UserError(f"--params {dest}: {dest.parent} is a file, not a folder")
+    refuse_special(dest)
     rendered = render(name, overrides)
     if dest.exists() and not force and not replaceable(dest):
         raise UserError(f"{dest} holds changes of your own (it is not a shipped recipe, nor committed to git): commit it,"
                         " or add --force to replace it")
     write_text_atomic(dest, rendered)
     return dest
+
+
+def refuse_special(dest: Path) -> None:
+    """Refuse a FIFO, socket or device as the params file, from its kind alone: reading a FIFO to see whether it
+    holds changes would block until something writes to it, and replacing any of them is not what was meant."""
+    try:
+        mode = os.stat(dest).st_mode
+    except FileNotFoundError:
+        return  # a new file (or a dangling link, which the write replaces)
+    except OSError as e:
+        raise UserError(f"--params {dest}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UserError(f"--params {dest} is {kind}: name a params file to write (a new path, or an existing file)")
 
 
 def replaceable(path: Path) -> bool:
