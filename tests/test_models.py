@@ -105,5 +105,5 @@ def test_fine_tune_a_tiny_pretrained_checkpoint_end_to_end(tmp_path, shared_data
 
 
 def test_a_pretrained_model_needs_its_own_tokenizer():
-    with pytest.raises(UserError, match="tokenize.kind: is 'bpe' but model.init='gpt2' is a pretrained checkpoint"):
+    with pytest.raises(UserError, match=r"tokenize.kind: is 'bpe' but model.init='gpt2' is no folder here, so it names a model on the Hugging Face hub .*: its own tokenizer is needed"):
         params.validate_params({"model": {"init": "gpt2"}})

@@ -43,13 +43,14 @@ STAGES: dict[str, dict] = {
         "package": "eval",
         "deps": ["${train.export_dir}", "${tokenize.out_dir}"],
         # The window length defaults to the model's; the dtype and TF32 follow training's precision.
-        "params": ["evaluate", "model.block_size", "train.precision", "train.tf32", "prepare.download_dir"],
+        # model.trust_remote_code: whether the model evaluate loads may run code it ships (never by default).
+        "params": ["evaluate", "model.block_size", "model.trust_remote_code", "train.precision", "train.tf32", "prepare.download_dir"],
         "metrics": ["${evaluate.metrics_file}"],
     },
     "sample": {
         "package": "sample",
         "deps": ["${train.export_dir}"],
-        "params": ["sample", "train.precision"],
+        "params": ["sample", "model.trust_remote_code", "train.precision"],
         "outs": {"${sample.out_dir}/samples.md": {"cache": False}, "${sample.out_dir}/samples.jsonl": {"cache": False}},
     },
     "report": {
