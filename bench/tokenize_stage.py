@@ -48,7 +48,7 @@ def timed(fn) -> tuple[float, float]:
 def bench_throughput(docs: list[str], repeats: int, chunk_bytes: int) -> list[tuple]:
     import tiktoken
 
-    from pipeline.config import TokenizeConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.tokenize.stage import chunk_documents, encode_chunks, usable_cores
     from pipeline.tokenize.tokenizers import build_tokenizer
 
@@ -103,7 +103,7 @@ def peak_rss_kb() -> tuple[int, int | None]:
 
 def child(prepared: str, out: str, kind: str) -> None:
     """Run tokenize_corpus in this (child) process and print its peak memory as JSON."""
-    from pipeline.config import TokenizeConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.tokenize.stage import tokenize_corpus
 
     cfg = TokenizeConfig(kind=kind, out_dir=out)

@@ -49,14 +49,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_tokens(folder: Path) -> Path:
-    from pipeline import config
+    from pipeline.config.prepare import PrepareConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.prepare.stage import prepare_corpus
     from pipeline.tokenize.stage import tokenize_corpus
 
-    prepare_corpus(config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(TEXT)}, "split": "tail", "dedup": False,
-                                                        "out_dir": str(folder / "prepared")}))
+    prepare_corpus(PrepareConfig.model_validate({"source": {"kind": "files", "path": str(TEXT)}, "split": "tail", "dedup": False,
+                                                "out_dir": str(folder / "prepared")}))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TEXT.parent / "tiktoken_cache"))
-    tokenize_corpus(config.TokenizeConfig(kind=TOKENIZER, out_dir=str(folder / "tokens")), folder / "prepared")
+    tokenize_corpus(TokenizeConfig(kind=TOKENIZER, out_dir=str(folder / "tokens")), folder / "prepared")
     return folder / "tokens"
 
 
@@ -81,7 +82,7 @@ def gptpipe_step(tokens: Path, folder: Path, zero: int, precision: str, compile_
 
 def plain_step(tokens: Path, model: torch.nn.Module, hf: bool, precision: str, compile_: bool, warmup: int, steps: int) -> float:
     """tokens/s of a plain PyTorch loop over the same batches (the pipeline's sampler)."""
-    from pipeline.config import Batch
+    from pipeline.config.train import Batch
     from pipeline.tokens import open_tokens
     from pipeline.train.batches import WindowSampler
 
@@ -122,7 +123,7 @@ def main() -> None:
     global MODEL, BATCH, TOKENIZER
     MODEL, BATCH, TOKENIZER = PRESETS[args.preset]
     BATCH = args.batch or BATCH
-    from pipeline.config import ModelConfig
+    from pipeline.config.model import ModelConfig
     from pipeline.infra.hardware import calibrate, gpu_peak_tflops, use_tf32
     from pipeline.model.build import build_model
     from pipeline.tokens import open_tokens

@@ -12,7 +12,7 @@ from pipeline.prepare.command import prepare
 from pipeline.report.command import report
 from pipeline.sample.command import sample
 from pipeline.tokenize.command import tokenize
-from pipeline.tools.commands import doctor, init, plan, recipe_app
+from pipeline.tools.commands import doctor, dvc_yaml, init, plan, recipe_app
 from pipeline.train.command import train
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ for command in (prepare, tokenize, train, evaluate, sample, report):
     app.command(epilog=command.epilog)(command)
 app.add_typer(recipe_app, name="recipe")
 app.command()(init)
+app.command(name="dvc-yaml")(dvc_yaml)
 app.command()(doctor)
 app.command()(plan)
 

@@ -1,5 +1,6 @@
-"""What every command shares on the terminal: the params options, --help listing a stage's params, progress
-bars, summary tables, log lines, and user mistakes as one line with exit code 2."""
+"""What every command shares on the terminal: the params options, --help listing a stage's params, summary tables,
+log lines, and user mistakes as one line with exit code 2. Progress bars, drawn by some stages only, are
+progress.py's."""
 
 from __future__ import annotations
 
@@ -13,19 +14,9 @@ from typing import Annotated, Callable, Iterator, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
-from pipeline import config
+from pipeline.config.all import Params
 from pipeline.errors import UserError
 from pipeline.files import WRITE_ERRNOS
 from pipeline.output import format_value
@@ -46,7 +37,7 @@ def section_help(*sections: str) -> str:
     """The params a command reads, with defaults and descriptions, for its --help."""
     lines = ["[bold]Params[/bold] (params.yaml; override with -S KEY=VALUE):\n\n"]
     for name in sections:
-        model = config.Params.model_fields[name].annotation
+        model = Params.model_fields[name].annotation
         for key, default, description in describe(model, name):
             lines.append(f"[cyan]{key}[/cyan] = {_escape(default)}: {_escape(description)}\n\n")
     return "".join(lines)
@@ -115,29 +106,6 @@ def run_stage(command: Callable, name: str) -> None:
             sys.stderr.flush()
             os._exit(code)
         raise
-
-
-@contextmanager
-def byte_progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar advanced by a callable taking a byte count."""
-    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
-    with _bar(columns, description, total) as advance:
-        yield advance
-
-
-@contextmanager
-def count_progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar advanced by a callable taking a count of items."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with _bar(columns, description, total) as advance:
-        yield advance
-
-
-@contextmanager
-def _bar(columns: list, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def print_summary(title: str, rows: dict[str, object]) -> None:

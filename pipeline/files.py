@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import UserError
+from pipeline.layout import ExportDir, PreparedDir, TokensDir
 
 # Written into every folder a stage builds: only a folder holding it (or an older gptpipe's signature file)
 # is ever replaced, so a mistyped out_dir pointing at the corpus or at data/ is refused, not deleted.
 MARKER = ".gptpipe-output"
 # Folders of earlier gptpipe versions, written before the marker: one of these signature files and nothing but
 # names such a folder holds (a meta.json beside someone's thesis.tex is not ours).
-SIGNATURES = ("manifest.json", "meta.json", "gptpipe.json")
+SIGNATURES = (PreparedDir("").manifest.name, TokensDir("").meta.name, ExportDir("").info.name)
 OUTPUT_NAMES = re.compile(
     r"(manifest\.json|meta\.json|gptpipe\.json|(train|val)(\.jsonl|\.bin|-\d{5}\.bin)|plan\.bin|tokenizer|gptpipe_tokenizer|config\.json"
     r"|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|tokenizer(_config)?\.json"

@@ -7,7 +7,8 @@
                                       checksums.json (last)
     ExportDir     train.export_dir    a Hugging Face folder plus gptpipe.json, gptpipe_tokenizer/ and
                                       gptpipe_checksums.json (last)
-    TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves), samples.jsonl
+    TrainMetrics  train.metrics_dir   DVCLive's metrics.json (summary) and plots/metrics/**.tsv (curves),
+                                      samples/samples.jsonl
     SamplesDir    sample.out_dir      samples.jsonl, samples.md
     ReportDir     report.out_dir      report.md, report.html, plots/*.png
 """
@@ -206,8 +207,9 @@ class TrainMetrics(Folder):
 
     @property
     def samples(self) -> Path:
-        """Text generated during training: one {"step", "prompt", "text"} per line."""
-        return self.root / "samples.jsonl"
+        """Text generated during training: one {"step", "prompt", "text"} per line. In a folder of its own, which
+        dvc.yaml declares: DVC warns about an empty file output (a run without samples), never about a folder's file."""
+        return self.root / "samples" / "samples.jsonl"
 
     @property
     def tensorboard(self) -> Path:

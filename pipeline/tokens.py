@@ -1,5 +1,5 @@
 """The token file format (a header with magic, version, dtype, vocabulary and count, then the ids, CRC-checked),
-and a split's shards read as one sequence."""
+a split's shards written (resumably) and read as one sequence."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class TokenWriter:
     def __init__(self, path: str | Path, vocab_size: int, eot_id: int, keep: int = 0):
         """keep > 0 continues an interrupted writer whose <path>.tmp holds at least keep ids: the rest is cut off."""
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = self.temporary(self.path)
         self.vocab_size, self.eot_id = vocab_size, eot_id
         self.dtype = token_dtype(vocab_size)
         self.count, self.crc = 0, 0
@@ -70,6 +70,11 @@ class TokenWriter:
         else:
             self.file = open(self.tmp, "wb")
             self.file.write(bytes(HEADER_BYTES))  # the real header goes in on close, once count and crc are known
+
+    @staticmethod
+    def temporary(path: Path) -> Path:
+        """Where the file is written until it is closed."""
+        return path.with_name(path.name + ".tmp")
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
@@ -105,6 +110,78 @@ def write_tokens(path: str | Path, ids: np.ndarray, vocab_size: int, eot_id: int
     """Write a whole token file at once (tests, small files)."""
     with TokenWriter(path, vocab_size, eot_id) as w:
         w.write(ids)
+
+
+class ShardWriter:
+    """A split's ids into shards of exactly shard_tokens ids (train-00000.bin, ...; the last one shorter), so the files
+    do not depend on how the ids arrive. Finished shards are whole token files, the one being filled a TokenWriter's
+    temporary file. state() is what a new writer needs to carry on from there (resume=, after check_resume)."""
+
+    def __init__(self, out: TokensDir, split: str, vocab_size: int, eot_id: int, shard_tokens: int, resume: dict | None = None):
+        """resume: the state() of an interrupted writer of this split; ValueError when its partial shard is not that."""
+        self.out, self.split, self.vocab_size, self.eot_id, self.shard_tokens = out, split, vocab_size, eot_id, shard_tokens
+        state = resume or {"shards": [], "crc32": [], "partial": 0}
+        self.shards, self.crcs = list(state["shards"]), list(state["crc32"])
+        self.current = TokenWriter(out.shard(split, len(self.shards)), vocab_size, eot_id, keep=state["partial"])
+        if resume and self.current.crc != state["partial_crc32"]:
+            self.current.file.close()
+            raise ValueError(f"{self.current.tmp.name} is not the partial shard the resume state recorded")
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.shards) + self.current.count
+
+    def write(self, ids: np.ndarray) -> bool:
+        """Append ids; True when a shard was finished."""
+        finished = False
+        while ids.size:
+            room = self.shard_tokens - self.current.count
+            self.current.write(ids[:room])
+            ids = ids[room:]
+            if self.current.count == self.shard_tokens:
+                self.current.close()
+                self.shards.append(self.shard_tokens)
+                self.crcs.append(self.current.crc)
+                self.current = TokenWriter(self.out.shard(self.split, len(self.shards)), self.vocab_size, self.eot_id)
+                finished = True
+        return finished
+
+    def state(self) -> dict:
+        """Each finished shard's count and CRC, and the partial shard's: JSON, for a resumed writer."""
+        self.current.file.flush()  # the partial shard's bytes reach the file before the state that counts them
+        return {"shards": list(self.shards), "crc32": list(self.crcs), "partial": self.current.count, "partial_crc32": self.current.crc}
+
+    def close(self) -> list[int]:
+        """Finish the last shard; every shard's token count. Each shard is read back against the CRC recorded as it
+        was written first: a shard damaged on disk since (or swapped for another) never reaches train."""
+        if self.current.count or not self.shards:  # an exact multiple of shard_tokens leaves an empty writer
+            self.current.close()
+            self.shards.append(self.current.count)
+            self.crcs.append(self.current.crc)
+        else:
+            self.current.abort()
+        for index, (count, crc) in enumerate(zip(self.shards, self.crcs)):
+            shard = open_tokens(self.out.shard(self.split, index), verify=True)
+            if (shard.count, shard.crc32) != (count, crc):
+                raise UserError(f"{shard.path}: not the shard this run wrote (its ids changed on disk); rerun tokenize")
+        return list(self.shards)
+
+
+def check_resume(out: TokensDir, split: str, state: dict, vocab_size: int) -> None:
+    """ValueError unless the files in out are what a ShardWriter's state() says: each finished shard whole, with its
+    recorded count and CRC, and the partial shard at least as long (ShardWriter checks its CRC as it resumes)."""
+    try:
+        finished = [open_tokens(out.shard(split, i), verify=True) for i in range(len(state["shards"]))]
+        if [(f.count, f.crc32) for f in finished] != list(zip(state["shards"], state["crc32"])):
+            raise ValueError("a finished shard does not match")
+        shard = out.shard(split, len(state["shards"]))
+        partial = TokenWriter.temporary(shard)
+        if state["partial"] and not partial.exists() and shard.exists():
+            os.replace(shard, partial)  # killed after this shard was finished, before the state that says so
+        if state["partial"] and partial.stat().st_size < HEADER_BYTES + state["partial"] * token_dtype(vocab_size).itemsize:
+            raise ValueError("the partial shard is short")
+    except (OSError, KeyError, TypeError, UserError) as e:
+        raise ValueError(f"{out.root} ({split}): {e}") from e
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.params import reference_markdown
+from pipeline.tools.params_docs import reference_markdown
 
 if __name__ == "__main__":
     target = Path(__file__).resolve().parents[1] / "docs" / "params.md"

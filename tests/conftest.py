@@ -38,18 +38,19 @@ TINY_TRAIN = {
 @pytest.fixture(scope="session")
 def tokens_dir(tmp_path_factory, shared_data) -> Path:
     """Char-level tokens of the first ~100 KB of tiny Shakespeare, split at blank lines."""
-    from pipeline import config
+    from pipeline.config.prepare import PrepareConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.prepare.stage import prepare_corpus
     from pipeline.tokenize.stage import tokenize_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     text = (shared_data / "tinyshakespeare.txt").read_text()[:100_000]
     (root / "corpus.txt").write_text(text)
-    prepared = config.PrepareConfig.model_validate(
+    prepared = PrepareConfig.model_validate(
         {"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"}, "out_dir": str(root / "prepared")}
     )
     prepare_corpus(prepared)
-    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(root / "tokens")), root / "prepared")
+    tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(root / "tokens")), root / "prepared")
     return root / "tokens"
 
 

@@ -7,7 +7,8 @@ from conftest import ROOT
 
 from pipeline.checkpoints.run import run_folder, run_identity
 from pipeline.checkpoints.state import TrainState
-from pipeline.config import Params, TrainConfig
+from pipeline.config.all import Params
+from pipeline.config.train import TrainConfig
 
 
 def test_state_json_round_trips_through_its_owner(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.all import Params, SECTIONS
 from pipeline.errors import UserError
 
 
@@ -85,8 +86,8 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def test_every_field_has_a_description():
-    for section in config.SECTIONS:
-        model = config.Params.model_fields[section].annotation
+    for section in SECTIONS:
+        model = Params.model_fields[section].annotation
         for key, _, description in params.describe(model, section):
             assert description, f"{key} has no description"
 

@@ -6,7 +6,9 @@ import json
 import pytest
 from conftest import run_training, tiny_params
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.prepare import PrepareConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.prepare.stage import prepare_corpus
 from pipeline.tokenize.stage import tokenize_corpus
@@ -50,22 +52,22 @@ def test_other_token_ids_are_one_message_and_tokenize_can_reuse_the_checkpoints_
     corpus = tmp_path / "new.txt"
     corpus.write_text("Zebras quizzically vexed 1234567890 jumping foxes!\n\n" * 50)
     prepared = tmp_path / "prepared"
-    prepare_corpus(config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(corpus), "separator": "\n\n"},
-                                                        "out_dir": str(prepared), "val_fraction": 0.2, "dedup": False}))
+    prepare_corpus(PrepareConfig.model_validate({"source": {"kind": "files", "path": str(corpus), "separator": "\n\n"},
+                                                "out_dir": str(prepared), "val_fraction": 0.2, "dedup": False}))
     fresh = tmp_path / "tokens-fresh"
-    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(fresh)), prepared)
+    tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(fresh)), prepared)
     with pytest.raises(UserError, match=r"was trained on other token ids \(.*char.* tokenize with its tokenizer \(tokenize.kind=char, tokenize.pretrained="):
         run_training(continued(fresh, tmp_path / "mismatch", run, max_steps=2))
 
     reused = tmp_path / "tokens-reused"
-    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(reused), pretrained=str(run)), prepared)
+    tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(reused), pretrained=str(run)), prepared)
     summary = run_training(continued(reused, tmp_path / "continued", run, max_steps=2))
     assert summary["steps"] == 2
 
     with pytest.raises(UserError, match=r"is of kind char, not tokenize.kind=bpe: set tokenize.kind=char"):
-        tokenize_corpus(config.TokenizeConfig(kind="bpe", out_dir=str(tmp_path / "t"), pretrained=str(run)), prepared)
+        tokenize_corpus(TokenizeConfig(kind="bpe", out_dir=str(tmp_path / "t"), pretrained=str(run)), prepared)
     with pytest.raises(UserError, match=r"holds no gptpipe tokenizer"):
-        tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(tmp_path / "t"), pretrained=str(tmp_path)), prepared)
+        tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(tmp_path / "t"), pretrained=str(tmp_path)), prepared)
 
 
 def test_a_checkpoint_init_needs_no_hf_tokenizer_but_a_plain_folder_still_does(tokens_dir, tmp_path):

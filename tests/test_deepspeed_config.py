@@ -4,14 +4,15 @@ import json
 
 import pytest
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.infra.deepspeed import deepspeed_config, resolve_user_config
 from pipeline.infra.launcher import launcher_command
 
 
 def ds_config(world_size=1, block_size=128, **train):
-    t = config.TrainConfig(**train)
+    t = TrainConfig(**train)
     return deepspeed_config(t, t.batch(world_size, block_size))
 
 
@@ -35,12 +36,12 @@ def test_offload_and_zero3_keys():
 
 
 def test_accumulation_from_global_batch_tokens():
-    t = config.TrainConfig(micro_batch_size=4, global_batch_tokens=4 * 128 * 2 * 3)
+    t = TrainConfig(micro_batch_size=4, global_batch_tokens=4 * 128 * 2 * 3)
     assert t.batch(world_size=2, block_size=128).grad_accum == 3
     assert t.batch(world_size=1, block_size=128).grad_accum == 6
     with pytest.raises(UserError, match=r"train.global_batch_tokens=3072 must equal train.micro_batch_size \(4\) x train.grad_accum"):
         t.batch(world_size=4, block_size=128)
-    both = config.TrainConfig(micro_batch_size=4, global_batch_tokens=1024, grad_accum=3)
+    both = TrainConfig(micro_batch_size=4, global_batch_tokens=1024, grad_accum=3)
     with pytest.raises(UserError, match="with grad_accum=3"):
         both.batch(world_size=1, block_size=128)
 
@@ -48,7 +49,7 @@ def test_accumulation_from_global_batch_tokens():
 def resolve(user: dict | str, tmp_path, **train) -> tuple[dict, list[str]]:
     path = tmp_path / "ds.json"
     path.write_text(user if isinstance(user, str) else json.dumps(user))
-    t = config.TrainConfig(**train)
+    t = TrainConfig(**train)
     return resolve_user_config(t, deepspeed_config(t, t.batch(1, 128)), str(path))
 
 
@@ -98,7 +99,7 @@ def test_bad_json_files_are_named(tmp_path):
         resolve('{"zero_optimization": {"stage": 1,}}', tmp_path)
     with pytest.raises(UserError, match="must hold a JSON object"):
         resolve("[1]", tmp_path)
-    t = config.TrainConfig()
+    t = TrainConfig()
     with pytest.raises(UserError, match="not found"):
         resolve_user_config(t, deepspeed_config(t, t.batch(1, 128)), str(tmp_path / "missing.json"))
 
@@ -106,7 +107,7 @@ def test_bad_json_files_are_named(tmp_path):
 def test_launcher_command_from_params(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("worker-1 slots=8\n")
-    t = config.TrainConfig(launcher="deepspeed", hostfile=str(hostfile), num_gpus=8, num_nodes=1, master_port=29600, launcher_args=["--no_ssh_check"])
+    t = TrainConfig(launcher="deepspeed", hostfile=str(hostfile), num_gpus=8, num_nodes=1, master_port=29600, launcher_args=["--no_ssh_check"])
     cmd = launcher_command(t, ["--params", "params.yaml"])
     assert cmd[0].endswith("deepspeed")
     assert cmd[1:] == [
@@ -114,14 +115,14 @@ def test_launcher_command_from_params(tmp_path):
         "--no_local_rank", "--module", "pipeline.train", "--params", "params.yaml",
     ]  # fmt: skip
     with pytest.raises(UserError, match="train.hostfile: .* not found"):
-        launcher_command(config.TrainConfig(hostfile=str(tmp_path / "nope")), [])
+        launcher_command(TrainConfig(hostfile=str(tmp_path / "nope")), [])
 
 
 def test_include_and_exclude_reach_the_launcher_and_do_not_mix_with_counts(tmp_path):
-    cmd = launcher_command(config.TrainConfig(include="localhost:2,3", master_port=29600), [])
+    cmd = launcher_command(TrainConfig(include="localhost:2,3", master_port=29600), [])
     assert cmd[1:5] == ["--include", "localhost:2,3", "--master_port", "29600"]
     (tmp_path / "hostfile").write_text("worker-1 slots=2\nworker-2 slots=2\n")
-    cmd = launcher_command(config.TrainConfig(exclude="worker-2:0", hostfile=str(tmp_path / "hostfile")), [])
+    cmd = launcher_command(TrainConfig(exclude="worker-2:0", hostfile=str(tmp_path / "hostfile")), [])
     assert "--exclude" in cmd and "worker-2:0" in cmd
     with pytest.raises(UserError, match="train.include: cannot be combined with train.num_gpus"):
         params.validate_params({"train": {"include": "localhost:0", "num_gpus": 2}})

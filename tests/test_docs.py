@@ -5,7 +5,7 @@ import re
 import pytest
 from conftest import ROOT
 
-from pipeline.params import reference_markdown
+from pipeline.tools.params_docs import reference_markdown
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 

@@ -1,4 +1,4 @@
-"""pipeline.tools.doctor: real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
+"""pipeline.tools.doctor (doctor_machine, doctor_cluster): real checks on this machine (no GPU, no sshd), the hostfile parser, and `gptpipe doctor`."""
 
 import socket
 import subprocess
@@ -8,9 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import Params
+from pipeline.config.all import Params
 from pipeline.errors import UserError
-from pipeline.tools.doctor import parse_hostfile, run_checks
+from pipeline.infra.launcher import parse_hostfile
+from pipeline.tools.doctor import run_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +171,7 @@ def test_packages_model_sources_and_disk_are_reported(tmp_path, monkeypatch):
 def test_the_package_versions_other_hosts_report_are_compared():
     """Issue 21: doctor compares package versions across hosts. Here the command doctor sends over ssh runs in a local
     shell (no sshd here): it must print exactly what this Python has, and a host with another version is named."""
-    from pipeline.tools.doctor import package_versions, version_differences, versions_command
+    from pipeline.tools.doctor_cluster import package_versions, version_differences, versions_command
 
     out = subprocess.run(["bash", "-c", versions_command()], capture_output=True, text=True, timeout=60, check=True).stdout
     local = package_versions()
@@ -181,7 +182,7 @@ def test_the_package_versions_other_hosts_report_are_compared():
 
 def test_the_master_port_check_connects_to_a_listener_that_doctor_opens():
     """Issue 21: doctor tests that the other nodes reach the master port; the probe it sends over ssh, run locally."""
-    from pipeline.tools.doctor import listening, master_address, reach_command
+    from pipeline.tools.doctor_cluster import listening, master_address, reach_command
 
     with socket.socket() as s:
         s.bind(("", 0))

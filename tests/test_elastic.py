@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import exported_weights, finish, launch, logged, run_training, tiny_params
 
-from pipeline import config
+from pipeline.config.model import ModelConfig
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.infra.deepspeed import engine_config, model_init
 from pipeline.infra.distributed import init_distributed
@@ -96,7 +97,7 @@ def test_one_process_resumed_on_two_continues_the_same_run(tokens_dir, tmp_path,
 
 
 def test_a_global_batch_the_processes_cannot_split_is_one_message_naming_the_keys():
-    t = config.TrainConfig(micro_batch_size=4, global_batch_tokens=256)
+    t = TrainConfig(micro_batch_size=4, global_batch_tokens=256)
     assert t.batch(2, 32).grad_accum == 1 and t.batch(1, 32).grad_accum == 2
     with pytest.raises(UserError, match=r"train.global_batch_tokens=256 .* train.micro_batch_size \(4\) .* 3 processes .* 1 or 2 processes"):
         t.batch(3, 32)
@@ -121,8 +122,8 @@ def test_a_zero3_scratch_model_is_built_partitioned_with_the_same_initialisation
 
     from pipeline.model.build import build_model
 
-    t = config.TrainConfig(zero_stage=3, micro_batch_size=4)
-    model_cfg = config.ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64)
+    t = TrainConfig(zero_stage=3, micro_batch_size=4)
+    model_cfg = ModelConfig(n_layer=2, n_head=4, n_embd=128, block_size=64)
     init_distributed()
     torch.manual_seed(0)
     plain = build_model(model_cfg, 1000, 0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, accuracy_counts, encode_pair, hellaswag_scores, parse_hellaswag
 from pipeline.eval.lm import covered_text_bytes, val_metrics, val_sums
@@ -23,7 +24,7 @@ SENTENCE = "the cat sat on the mat. "
 
 
 def char_tokenizer(text: str = SENTENCE + "dogé"):
-    return build_tokenizer(config.TokenizeConfig(kind="char"), lambda: [text])
+    return build_tokenizer(TokenizeConfig(kind="char"), lambda: [text])
 
 
 def tiny_gpt2(tok, n_positions: int = 64, n_layer: int = 1, seed: int = 0, vocab: int | None = None, **kwargs) -> GPT2LMHeadModel:

@@ -9,7 +9,8 @@ import pytest
 import tiktoken
 from conftest import run_training, tiny_params
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.layout import TokensDir
 from pipeline.tokenize.imported import import_tokens
@@ -42,7 +43,7 @@ def nanogpt_gpt2_folder(folder, docs: list[str]):
 
 
 def imported(tmp_path, dirs, name="tokens", **kw):
-    cfg = config.TokenizeConfig(kind="import", import_dirs=[str(d) for d in dirs], out_dir=str(tmp_path / name), **kw)
+    cfg = TokenizeConfig(kind="import", import_dirs=[str(d) for d in dirs], out_dir=str(tmp_path / name), **kw)
     return import_tokens(cfg)[0], tmp_path / name
 
 
@@ -123,4 +124,4 @@ def test_bad_nanogpt_files_are_one_message_each(tmp_path):
         imported(tmp_path, [folder])
     with pytest.raises(UserError, match=r"import_dirs: required when kind is 'import'"):
         params.validate_params({"tokenize": {"kind": "import"}})
-    assert json.loads(json.dumps(config.TokenizeConfig().model_dump()))["import_dirs"] == []
+    assert json.loads(json.dumps(TokenizeConfig().model_dump()))["import_dirs"] == []

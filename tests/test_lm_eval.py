@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_evaluation import char_tokenizer, save_model_dir, tiny_gpt2, write_tokens_dir
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.evaluate import LmEvalConfig
 from pipeline.errors import UserError
 from pipeline.eval.harness import task_manager, transformers_tokenizer
 from pipeline.eval.hellaswag import choice_logliks, parse_hellaswag
@@ -76,7 +77,7 @@ def test_built_in_hellaswag_equals_lm_eval_item_for_item(bpe_model, shared_data)
     from lm_eval.models.huggingface import HFLM
 
     folder, model, tok = bpe_model
-    cfg = config.LmEvalConfig(tasks=["hellaswag_local"], include_path=str(folder / "tasks"))
+    cfg = LmEvalConfig(tasks=["hellaswag_local"], include_path=str(folder / "tasks"))
     lm = HFLM(pretrained=model, tokenizer=transformers_tokenizer(tok), batch_size=8, device="cpu")
     out = lm_eval.simple_evaluate(model=lm, tasks=["hellaswag_local"], task_manager=task_manager(cfg), log_samples=True)
     samples = sorted(out["samples"]["hellaswag_local"], key=lambda s: s["doc_id"])

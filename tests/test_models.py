@@ -8,7 +8,8 @@ from conftest import TINY_TRAIN, logged
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.model import ModelConfig
 from pipeline.errors import UserError
 from pipeline.model.build import build_model, count_params, padded_vocab
 from pipeline.prepare.stage import prepare_corpus
@@ -19,7 +20,7 @@ from pipeline.train.loop import train
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_fresh_scratch_model_predicts_uniformly(arch):
     torch.manual_seed(0)
-    model = build_model(config.ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16), vocab_size=5000, eot_id=0)
+    model = build_model(ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=16), vocab_size=5000, eot_id=0)
     assert model.config.vocab_size == padded_vocab(5000) == 5056  # a multiple of 64 (a small vocabulary: of 8)
     assert padded_vocab(65) == 72
     ids = torch.randint(0, 5000, (4, 16))
@@ -28,7 +29,7 @@ def test_a_fresh_scratch_model_predicts_uniformly(arch):
 
 
 def test_presets_give_gpt2_shapes():
-    cfg = config.ModelConfig(preset="gpt2-124m")
+    cfg = ModelConfig(preset="gpt2-124m")
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 1024)
     with torch.device("meta"):
         model = build_model(cfg, vocab_size=50257, eot_id=50256)
@@ -38,7 +39,7 @@ def test_presets_give_gpt2_shapes():
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"model.init=.*cannot load this folder"):
-        build_model(config.ModelConfig(init=str(tmp_path)), vocab_size=100, eot_id=0)
+        build_model(ModelConfig(init=str(tmp_path)), vocab_size=100, eot_id=0)
 
 
 def save_tiny_checkpoint(folder, arch: str, corpus: list[str]) -> int:

@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import exported_weights, logged, run_training, tiny_params
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.model import ModelConfig
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.model.build import build_model
 from pipeline.train.optimizer import hidden_matrices, param_groups
@@ -17,7 +19,7 @@ MUON = dict(optimizer="muon", muon_lr=0.02, lr=3e-3, max_steps=16, log_interval=
 
 
 def tiny_model(arch: str):
-    m = config.ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=32)
+    m = ModelConfig(arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=32)
     return build_model(m, vocab_size=65, eot_id=0)
 
 
@@ -38,7 +40,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest_with_the_update_size_
     assert all(factor == 1.0 for factor in hidden.values())  # nn.Linear: DeepSpeed's orientation already
     assert len(hidden) == 2 * 7  # q, k, v, o, gate, up, down
 
-    t = config.TrainConfig(**MUON, warmup_steps=2)
+    t = TrainConfig(**MUON, warmup_steps=2)
     groups = param_groups(gpt2, t)
     muon = [p for g in groups for p in g["params"] if p.use_muon]
     assert len(muon) == 8 and not gpt2.transformer.wte.weight.use_muon and not gpt2.transformer.wpe.weight.use_muon
@@ -50,8 +52,8 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest_with_the_update_size_
 
 
 def test_clipping_does_not_apply_to_muon_and_saying_it_should_is_one_message():
-    assert config.TrainConfig(optimizer="muon").clip == 0.0  # the default grad_clip is not applied
-    assert config.TrainConfig().clip == 1.0
+    assert TrainConfig(optimizer="muon").clip == 0.0  # the default grad_clip is not applied
+    assert TrainConfig().clip == 1.0
     with pytest.raises(UserError, match="train.grad_clip: 0.5 does not apply with train.optimizer=muon"):
         params.validate_params({"train": {"optimizer": "muon", "grad_clip": 0.5}})
 
@@ -108,7 +110,7 @@ def test_deepspeeds_optimizer_keeps_gptpipes_groups(zero_stage):
     from pipeline.infra.deepspeed import build_engine, engine_config, model_init, set_lr
     from pipeline.infra.distributed import init_distributed
 
-    t = config.TrainConfig(**MUON, warmup_steps=2, zero_stage=zero_stage)
+    t = TrainConfig(**MUON, warmup_steps=2, zero_stage=zero_stage)
     init_distributed()
     torch.manual_seed(0)
     ds_config = engine_config(t, t.batch(1, 32))

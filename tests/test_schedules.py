@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from pipeline import config
+from pipeline.config.train import TrainConfig
 from pipeline.train.schedules import decay_end, lr_at
 
 
-def schedule(**train) -> config.TrainConfig:
-    return config.TrainConfig(**{"max_steps": 100, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4, **train})
+def schedule(**train) -> TrainConfig:
+    return TrainConfig(**{"max_steps": 100, "warmup_steps": 10, "lr": 1e-3, "min_lr": 1e-4, **train})
 
 
 def test_warmup_is_linear_from_lr_over_warmup_plus_one():

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import PrepareConfig, SourceConfig
+from pipeline.config.prepare import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
 from pipeline.prepare import formats, plan
 from pipeline.prepare.documents import iter_prepared, prepared_size
@@ -445,7 +445,7 @@ def test_dedup_keeps_the_first_of_each_document_in_order(tmp_path, monkeypatch):
 
 
 def test_index_store_notices_a_changed_source(tmp_path):
-    from pipeline.config import TokenizeConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.tokenize.stage import tokenize_corpus
 
     source = write_docs(tmp_path / "a.txt", [f"document {i}" for i in range(40)])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.tokenize.tokenizers import EOT, CharTokenizer, HfTokenizer, TiktokenTokenizer, build_tokenizer, load_tokenizer
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA as SHARED  # TIKTOKEN_CACHE_DIR points into it (conftest)
 
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.tokenize.stage import Chunk, chunk_documents, encode_chunks, tokenize_corpus
 from pipeline.tokenize.tokenizers import EOT, build_tokenizer, load_tokenizer
@@ -207,7 +207,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("kind", ["tiktoken", "char", "bpe"])
 def test_prepare_and_tokenize_twice_give_byte_identical_outputs(tmp_path, docs, kind):
     """DVC hashes outputs by content: a rerun on the same text must not make the stages after it run again."""
-    from pipeline.config import PrepareConfig
+    from pipeline.config.prepare import PrepareConfig
     from pipeline.prepare.stage import prepare_corpus
 
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs[:300]))
@@ -248,7 +248,7 @@ def test_tokenize_corpus_without_prepared_data(tmp_path):
 
 
 def prepared_corpus(tmp_path, docs, n=1500, **cfg):
-    from pipeline.config import PrepareConfig
+    from pipeline.config.prepare import PrepareConfig
     from pipeline.prepare.stage import prepare_corpus
 
     tmp_path.mkdir(exist_ok=True)
@@ -262,7 +262,7 @@ def prepared_corpus(tmp_path, docs, n=1500, **cfg):
 def test_shards_read_as_one_sequence(tmp_path, docs):
     """Shards of exactly shard_tokens ids hold the same ids as one file, and slices across them, windows and batches
     read the same; store: index gives the same tokens as store: text."""
-    from pipeline.config import Batch
+    from pipeline.config.train import Batch
     from pipeline.layout import TokensDir
     from pipeline.tokens import open_split, read_meta
     from pipeline.train.batches import WindowSampler
@@ -298,7 +298,7 @@ def torch_equal(x, y) -> bool:
 
 KILLED_TOKENIZE = """
 import sys, time
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.tokenize.stage import tokenize_corpus
 cfg = TokenizeConfig(kind="tiktoken", out_dir=sys.argv[2], shard_tokens=4096, chunk_bytes=2048, workers=1)
 tokenize_corpus(cfg, sys.argv[1], progress=lambda n: time.sleep(0.02))  # slow, so the kill lands mid-run

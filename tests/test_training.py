@@ -10,7 +10,8 @@ import torch
 import yaml
 from conftest import clean_env, exported_weights, finish, launch, logged, run_training, saved_world_size, tiny_params
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.model import GPT2_PRESETS
 from pipeline.errors import UserError
 from pipeline.train.loop import train
 
@@ -272,7 +273,7 @@ def test_a_preset_gives_train_evaluate_and_sample_one_context_length(tokens_dir,
     from pipeline.sample.stage import generate_samples
 
     # A preset's shape, made tiny so the real stages run here: what matters is that each stage reads it.
-    monkeypatch.setitem(config.GPT2_PRESETS, "gpt2-124m", {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 48})
+    monkeypatch.setitem(GPT2_PRESETS, "gpt2-124m", {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 48})
     raw = tiny_params(tokens_dir, tmp_path, max_steps=2, save_interval=2)
     raw["model"] = {"preset": "gpt2-124m"}
     raw["evaluate"] = {"metrics_file": str(tmp_path / "metrics.json"), "max_windows": 4}
@@ -297,14 +298,14 @@ def test_training_builds_no_deepspeed_op_and_each_environment_has_its_own_op_fol
 
     from conftest import ROOT
 
-    from pipeline.infra.deepspeed import extensions_dir
+    from pipeline.infra.deepspeed_fixes import extensions_dir
 
     # A second environment at another path: a venv whose packages are this one's, through a .pth file.
     other = tmp_path / "other-env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(other)], check=True)
     (next(other.glob("lib/python*/site-packages")) / "this.pth").write_text("\n".join([*site.getsitepackages(), str(ROOT)]) + "\n")
     env = {k: v for k, v in clean_env().items() if k != "TORCH_EXTENSIONS_DIR"}
-    theirs = subprocess.run([str(other / "bin" / "python"), "-c", "from pipeline.infra.deepspeed import extensions_dir; print(extensions_dir())"],
+    theirs = subprocess.run([str(other / "bin" / "python"), "-c", "from pipeline.infra.deepspeed_fixes import extensions_dir; print(extensions_dir())"],
                             capture_output=True, text=True, check=True, env=env)
     assert theirs.stdout.strip() != str(extensions_dir()) and "/torch_extensions/" in theirs.stdout
 

@@ -16,8 +16,11 @@ import yaml
 from conftest import exported_weights, finish, launch, logged, run_training, tiny_params
 from safetensors.torch import load_file
 
-from pipeline import config, params
+from pipeline import params
 from pipeline.checkpoints.folder import checkpoint_weights
+from pipeline.config.model import ModelConfig
+from pipeline.config.prepare import PrepareConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.layout import RunDir
 from pipeline.prepare.stage import prepare_corpus
@@ -33,11 +36,11 @@ def small_train(tmp_path_factory, shared_data) -> Path:
     text = (shared_data / "tinyshakespeare.txt").read_text()
     (root / "train.txt").write_text(text[:3000])
     (root / "val.txt").write_text(text[100_000:120_000])
-    prepared = config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "train.txt")},
-                                                    "val_source": {"kind": "files", "path": str(root / "val.txt")},
-                                                    "out_dir": str(root / "prepared")})
+    prepared = PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "train.txt")},
+                                            "val_source": {"kind": "files", "path": str(root / "val.txt")},
+                                            "out_dir": str(root / "prepared")})
     prepare_corpus(prepared)
-    tokenize_corpus(config.TokenizeConfig(kind="char", out_dir=str(root / "tokens"), unknown_chars="unk"), root / "prepared")
+    tokenize_corpus(TokenizeConfig(kind="char", out_dir=str(root / "tokens"), unknown_chars="unk"), root / "prepared")
     return root / "tokens"
 
 
@@ -93,7 +96,7 @@ def test_hellaswag_and_samples_during_training_reach_the_metrics_and_the_report(
     acc = logged(tmp_path, "hellaswag/acc_norm")
     assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
     assert len(logged(tmp_path, "val/loss")) == 2  # step 0 (eval_at_start), then step 8
-    samples = [json.loads(line) for line in (tmp_path / "metrics" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "metrics" / "samples" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [4, 8] and all(s["prompt"] == "ROMEO:" and s["text"] for s in samples)
     build_report(params.validate_params(raw))
     md = (tmp_path / "reports" / "report.md").read_text()
@@ -187,10 +190,10 @@ def gpt2_checkpoint(tmp_path_factory) -> Path:
 def gpt2_tokens(tmp_path_factory, shared_data) -> Path:
     root = tmp_path_factory.mktemp("gpt2tok")
     (root / "corpus.txt").write_text((shared_data / "tinyshakespeare.txt").read_text()[:40_000])
-    prepared = config.PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"},
-                                                    "out_dir": str(root / "prepared")})
+    prepared = PrepareConfig.model_validate({"source": {"kind": "files", "path": str(root / "corpus.txt"), "separator": "\n\n"},
+                                            "out_dir": str(root / "prepared")})
     prepare_corpus(prepared)
-    tokenize_corpus(config.TokenizeConfig(kind="tiktoken", out_dir=str(root / "tokens")), root / "prepared")
+    tokenize_corpus(TokenizeConfig(kind="tiktoken", out_dir=str(root / "tokens")), root / "prepared")
     return root / "tokens"
 
 
@@ -342,13 +345,13 @@ def test_a_key_that_does_nothing_here_is_one_message(tokens_dir, tmp_path):
     assert "model.rope_theta: 500000.0 does nothing" in str(e.value)
     with pytest.raises(UserError, match=r"model.n_layer: 6 does nothing with model.init='gpt2' \(a pretrained model keeps its own shape\)"):
         params.validate_params({"model": {"init": "gpt2", "n_layer": 6}})
-    config.ModelConfig(init="gpt2", n_layer=4, n_embd=128, block_size=64, dropout=0.1)  # defaults, and keys that apply
-    config.ModelConfig(arch="llama", n_kv_head=2, rope_theta=5e5)
+    ModelConfig(init="gpt2", n_layer=4, n_embd=128, block_size=64, dropout=0.1)  # defaults, and keys that apply
+    ModelConfig(arch="llama", n_kv_head=2, rope_theta=5e5)
     # GPT-2's MLP width is wired to its config's n_inner (HipGPT's --ff): a different model, a different run.
     from pipeline.model.build import scratch_config
 
-    assert scratch_config(config.ModelConfig(intermediate_size=320), 300, 0).n_inner == 320
-    assert scratch_config(config.ModelConfig(), 300, 0).n_inner is None  # GPT-2's own 4 * n_embd
+    assert scratch_config(ModelConfig(intermediate_size=320), 300, 0).n_inner == 320
+    assert scratch_config(ModelConfig(), 300, 0).n_inner is None  # GPT-2's own 4 * n_embd
     summary = run_training(tiny_params(tokens_dir, tmp_path, max_steps=2, model={"intermediate_size": 96}))
     assert summary["steps"] == 2
     mlp = json.loads((tmp_path / "final" / "config.json").read_text())

@@ -3,16 +3,14 @@ the weights read back from disk without an engine; nothing is unpickled beyond t
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.infra.deepspeed_fixes import universal_load, weights_only_loads
 
 
 def save_engine(engine, folder: Path, tag: str) -> None:
@@ -49,35 +47,20 @@ def deepspeed_to_universal(checkpoint: Path, out: Path) -> None:
     args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
                               keep_temp_folder=False, strict=True, inject_missing_state=False)
     log = io.StringIO()
-    try:
-        with safe_unpickling(), redirect_stdout(log), redirect_stderr(log):
-            ds_to_universal.main(args)
-    except Exception as e:  # noqa: BLE001 - DeepSpeed's converter fails in many ways; each ends in this one message
-        tail = "; ".join(log.getvalue().strip().splitlines()[-3:])
-        raise UserError(f"train: converting {checkpoint} to a universal checkpoint failed ({type(e).__name__}: {e}; {tail})") from None
+    with weights_only_loads():
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                ds_to_universal.main(args)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's converter fails in many ways; each ends in this one message
+            tail = "; ".join(log.getvalue().strip().splitlines()[-3:])
+            raise UserError(f"train: converting {checkpoint} to a universal checkpoint failed ({type(e).__name__}: {e}; {tail})") from None
 
 
 def load_engine(engine, folder: Path, tag: str, universal: bool = False) -> None:
-    """Weights and optimizer state from folder/tag; universal: a checkpoint in DeepSpeed's universal format.
-
-    The format is DeepSpeed's config key checkpoint.load_universal, which it reads only when loading: set per load,
-    since one run may load a universal checkpoint (to resume) and then its own (the best, to export).
-    """
-    engine._config.load_universal_checkpoint = universal
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
-    with safe_unpickling():
+    """Weights and optimizer state from folder/tag; universal: a checkpoint in DeepSpeed's universal format (set for
+    this load only, and DeepSpeed's universal loader corrected: universal_load)."""
+    with universal_load(engine, universal), weights_only_loads():
         path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
-    if universal:
-        # Two slips of DeepSpeed's ZeRO-3 universal loader, undone here. It gives every group the first group's
-        # settings (weight decay on biases and norms too): they are this run's settings, identical to the saved
-        # ones, so put them back. And it hands every group one shared `step` tensor, which torch's AdamW then
-        # advances once per group per step (wrong bias correction from the second group on): give each its own.
-        for group, setting in zip(engine.optimizer.param_groups, settings):
-            group.update(setting)
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
     if path is None:
         raise UserError(f"checkpoint {folder / tag} could not be loaded by DeepSpeed (incomplete or from another setup)")
 
@@ -101,39 +84,13 @@ def missing_parameters(universal: Path, module) -> str | None:
     return None
 
 
-def _checkpoint_classes() -> list:
-    """The classes DeepSpeed's checkpoint files hold besides tensors and containers (found by loading every file
-    of ZeRO 0-3, fp32 and bf16 with weights_only=True): plain values, whose unpickling runs none of the file's code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextmanager
-def safe_unpickling() -> Iterator[None]:
-    """Every torch.load inside refuses a pickle that would run code, DeepSpeed's own loads included (they ask for
-    weights_only=False): TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides that, and only DeepSpeed's value classes are allowed."""
-    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_checkpoint_classes()):
-            yield
-    finally:
-        if before is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
-
-
 def check_loadable(path: Path) -> str | None:
     """Why torch must not or cannot load path (code in its pickle, a broken archive), or None when it loads safely.
 
     Memory-maps the tensors, so only the pickled structure is read: cheap even for a large file.
     """
     try:
-        with safe_unpickling():
+        with weights_only_loads():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -149,7 +106,7 @@ def read_zero_weights(folder: Path, tag: str, zero_stage: int) -> dict:
 
     Loaded safely even though the files were verified first: a file swapped after that check still runs no code.
     """
-    with safe_unpickling():
+    with weights_only_loads():
         if zero_stage == 3:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

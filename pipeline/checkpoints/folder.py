@@ -167,9 +167,13 @@ def copy_metrics(src: TrainMetrics, dst: TrainMetrics) -> None:
     # Contents only, not modes: a checkpoint that DVC links into its cache is read-only, and the copy is appended to.
     if src.curves.is_dir():
         shutil.copytree(src.curves, dst.curves, copy_function=shutil.copyfile)
-    for name in ("summary", "samples"):
-        if getattr(src, name).is_file():
-            shutil.copyfile(getattr(src, name), getattr(dst, name))
+    if src.summary.is_file():
+        shutil.copyfile(src.summary, dst.summary)
+    # A checkpoint of a gptpipe before samples had a folder of their own holds them beside metrics.json.
+    samples = src.samples if src.samples.is_file() else src.root / src.samples.name
+    if samples.is_file():
+        dst.samples.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(samples, dst.samples)
 
 
 def capture_rng() -> dict:

@@ -28,7 +28,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from pipeline.checkpoints.folder import verify_checkpoint
-from pipeline.config import Batch, Params, TrainConfig
+from pipeline.config.all import Params
+from pipeline.config.train import Batch, TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import folder_lock, write_failure, write_json_atomic
 from pipeline.infra.distributed import Dist, any_rank, barrier, broadcast
@@ -52,7 +53,7 @@ def run_identity(p: Params, data: dict, batch: Batch, deepspeed_json: dict | Non
     The world size is not in it: the same global batch on another number of processes continues the same run.
     """
     identity = {"format": RUN_FORMAT, **{f"model.{k}": v for k, v in p.model.model_dump().items()}}
-    # The train.* keys marked KEEPS_RUN in config.py (how long, how often, where) are left out: changing them keeps the run.
+    # The train.* keys marked KEEPS_RUN in config/train.py (how long, how often, where) are left out: changing them keeps the run.
     kept = set(TrainConfig.identity_keys()) - BATCH_SPLIT
     if p.train.optimizer == "adamw":
         # The Muon keys came later: an AdamW run's identity stays what it was, so its checkpoints still resume.

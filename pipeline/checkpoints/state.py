@@ -1,4 +1,5 @@
-"""state.json, where a run stands at a saved step: the one owner of that file, which writes and reads it."""
+"""state.json, where a run stands at a saved step, and an export's gptpipe.json, what its weights are and what trained
+them: the one owner of both files, which writes and reads them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from pipeline.files import write_json_atomic
+from pipeline.layout import CheckpointDir, ExportDir, RunDir
 
 
 @dataclass
@@ -55,3 +57,40 @@ class TrainState:
             raise ValueError(f"{path}: not a JSON object")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@dataclass(frozen=True)
+class TrainedParams:
+    """What trained a model gptpipe saved, as its own files say; a folder gptpipe did not write says nothing."""
+
+    params: dict = field(default_factory=dict)  # the resolved params.yaml; {} when unknown
+
+    @property
+    def document_mask(self) -> bool:
+        """train.document_mask: attention stayed inside each document, so a model is scored that way too."""
+        train = self.params.get("train")
+        return isinstance(train, dict) and bool(train.get("document_mask"))
+
+
+def write_export_info(path: str | Path, info: dict, params: dict) -> None:
+    """An export's gptpipe.json: info (which weights: step, val loss, dtype) and the resolved params that trained them."""
+    write_json_atomic(path, {**info, "params": params})
+
+
+def trained_params(source: str | Path) -> TrainedParams:
+    """What trained the model in source: an export's gptpipe.json, a step folder's state.json, a run folder's newest
+    step; nothing known for any other folder, a hub id, or a file that is not gptpipe's."""
+    folder = Path(source)
+    if RunDir(folder).latest.is_file():
+        folder = RunDir(folder).step(RunDir(folder).latest.read_text().strip()).root
+    try:
+        if ExportDir(folder).info.is_file():
+            saved = json.loads(ExportDir(folder).info.read_text(encoding="utf-8"))
+            params = saved.get("params") if isinstance(saved, dict) else None
+        elif CheckpointDir(folder).state.is_file():
+            params = TrainState.read(CheckpointDir(folder).state).params
+        else:
+            params = None
+    except ValueError:  # not JSON (or not UTF-8): not a file gptpipe wrote
+        params = None
+    return TrainedParams(params if isinstance(params, dict) else {})

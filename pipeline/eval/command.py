@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from pipeline.console import ParamsOption, SetOption, count_progress, echo, print_summary, stage_command
+from pipeline.console import ParamsOption, SetOption, echo, print_summary, stage_command
 from pipeline.infra.distributed import init_distributed
 from pipeline.params import load_params
+from pipeline.progress import count_progress
 
 
 @stage_command("evaluate")

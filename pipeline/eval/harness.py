@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import LmEvalConfig
+from pipeline.config.evaluate import LmEvalConfig
 from pipeline.errors import UserError
 from pipeline.tokenize.tokenizers import Tokenizer
 

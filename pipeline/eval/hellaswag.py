@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Params
+from pipeline.config.all import Params
 from pipeline.downloads import download
 from pipeline.errors import UserError
 from pipeline.files import absent, parse_json

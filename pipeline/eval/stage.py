@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import Params
+from pipeline.checkpoints.state import trained_params
+from pipeline.config.all import Params
 from pipeline.errors import UserError
 from pipeline.eval.harness import lm_eval_scores
 from pipeline.eval.hellaswag import describe_cut, hellaswag_scores, load_hellaswag
@@ -17,7 +18,7 @@ from pipeline.infra.distributed import Dist, leave_process_group
 from pipeline.infra.hardware import use_tf32
 from pipeline.layout import TokensDir
 from pipeline.model.build import attention_kernel, count_params, inference_dtype, model_context
-from pipeline.model.inference import load_for_inference, trained_params
+from pipeline.model.inference import load_for_inference
 from pipeline.output import Echo, ProgressFactory, no_progress, silent
 from pipeline.tokens import open_split, read_meta
 
@@ -34,7 +35,7 @@ def evaluate_model(p: Params, dist: Dist | None = None, progress: ProgressFactor
     use_tf32(p.train.tf32)
     # Scored as the model was trained: trained with train.document_mask, attention inside each document (on a GPU
     # in bf16/fp16 with flash-attn installed, through its variable-length kernel).
-    document_mask = bool(trained_params(ref.path).get("train", {}).get("document_mask"))
+    document_mask = trained_params(ref.path).document_mask
     dtype = inference_dtype(p.train)
     attention = attention_kernel("auto", document_mask, {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"))
     model, tokenizer = load_for_inference(ref.path, dist.device if dist else None, dtype, key=ref.key, attention=attention,

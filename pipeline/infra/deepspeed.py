@@ -3,23 +3,20 @@ optimizer step with clipping, and the whole model's weights gathered from it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
 
-from pipeline.config import Batch, TrainConfig
+from pipeline.config.train import Batch, TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import absent
+from pipeline.infra.deepspeed_fixes import deepspeed_environment, eager_muon, group_timeout, muon_tags_kept, shm_op_skipped
 from pipeline.output import Echo, silent
 
 def deepspeed_config(train: TrainConfig, batch: Batch) -> dict:
@@ -238,64 +235,37 @@ def model_init(ds_config: dict, timeout_s: int) -> Iterator[None]:
 
 
 def accelerator():
-    """DeepSpeed's accelerator. DeepSpeed reads which one from DS_ACCELERATOR alone: on a machine without CUDA it
-    is set to cpu (unless the user chose), rather than have DeepSpeed warn that it guessed.
+    """DeepSpeed's accelerator, picked once at its first get_accelerator() inside deepspeed_environment (DS_ACCELERATOR
+    set to cpu on a machine without CUDA, unless the user chose; pipeline/infra/deepspeed_fixes.py)."""
+    with deepspeed_environment():
+        from deepspeed.accelerator import get_accelerator
 
-    The ops DeepSpeed compiles on first use (cpu_adam for offload, fused ones on GPUs) go to a folder of this
-    environment's own (unless TORCH_EXTENSIONS_DIR is set): torch's default is one folder per Python version,
-    shared by every virtual environment, and the build command names the environment's paths, so two
-    environments used in turn rebuilt each other's ops every time (20-57 s here).
-    """
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator()
-
-
-def extensions_dir() -> Path:
-    """~/.cache/torch_extensions/<python>-<device>-<this environment's prefix, hashed>: one per environment."""
-    tag = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
-    device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "torch_extensions" / f"py{sys.version_info[0]}{sys.version_info[1]}_{device}-{tag}"
-
-
-def skip_shm_op() -> None:
-    """Keep DeepSpeed from compiling and loading its CPU shared-memory op when it starts its communication backend.
-
-    DeepSpeed uses that op in one place, inference_all_reduce (its tensor-parallel inference); training's
-    collectives are torch.distributed's. Building it cost 20-57 s whenever its cache folder was stale, and
-    probing for it compiles test programs for every op: both are skipped, nothing else changes.
-    """
-    import importlib
-
-    # By module name: `import deepspeed.comm.torch as m` would give torch itself (deepspeed.comm imports torch).
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        return get_accelerator()
 
 
 @contextmanager
 def deepspeed_world(timeout_s: int) -> Iterator[None]:
-    """While DeepSpeed makes its process groups (the process group itself is made first, by init_distributed):
-    torch's default timeout is the world's, then put back.
-
-    DeepSpeed makes its data-parallel groups with new_group(), which takes torch's default timeout (30 minutes for
-    gloo), not the world's: so no collective of theirs waits longer than train.collective_timeout for a frozen rank.
-    """
+    """While DeepSpeed makes its process groups (the process group itself is made first, by init_distributed) and its
+    engine or zero.Init's partitions: its communication backend without the shared-memory op (shm_op_skipped), and
+    torch's default timeout the world's (group_timeout), then put back."""
     import deepspeed
-    from torch.distributed import distributed_c10d
 
     accelerator()
-    skip_shm_op()
-    # DeepSpeed's own view of the process group (zero.Init asks it for the world size before any engine exists).
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    before = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
-    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
-    try:
-        yield
-    finally:
-        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = before
+    with shm_op_skipped():
+        # DeepSpeed's own view of the process group (zero.Init asks it for the world size before any engine exists).
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        with group_timeout(timeout_s):
+            yield
+
+
+@contextmanager
+def training_corrections(train: TrainConfig) -> Iterator[None]:
+    """The DeepSpeed corrections that hold while a whole run trains, entered once by the train setup and left at its
+    end: the environment DeepSpeed builds ops in (it may build one at any call), and on a CPU Muon's update run
+    eagerly (DeepSpeed calls it inside every backward and step)."""
+    with deepspeed_environment():
+        with eager_muon() if train.optimizer == "muon" and not torch.cuda.is_available() else nullcontext():
+            yield
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, groups: list[dict]) -> object:
@@ -304,9 +274,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, gr
     accelerator()
     import deepspeed
 
-    if train.optimizer == "muon" and not torch.cuda.is_available():
-        eager_muon()
-    with deepspeed_world(train.collective_timeout), kept_muon_tags(deepspeed, groups):
+    with deepspeed_environment(), deepspeed_world(train.collective_timeout), muon_tags_kept(groups):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     # Each group's peak lr as a multiple of train.lr, by position: the schedule's lr times it, every step (set_lr).
     # Kept here, not in the groups, because a checkpoint's groups (universal ones too) need not carry extra keys.
@@ -317,44 +285,6 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, ds_config: dict, gr
     if train.compile:
         engine.compile()  # torch.compile of the module in place: its parameter names, and so the checkpoints, stay the same
     return engine
-
-
-def eager_muon() -> None:
-    """On a CPU, run Muon's update (momentum and Newton-Schulz) eagerly. DeepSpeed wraps it in torch.compile, whose
-    compile and guards cost more than they save at these sizes, and whose CPU kernels gave another loss from one run
-    to the next (the shakespeare-char recipe with Muon, 800 steps: 1.8750, 1.8678, 1.8750 on the whole val split)."""
-    import importlib
-
-    modules = [importlib.import_module(f"deepspeed.runtime.zero.muon.{name}") for name in ("original_muon", "muon_optimizer")]
-    for module in modules:  # muon_optimizer holds its own reference to muon_update, taken at import
-        for name in ("muon_update", "zeropower_via_newtonschulz5", "zeropower_via_gram_newtonschulz"):
-            fn = getattr(module, name, None)
-            if fn is not None:
-                setattr(module, name, getattr(fn, "_torchdynamo_orig_callable", fn))
-
-
-@contextmanager
-def kept_muon_tags(deepspeed, groups: list[dict]) -> Iterator[None]:
-    """While deepspeed.initialize runs: keep the `use_muon` tags gptpipe set.
-
-    DeepSpeed 0.19.8 re-tags every parameter there (set_optimizer_flags: Muon for each 2-D one whose name holds
-    neither "embed" nor "lm_head"), which puts GPT-2's wte and wpe on Muon whatever the caller chose. Its tags are
-    made, then ours put back, so anything else it records alongside stays.
-    """
-    tags = {id(p): p.use_muon for g in groups for p in g["params"] if hasattr(p, "use_muon")}
-    original = deepspeed.set_optimizer_flags
-
-    def set_flags(config_class, model):
-        original(config_class, model)
-        for p in model.parameters():
-            if id(p) in tags:
-                p.use_muon = tags[id(p)]
-
-    deepspeed.set_optimizer_flags = set_flags
-    try:
-        yield
-    finally:
-        deepspeed.set_optimizer_flags = original
 
 
 def set_lr(engine, lr: float) -> None:

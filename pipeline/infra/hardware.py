@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 from pipeline.machine import cpu_model
 
 # GPU dense peaks, the vendors' figures: bf16/fp16 tensor cores (TF32 is half of that), and plain fp32 without

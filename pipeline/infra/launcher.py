@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import absent
 from pipeline.output import Echo, silent

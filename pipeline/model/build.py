@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from pipeline.checkpoints.folder import checkpoint_weights
 from pipeline.checkpoints.run import find_checkpoint
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config.model import ModelConfig
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import absent, seal_problem
 from pipeline.layout import ExportDir, saved_tokenizer

@@ -3,7 +3,6 @@ Hugging Face causal-LM folder. evaluate and sample both come here."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -14,26 +13,11 @@ from pipeline.checkpoints.run import find_checkpoint
 from pipeline.errors import UserError
 from pipeline.files import absent
 from pipeline.infra.distributed import default_device
-from pipeline.layout import CheckpointDir, ExportDir, RunDir
+from pipeline.layout import ExportDir
 from pipeline.model.build import load_pretrained, model_from_config
 from pipeline.tokenize.tokenizers import HfTokenizer, Tokenizer, load_tokenizer
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def trained_params(source: str | Path) -> dict:
-    """The params a model gptpipe trained was trained with (an export's gptpipe.json, a checkpoint's state.json, a run
-    folder's newest step); {} for any other folder or a hub id."""
-    folder = Path(source)
-    if RunDir(folder).latest.is_file():
-        folder = RunDir(folder).step(RunDir(folder).latest.read_text().strip()).root
-    for info in (ExportDir(folder).info, CheckpointDir(folder).state):
-        if info.is_file():
-            try:
-                return json.loads(info.read_text()).get("params") or {}
-            except (json.JSONDecodeError, AttributeError):
-                return {}
-    return {}
 
 
 def load_for_inference(source: str | Path, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import PrepareConfig
+from pipeline.config.prepare import PrepareConfig
 from pipeline.errors import UserError
 from pipeline.files import absent
 from pipeline.layout import SPLITS, PreparedDir

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from pipeline.config import SourceConfig
+from pipeline.config.prepare import SourceConfig
 from pipeline.errors import UserError
 from pipeline.files import parse_json
 

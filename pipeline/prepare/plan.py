@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import PrepareConfig, SourceConfig
+from pipeline.config.prepare import PrepareConfig, SourceConfig
 from pipeline.errors import UserError
 from pipeline.output import ProgressFactory
 from pipeline.prepare.formats import SourceStats, unify_newlines

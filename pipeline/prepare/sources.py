@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipeline.config import PrepareConfig, SourceConfig
+from pipeline.config.prepare import PrepareConfig, SourceConfig
 from pipeline.downloads import cached_path, download
 from pipeline.errors import UserError
 from pipeline.output import ProgressFactory, no_progress

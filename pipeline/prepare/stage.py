@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import PrepareConfig
+from pipeline.config.prepare import PrepareConfig
 from pipeline.files import building_dir, write_json_atomic
 from pipeline.layout import SPLITS, PreparedDir
 from pipeline.output import ProgressFactory, no_progress

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Params
+from pipeline.config.all import Params
 from pipeline.files import write_text_atomic
 from pipeline.layout import ReportDir, SamplesDir, TrainMetrics
 from pipeline.machine import cpu_model

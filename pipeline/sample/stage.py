@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params
+from pipeline.config.all import Params
 from pipeline.errors import UserError
 from pipeline.files import absent, write_text_atomic
 from pipeline.layout import SamplesDir

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.console import ParamsOption, SetOption, byte_progress, count_progress, print_summary, stage_command
+from pipeline.console import ParamsOption, SetOption, print_summary, stage_command
 from pipeline.params import load_params
+from pipeline.progress import byte_progress, count_progress
 
 
 @stage_command("tokenize")

@@ -22,12 +22,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import MARKER, absent, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, TokensDir
 from pipeline.tokenize.tokenizers import CharTokenizer, TiktokenTokenizer, Tokenizer, ids_difference, load_tokenizer
-from pipeline.tokens import TokenWriter, describe_tokens, open_split, read_meta
+from pipeline.tokens import ShardWriter, describe_tokens, open_split, read_meta
 
 KEY = "tokenize.import_dirs"
 BLOCK = 1 << 24  # ids read, checked and written at a time: bounded memory whatever the size of train.bin
@@ -267,32 +267,21 @@ def import_tokens(cfg: TokenizeConfig, progress: Callable[[int], None] | None = 
         tok.save(out.tokenizer)
         splits = {}
         for split in SPLITS:
-            shards, count, text, documents = [], 0, 0, 0
-            writer = TokenWriter(out.shard(split, 0), tok.vocab_size, tok.eot_id)
+            text, documents = 0, 0
+            writer = ShardWriter(out, split, tok.vocab_size, tok.eot_id, cfg.shard_tokens)
             for source in sources:
                 counted = 0
                 for ids in source.blocks[split]():
-                    while ids.size:
-                        room = cfg.shard_tokens - writer.count
-                        writer.write(ids[:room])
-                        if source.text_bytes[split] is None:
-                            text += int(sizes[ids[:room]].sum())
-                        counted += int((ids[:room] == tok.eot_id).sum())
-                        if progress:
-                            progress(min(room, ids.size))
-                        ids = ids[room:]
-                        if writer.count == cfg.shard_tokens:
-                            writer.close()
-                            shards.append(writer.count)
-                            writer = TokenWriter(out.shard(split, len(shards)), tok.vocab_size, tok.eot_id)
+                    writer.write(ids)
+                    if source.text_bytes[split] is None:
+                        text += int(sizes[ids].sum())
+                    counted += int((ids == tok.eot_id).sum())
+                    if progress:
+                        progress(ids.size)
                 count_here = source.documents[split]
                 documents += count_here if count_here is not None else max(counted, 1)
                 text += source.text_bytes[split] or 0
-            if writer.count or not shards:
-                writer.close()
-                shards.append(writer.count)
-            else:
-                writer.abort()
+            shards = writer.close()
             count = sum(shards)
             splits[split] = {"documents": documents, "tokens": count, "text_bytes": text, "shards": shards}
         for split, info in splits.items():

@@ -20,13 +20,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import MARKER, resumable_dir, write_json_atomic
 from pipeline.layout import SPLITS, PreparedDir, TokensDir
 from pipeline.prepare.documents import iter_documents, iter_prepared, read_manifest, text_bytes
 from pipeline.tokenize.tokenizers import Tokenizer, build_tokenizer
-from pipeline.tokens import HEADER_BYTES, VERSION, TokenWriter, describe_tokens, open_tokens, token_dtype
+from pipeline.tokens import VERSION, ShardWriter, check_resume, describe_tokens
 
 
 @dataclass
@@ -92,62 +92,35 @@ def hash_documents(digest, docs: list[str]) -> None:
 
 
 class SplitWriter:
-    """One split's ids into shards of exactly shard_tokens: finished shards are whole token files, the one being
-    filled is a TokenWriter's .tmp. state() is what a resumed run needs to carry on from here, and what it checks
-    first: each finished shard's CRC, the partial shard's, and the sha256 of the text encoded so far."""
+    """One split's ids into shards (tokens.py's ShardWriter), and where in the documents the split stands. state() is
+    what a resumed run needs to carry on from here, and what it checks first: the shards' CRCs and the sha256 of the
+    text encoded so far."""
 
     def __init__(self, out: TokensDir, split: str, tok: Tokenizer, shard_tokens: int, resume: dict | None = None,
                  text_digest=None):
-        self.out, self.split, self.tok, self.shard_tokens = out, split, tok, shard_tokens
-        state = resume or {"shards": [], "crc32": [], "partial": 0, "position": 0, "documents": 0, "text_bytes": 0}
-        self.shards, self.crcs, self.position = list(state["shards"]), list(state["crc32"]), state["position"]
-        self.documents, self.text_bytes = state["documents"], state["text_bytes"]
+        state = resume or {"position": 0, "documents": 0, "text_bytes": 0}
+        self.position, self.documents, self.text_bytes = state["position"], state["documents"], state["text_bytes"]
         self.digest = text_digest or hashlib.sha256()
-        self.current = TokenWriter(out.shard(split, len(self.shards)), tok.vocab_size, tok.eot_id, keep=state["partial"])
-        if resume and self.current.crc != state["partial_crc32"]:
-            raise ValueError(f"{self.current.tmp.name} is not the partial shard progress.json recorded")
+        self.shards = ShardWriter(out, split, tok.vocab_size, tok.eot_id, shard_tokens, resume)
 
     @property
     def tokens(self) -> int:
-        return sum(self.shards) + self.current.count
+        return self.shards.tokens
 
     def write(self, chunk: Chunk, ids: np.ndarray) -> bool:
         """Append a chunk's ids; True when a shard was finished."""
-        finished = False
-        while ids.size:
-            room = self.shard_tokens - self.current.count
-            self.current.write(ids[:room])
-            ids = ids[room:]
-            if self.current.count == self.shard_tokens:
-                self.current.close()
-                self.shards.append(self.shard_tokens)
-                self.crcs.append(self.current.crc)
-                self.current = TokenWriter(self.out.shard(self.split, len(self.shards)), self.tok.vocab_size, self.tok.eot_id)
-                finished = True
+        finished = self.shards.write(ids)
         self.position, self.documents, self.text_bytes = chunk.end, self.documents + len(chunk.docs), self.text_bytes + chunk.size
         hash_documents(self.digest, chunk.docs)
         return finished
 
     def state(self) -> dict:
-        self.current.file.flush()  # the partial shard's bytes reach the file before the state that counts them
-        return {"shards": self.shards, "crc32": self.crcs, "partial": self.current.count, "partial_crc32": self.current.crc,
-                "position": self.position, "documents": self.documents, "text_bytes": self.text_bytes,
+        return {**self.shards.state(), "position": self.position, "documents": self.documents, "text_bytes": self.text_bytes,
                 "text_sha256": self.digest.hexdigest()}
 
     def close(self) -> dict:
-        if self.current.count or not self.shards:  # an exact multiple of shard_tokens leaves an empty writer
-            self.current.close()
-            self.shards.append(self.current.count)
-            self.crcs.append(self.current.crc)
-        else:
-            self.current.abort()
-        # Every shard is read back against the CRC recorded as it was written before the folder is published:
-        # a shard damaged on disk since (or swapped for another) never reaches train.
-        for index, (count, crc) in enumerate(zip(self.shards, self.crcs)):
-            shard = open_tokens(self.out.shard(self.split, index), verify=True)
-            if (shard.count, shard.crc32) != (count, crc):
-                raise UserError(f"{shard.path}: not the shard this run wrote (its ids changed on disk); rerun tokenize")
-        return {"documents": self.documents, "tokens": sum(self.shards), "text_bytes": self.text_bytes, "shards": self.shards}
+        shards = self.shards.close()
+        return {"documents": self.documents, "tokens": sum(shards), "text_bytes": self.text_bytes, "shards": shards}
 
 
 def measure_rates(tokens: int, size: int, seconds: float) -> dict:
@@ -180,7 +153,7 @@ def tokenize_corpus(cfg: TokenizeConfig, prepared_dir: str | Path,
         shutil.rmtree(folder / "tokenizer.new", ignore_errors=True)  # an interrupted run's, maybe of another tokenizer
         tok.save(folder / "tokenizer.new")
         identity["tokenizer_files"] = _digest_folder(folder / "tokenizer.new")
-        resume = _resume_state(out, identity, token_dtype(tok.vocab_size).itemsize)
+        resume = _resume_state(out, identity, tok.vocab_size)
         digests = _reread_digests(prepared_dir, resume) if resume else {}
         if any(digests[split].hexdigest() != resume[split]["text_sha256"] for split in digests):
             # The text the finished shards were made from is not what the sources hold now (edited since, or edited
@@ -251,7 +224,7 @@ def _state_digest(state: dict) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def _resume_state(out: TokensDir, identity: dict, itemsize: int) -> dict:
+def _resume_state(out: TokensDir, identity: dict, vocab_size: int) -> dict:
     """What an interrupted run with the same identity finished, each split's shards checked against the CRCs it
     recorded; {} to start afresh (then everything an earlier run left in the folder goes, except the tokenizer
     just saved)."""
@@ -263,16 +236,7 @@ def _resume_state(out: TokensDir, identity: dict, itemsize: int) -> dict:
         if state.get("identity") != identity:
             raise ValueError("other inputs or params")
         for split in SPLITS:
-            s = state[split]
-            finished = [open_tokens(out.shard(split, i), verify=True) for i in range(len(s["shards"]))]
-            if [(f.count, f.crc32) for f in finished] != list(zip(s["shards"], s["crc32"])):
-                raise ValueError("a finished shard does not match")
-            shard = out.shard(split, len(s["shards"]))
-            partial = shard.with_name(shard.name + ".tmp")
-            if s["partial"] and not partial.exists() and shard.exists():
-                os.replace(shard, partial)  # killed after this shard was finished, before the state that says so
-            if s["partial"] and partial.stat().st_size < HEADER_BYTES + s["partial"] * itemsize:
-                raise ValueError("the partial shard is short")
+            check_resume(out, split, state[split], vocab_size)
         return {split: state[split] for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError, UserError):
         pass

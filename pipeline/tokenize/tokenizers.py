@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
-from pipeline.config import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.files import absent, seal_problem, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:  # an annotation only: train, evaluate and sample load tokenizers without tokenize's schema
+    from pipeline.config.tokenize import TokenizeConfig
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"

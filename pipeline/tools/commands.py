@@ -1,4 +1,4 @@
-"""The tools around the stages: `gptpipe recipe`, `gptpipe init`, `gptpipe doctor` and `gptpipe plan`. No stage imports this."""
+"""The tools around the stages: `gptpipe recipe`, `gptpipe init`, `gptpipe dvc-yaml`, `gptpipe doctor` and `gptpipe plan`. No stage imports this."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import config
+from pipeline.config.all import Params
 from pipeline.console import ParamsOption, SetOption, echo, fail, user_errors
 from pipeline.errors import UserError
 from pipeline.params import load_params
@@ -48,9 +48,14 @@ def recipe_use(
     """Write a recipe (with -S overrides) to params.yaml, so that `dvc repro` and `dvc exp run` use it."""
     from pipeline.tools import recipes
 
+    from pipeline.tools.dvc_yaml import refresh, written_by_gptpipe
+
     with user_errors():
         path = recipes.use(name, set_, params, force)
-    echo(f"recipe: {name} written to {path}" + (f" with {' '.join(set_)}" if set_ else "") + "; next: dvc repro")
+        # The recipe's path params may name other files than before: the stages' file deps follow.
+        changed = path.name == "params.yaml" and written_by_gptpipe(path.parent / "dvc.yaml") and refresh(path.parent)[1]
+    echo(f"recipe: {name} written to {path}" + (f" with {' '.join(set_)}" if set_ else "")
+         + (", and dvc.yaml's deps rendered for it" if changed else "") + "; next: dvc repro")
 
 
 def init(
@@ -62,6 +67,18 @@ def init(
 
     with user_errors():
         init_project(folder, recipe, echo)
+
+
+def dvc_yaml(
+    folder: Annotated[Path, typer.Argument(help="the project (holding dvc.yaml and params.yaml)")] = Path("."),
+):
+    """Render dvc.yaml again for params.yaml: after setting or clearing a path param (train.deepspeed_config,
+    sample.prompts_file, ...), so that the file it names is a dependency of the stages that read it."""
+    from pipeline.tools.dvc_yaml import refresh
+
+    with user_errors():
+        target, changed = refresh(folder)
+    echo(f"dvc-yaml: {target} " + ("written; commit it with params.yaml" if changed else "already declares every file the params name"))
 
 
 def doctor(
@@ -78,7 +95,7 @@ def doctor(
     from pipeline.tools.doctor import run_checks
 
     try:
-        p = load_params(params, set_) if params.exists() else config.Params()
+        p = load_params(params, set_) if params.exists() else Params()
         if launcher_args is not None:
             p.train.launcher_args = shlex.split(launcher_args)
     except UserError as e:

@@ -11,6 +11,12 @@ import ast
 import sys
 from pathlib import Path
 
+from pipeline.config.all import Params
+from pipeline.errors import UserError
+from pipeline.files import write_text_atomic
+from pipeline.params import load_params
+from pipeline.stage_inputs import declared_for
+
 # Each stage: the package its command lives in, the data it reads, the params it reads (whole sections or single
 # keys; paths it reads are already in deps through ${...}), what it writes, and its metrics. DVC refuses to run a
 # stage whose declared key is missing from params.yaml, so every single key named here is written out in
@@ -36,7 +42,8 @@ STAGES: dict[str, dict] = {
         # In-training HellaSwag reads the items evaluate names, downloaded into prepare's download folder.
         "params": ["model", "train", "evaluate.hellaswag", "evaluate.hellaswag_url", "evaluate.hellaswag_limit", "prepare.download_dir"],
         "outs": {"${train.out_dir}": {"persist": True}, "${train.export_dir}": {"persist": True},
-                 "${train.metrics_dir}/plots": {"cache": False}, "${train.metrics_dir}/samples.jsonl": {"cache": False}},
+                 # Samples in a folder: an empty file output (no samples during training) is a WARNING in every dvc repro.
+                 "${train.metrics_dir}/plots": {"cache": False}, "${train.metrics_dir}/samples": {"cache": False}},
         "metrics": ["${train.metrics_dir}/metrics.json"],
     },
     "evaluate": {
@@ -55,7 +62,7 @@ STAGES: dict[str, dict] = {
     },
     "report": {
         "package": "report",
-        "deps": ["${train.metrics_dir}/plots", "${train.metrics_dir}/metrics.json", "${train.metrics_dir}/samples.jsonl",
+        "deps": ["${train.metrics_dir}/plots", "${train.metrics_dir}/metrics.json", "${train.metrics_dir}/samples",
                  "${evaluate.metrics_file}", "${sample.out_dir}/samples.jsonl"],
         "params": ["report"],
         "outs": {"${report.out_dir}/report.md": {"cache": False}, "${report.out_dir}/report.html": {"cache": False},
@@ -95,13 +102,17 @@ PROJECT_HEADER = """\
 """
 
 
-def render(code: dict[str, list[str]] | None) -> str:
-    """dvc.yaml's text. code: each stage's source files (this repository), or None for `gptpipe init`'s project."""
+def render(code: dict[str, list[str]] | None, params=None, project: str | Path = ".") -> str:
+    """dvc.yaml's text. code: each stage's source files (this repository), or None for `gptpipe init`'s project.
+    params (a validated Params; None: the defaults): the files its path params name become deps of the stages that
+    read them (pipeline/stage_inputs.py), project: the folder those paths are relative to."""
+    params = params if params is not None else Params()
     lines = [REPO_HEADER if code is not None else PROJECT_HEADER, "stages:"]
     for name, stage in STAGES.items():
         cmd = f"python -m pipeline.{stage['package']}" if code is not None else f"gptpipe {name}"
         lines += [f"  {name}:", f"    cmd: {cmd}", "    deps:"]
-        lines += [f"      - {dep}" for dep in [*(code[name] if code is not None else []), *stage["deps"]]]
+        inputs = declared_for(name, params, stage["deps"], project)
+        lines += [f"      - {dep}" for dep in [*(code[name] if code is not None else []), *stage["deps"], *inputs]]
         lines += ["    params:", *(f"      - {param}" for param in stage["params"])]
         if stage.get("outs"):
             lines.append("    outs:")
@@ -129,7 +140,12 @@ def render(code: dict[str, list[str]] | None) -> str:
 def imported_modules(path: Path, root: Path) -> set[str]:
     """pipeline.* modules a source file imports anywhere (function-level imports too), as dotted names."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # An import under `if TYPE_CHECKING:` never runs (an annotation's type): no code of the stage.
+    typing_only = {id(n) for node in ast.walk(tree) if _is_type_checking(node) for stmt in node.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pipeline":
             found.add(node.module)
             # `from pipeline.prepare import plan`: plan is a module when there is such a file
@@ -137,6 +153,11 @@ def imported_modules(path: Path, root: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
     return found
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
 
 
 def module_file(module: str, root: Path) -> Path | None:
@@ -149,8 +170,10 @@ def module_file(module: str, root: Path) -> Path | None:
 
 def stage_code(package: str, root: Path) -> list[str]:
     """The source files `python -m pipeline.<package>` runs: its __main__, every pipeline module it imports,
-    transitively, and the package __init__ files Python runs on the way."""
+    transitively, and the package __init__ files Python runs on the way; less the schema of each params section the
+    stage does not read (unread_schemas)."""
     todo, seen = [f"pipeline.{package}.__main__"], set()
+    unread = unread_schemas(package)
     while todo:
         module = todo.pop()
         if module in seen:
@@ -161,23 +184,68 @@ def stage_code(package: str, root: Path) -> list[str]:
         path = module_file(module, root)
         if path is None:
             raise SystemExit(f"{module} is imported but there is no {module.replace('.', '/')}.py")
-        todo += sorted(imported_modules(path, root))
+        imported = imported_modules(path, root)
+        if module == PARAMS_SCHEMA:
+            imported -= unread
+        todo += sorted(imported)
     return sorted(str(module_file(m, root).relative_to(root)) for m in seen)
 
 
-def repository_yaml(root: Path) -> str:
-    return render({name: stage_code(stage["package"], root) for name, stage in STAGES.items()})
+# The module that combines every section's schema into Params: every stage command loads it to validate the whole file.
+PARAMS_SCHEMA = "pipeline.config.all"
+
+
+def unread_schemas(package: str) -> set[str]:
+    """The schema modules (pipeline.config.<section>) of the sections the stage run by package declares no key of.
+    Every stage validates the whole params file, so its imports reach every section's schema through PARAMS_SCHEMA;
+    but validating a section the stage does not read can only refuse a run, never change what the stage writes, so
+    an edit of that schema must not rerun it (editing sample's fields must not retrain). A schema the stage's own
+    code imports (tokenize rebuilds prepare's sources from the manifest) is not reached only through PARAMS_SCHEMA,
+    so it stays."""
+    stage = next(s for s in STAGES.values() if s["package"] == package)
+    read = {param.split(".")[0] for param in stage["params"]}
+    return {f"pipeline.config.{section}" for section in Params.model_fields if section not in read}
+
+
+def repository_yaml(root: Path, params=None) -> str:
+    """This repository's dvc.yaml, for its params.yaml (or the params given)."""
+    params = params if params is not None else load_params(root / "params.yaml")
+    return render({name: stage_code(stage["package"], root) for name, stage in STAGES.items()}, params, root)
+
+
+def refresh(folder: Path, params=None) -> tuple[Path, bool]:
+    """Render folder's dvc.yaml again for its params.yaml (after a path param was set or cleared): this repository's
+    form where folder holds gptpipe's code, else `gptpipe init`'s. Returns the file and whether it changed. A dvc.yaml
+    gptpipe did not write (no header of ours) is left alone: it may hold stages of your own."""
+    target = folder / "dvc.yaml"
+    params = params if params is not None else load_params(folder / "params.yaml")
+    if target.is_file():
+        if not written_by_gptpipe(target):
+            raise UserError(f"{target} was not written by gptpipe (its first lines differ): add the deps by hand, or move it"
+                            " away and run this again")
+    is_repository = (folder / "pipeline" / "tools" / "dvc_yaml.py").is_file()
+    text = repository_yaml(folder, params) if is_repository else render(None, params, folder)
+    if target.is_file() and target.read_text(encoding="utf-8") == text:
+        return target, False
+    write_text_atomic(target, text)
+    return target, True
+
+
+def written_by_gptpipe(path: Path) -> bool:
+    try:
+        return path.is_file() and path.read_text(encoding="utf-8", errors="replace").startswith((REPO_HEADER, PROJECT_HEADER))
+    except OSError:
+        return False
 
 
 def main() -> None:
     root = Path(__file__).resolve().parents[2]
-    target = root / "dvc.yaml"
-    text = repository_yaml(root)
-    if target.is_file() and target.read_text() == text:
-        print(f"{target}: up to date")
-        return
-    target.write_text(text)
-    print(f"{target}: written; commit it with the code change", file=sys.stderr)
+    try:
+        target, changed = refresh(root)
+    except UserError as e:  # a params mistake: one message and exit code 2, as the stages give it
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{target}: written; commit it with the change" if changed else f"{target}: up to date", file=sys.stderr if changed else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from pipeline.config import Params
+from pipeline.config.all import Params
 from pipeline.errors import UserError
 from pipeline.files import WRITE_ERRNOS
 from pipeline.output import Echo, silent
@@ -21,8 +21,7 @@ from pipeline.tools.dvc_yaml import render as render_dvc_yaml
 CACHE_TYPE = "reflink,copy"
 
 # The same stages, params, outputs and plots as this repository's dvc.yaml, from the same source, with
-# `gptpipe <stage>` as each command.
-DVC_YAML = render_dvc_yaml(code=None)
+# `gptpipe <stage>` as each command, and the files the written params name as deps.
 
 GITIGNORE = """\
 __pycache__/
@@ -59,7 +58,9 @@ JSONL, JSON, CSV/TSV or Parquet. The default params read a corpus every Python c
 
 Results: `models/final/` (a Hugging Face model folder), `reports/report.html`, `reports/metrics.json`.
 Every param is described in `params.yaml` and by `gptpipe <stage> --help`; `gptpipe recipe list` shows the
-recipes (`gptpipe recipe use NAME` writes one to `params.yaml`).
+recipes (`gptpipe recipe use NAME` writes one to `params.yaml`). A file a param names (a prompts file, a DeepSpeed
+JSON, a model folder to fine-tune, ...) is a dependency of the stages that read it: after setting or clearing such a
+param, run `gptpipe dvc-yaml` so that `dvc.yaml` declares it.
 
 Several GPUs or nodes: `train.launcher: deepspeed` (and `train.hostfile`), or by hand on every node
 (gptpipe is installed there, so no script path is needed):
@@ -100,7 +101,7 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
         why = (f"{above} is a file" if above is not None and not above.is_dir() else
                WRITE_ERRNOS.get(e.errno) or e.strerror or type(e).__name__)
         raise UserError(f"gptpipe init: cannot create {folder}: {why}") from None
-    files = {"dvc.yaml": DVC_YAML, "params.yaml": params, ".gitignore": GITIGNORE, ".dvcignore": DVCIGNORE,
+    files = {"dvc.yaml": render_dvc_yaml(None, validated(params), folder), "params.yaml": params, ".gitignore": GITIGNORE, ".dvcignore": DVCIGNORE,
              # data/raw must exist (a dependency of prepare); a hidden file keeps it in git without becoming corpus.
              "data/raw/.gitkeep": "", "README.md": README.format(name=folder.resolve().name)}
     for name, content in files.items():
@@ -119,11 +120,15 @@ def init_project(folder: str | Path, recipe: str | None = None, echo: Echo = sil
     return folder
 
 
-def next_step(params_text: str) -> str:
-    """What the user does next: bring the data the params read, then dvc repro."""
+def validated(params_text: str) -> Params:
     import yaml
 
-    source = Params.model_validate(yaml.safe_load(params_text) or {}).prepare.source
+    return Params.model_validate(yaml.safe_load(params_text) or {})
+
+
+def next_step(params_text: str) -> str:
+    """What the user does next: bring the data the params read, then dvc repro."""
+    source = validated(params_text).prepare.source
     if source.kind == "files":
         return f"put your text where prepare.source.path says ({source.path}), then run dvc repro"
     return f"dvc repro (prepare reads the {source.kind} source {source.url or source.dataset or source.name})"

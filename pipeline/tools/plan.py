@@ -1,18 +1,8 @@
 """`gptpipe plan`: what a training run of params.yaml will cost before it starts: parameters, tokens, FLOPs and the
 memory of each process, against what this machine has; with a probe (a short real run), its speed and an ETA.
-
-The memory estimate counts what DeepSpeed and transformers hold for one process:
-- weights, gradients and optimizer state: fp32 training keeps 4 + 4 bytes a parameter and AdamW's two moments
-  (8 bytes; Muon's one momentum, 4, on its matrices); bf16/fp16 keep 2 + 2 bytes plus fp32 master weights and
-  moments (4 + 8), the ZeRO paper's 16 bytes. ZeRO 1 splits the optimizer state over the processes, ZeRO 2 the
-  gradients too, ZeRO 3 the weights too; offload moves the optimizer state (and with ZeRO 3 the weights) to CPU memory.
-- activations of one micro batch kept for backward: per layer about 17 hidden-sized tensors per token for GPT-2
-  (Korthikanti et al. 2022, "Reducing Activation Recomputation", with fused attention: no T x T scores) and
-  the Llama equivalent; with activation checkpointing only each layer's input, plus one layer recomputed; and the
-  logits, which transformers upcasts to fp32 for the loss (the logits, their fp32 copy and the loss's gradient:
-  three vocabulary-wide tensors per token).
-- the process itself: Python, torch, transformers and DeepSpeed loaded, measured here on a CPU (on a GPU the CUDA
-  context is outside what torch allocates and is not counted).
+The parameters and the memory of the training state are tools/estimate.py's model (doctor's too); on a CPU the process
+itself is measured here (Python, torch, transformers and DeepSpeed loaded; on a GPU the CUDA context is outside what
+torch allocates and is not counted). The ETA replays training's own cadence (train/cadence.py) over the run's steps.
 """
 
 from __future__ import annotations
@@ -26,28 +16,17 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Params
+from pipeline.config.all import Params
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import parse_json
-from pipeline.layout import TokensDir, TrainMetrics
+from pipeline.layout import TrainMetrics
 from pipeline.output import Echo, silent
 from pipeline.tools.child_process import SigtermUnwinds, run_to_end
+from pipeline.tools.estimate import Shape, checkpoint_bytes, estimated_shape, memory_per_process, tokenized
+from pipeline.train.cadence import Cadence
 
 GB = 1e9
-
-
-@dataclass
-class Shape:
-    """The model as the estimate needs it."""
-
-    n_params: int
-    n_hidden: int  # parameters in the 2-D hidden matrices (Muon's half)
-    n_layer: int
-    n_embd: int
-    n_inner: int  # MLP width
-    vocab: int
-    arch: str
-    flops_per_token: float
 
 
 @dataclass
@@ -59,6 +38,7 @@ class Plan:
     shape: Shape
     memory: dict[str, float]  # bytes per process, by part (device memory)
     cpu_offloaded: float  # bytes per process moved to CPU memory by offload
+    checkpoint: float  # bytes one checkpoint takes on disk, every process's files together
     available: float | None  # bytes a process may use on this machine
     available_source: str
     notes: list[str] = field(default_factory=list)
@@ -96,123 +76,6 @@ def world_of(p: Params, processes: int | None) -> tuple[int, int]:
     return nodes * per_node, per_node
 
 
-def model_shape(p: Params, vocab: int) -> Shape:
-    """The model's shapes and parameter counts, built on the meta device (no memory, no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from pipeline.model.build import count_params, flops_per_token, init_config_dir, scratch_config
-    from pipeline.train.optimizer import hidden_matrices
-
-    m = p.model
-    if m.is_scratch:
-        config = scratch_config(m, vocab, 0)
-    else:
-        from huggingface_hub.errors import StrictDataclassError
-
-        try:
-            config = AutoConfig.from_pretrained(init_config_dir(m.init), trust_remote_code=m.trust_remote_code)
-        # Missing or malformed JSON (OSError), no or an unknown model_type (ValueError), a key of the wrong type.
-        except (OSError, ValueError, StrictDataclassError) as e:
-            raise UserError(f"model.init={m.init!r}: its config.json could not be read ({first_line(e)})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    n_params = count_params(model)
-    hidden = hidden_matrices(model)
-    named = dict(model.named_parameters())
-    c = model.config
-    n_layer = getattr(c, "num_hidden_layers", None) or c.n_layer
-    n_embd = getattr(c, "hidden_size", None) or c.n_embd
-    n_inner = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * n_embd
-    return Shape(n_params=n_params, n_hidden=sum(named[n].numel() for n in hidden), n_layer=n_layer, n_embd=n_embd,
-                 n_inner=n_inner, vocab=model.get_output_embeddings().weight.shape[0], arch=c.model_type,
-                 flops_per_token=flops_per_token(model, n_params, m.block_size))
-
-
-def tokenized(p: Params) -> dict | None:
-    """The tokenize stage's meta.json (its keys checked by its one reader), or None before the data is tokenized."""
-    from pipeline.tokens import read_meta
-
-    return read_meta(p.tokenize.out_dir) if TokensDir(p.tokenize.out_dir).meta.is_file() else None
-
-
-def vocabulary(p: Params, meta: dict | None) -> tuple[int, str | None]:
-    """The tokenizer's vocabulary size: from the tokenized data when it exists, else from tokenize.* (and a note)."""
-    if meta is not None:
-        return meta["vocab_size"], None
-    t = p.tokenize
-    if t.kind == "bpe":
-        return t.vocab_size, None
-    if t.kind == "tiktoken":
-        import tiktoken
-
-        if t.encoding not in tiktoken.list_encoding_names():
-            raise UserError(f"tokenize.encoding: unknown tiktoken encoding {t.encoding!r}; known: "
-                            f"{', '.join(tiktoken.list_encoding_names())}")
-        try:
-            return tiktoken.get_encoding(t.encoding).n_vocab, None
-        except (OSError, ValueError, ImportError) as e:  # fetching: requests errors, a hash mismatch, blobfile missing
-            raise UserError(f"tokenize.encoding: tiktoken encoding {t.encoding!r} could not be loaded "
-                            f"({type(e).__name__}: {first_line(e)}); set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
-    if t.kind == "hf":
-        from transformers import AutoTokenizer
-
-        try:
-            return len(AutoTokenizer.from_pretrained(t.pretrained, trust_remote_code=False)), None
-        except (OSError, ValueError) as e:  # missing files, hub unreachable, malformed id, remote code refused
-            raise UserError(f"tokenize.pretrained: could not load tokenizer {t.pretrained!r} ({first_line(e)}); use a "
-                            "local folder holding its files, or a cached hub id (offline: HF_HUB_OFFLINE=1)") from None
-    return 256, f"{p.tokenize.out_dir} is not tokenized yet: a character vocabulary of 256 assumed"
-
-
-def first_line(e: Exception) -> str:
-    line = (str(e).splitlines() or [""])[0]
-    return line if len(line) <= 120 else line[:120] + "..."
-
-
-def memory_per_process(p: Params, s: Shape, processes: int) -> tuple[dict[str, float], float]:
-    """(device bytes per process by part, bytes per process moved to CPU memory by offload); see the module doc."""
-    t, n = p.train, s.n_params
-    low = t.precision in ("bf16", "fp16")
-    weight_bytes, grad_bytes = (2, 2) if low else (4, 4)
-    # Optimizer state: AdamW's two fp32 moments; with muon one momentum on the hidden matrices; plus fp32 masters.
-    state = 8 * n if t.optimizer == "adamw" else 4 * s.n_hidden + 8 * (n - s.n_hidden)
-    state += 4 * n if low else 0
-    share = lambda stage: processes if t.zero_stage >= stage else 1  # noqa: E731 - what ZeRO splits from this stage on
-    parts = {
-        "weights": weight_bytes * n / share(3),
-        "gradients": grad_bytes * n / share(2),
-        "optimizer state": state / share(1),
-    }
-    offloaded = 0.0
-    if t.offload_optimizer:
-        offloaded += parts["optimizer state"]
-        parts["optimizer state"] = 0.0
-    if t.offload_params:
-        offloaded += parts["weights"]
-        parts["weights"] = 0.0
-    parts["activations"] = activation_bytes(p, s)
-    return parts, offloaded
-
-
-def activation_bytes(p: Params, s: Shape) -> float:
-    """What one micro batch's forward keeps for its backward pass, at its largest (the loss's backward)."""
-    t, m = p.train, p.model
-    tokens = t.micro_batch_size * m.block_size
-    element = 2 if t.precision in ("bf16", "fp16") else 4
-    h, inner = s.n_embd, s.n_inner
-    if s.arch == "llama":
-        per_layer = 10 * h + 4 * inner  # norms, q k v (+ rotated), attention out, o, norm; gate, up, act, product
-    else:
-        per_layer = 9 * h + 2 * inner  # 17 hidden-sized tensors at GPT-2's 4x MLP
-    if t.activation_checkpointing:
-        layers = h * s.n_layer + per_layer  # each layer's input, and one layer recomputed at a time
-    else:
-        layers = per_layer * s.n_layer
-    logits = 3 * s.vocab * 4  # logits, their fp32 copy for the loss, and its gradient (fp32)
-    return tokens * (element * (layers + 2 * h) + logits)
-
-
 def runtime_bytes() -> float:
     """This process's resident memory once torch, transformers and DeepSpeed are loaded: what a training process
     holds before its model (on a CPU; a GPU's CUDA context is outside torch's allocations)."""
@@ -238,15 +101,23 @@ def machine_memory(per_node: int) -> tuple[float | None, str]:
     return available / per_node, f"this machine's available memory ({available / GB:,.1f} GB)" + (f" over {per_node} processes" if per_node > 1 else "")
 
 
+def resolved_engine(p: Params, batch) -> dict:
+    """The engine config the run will train with (train.* and train.deepspeed_config resolved into one, as the loop
+    does): a JSON contradicting the params is the same one message here as in train, before any estimate."""
+    from pipeline.infra.deepspeed import deepspeed_config, resolve_user_config
+
+    return resolve_user_config(p.train, deepspeed_config(p.train, batch), p.train.deepspeed_config)[0]
+
+
 def make_plan(p: Params, processes: int | None = None) -> Plan:
     import torch
 
     world, per_node = world_of(p, processes)
     meta = tokenized(p)
     target_steps, target_basis = steps_to_target(p)  # read before a probe spends its time
-    vocab, note = vocabulary(p, meta)
-    shape = model_shape(p, vocab)
+    shape, note = estimated_shape(p, meta)
     batch = p.train.batch(world, p.model.block_size)
+    resolved_engine(p, batch)
     steps = p.train.max_steps
     notes = [note] if note else []
     if steps is None:
@@ -261,8 +132,8 @@ def make_plan(p: Params, processes: int | None = None) -> Plan:
         memory["runtime"] = runtime_bytes()
     available, source = machine_memory(per_node)
     return Plan(processes=world, per_node=per_node, tokens_per_step=batch.tokens_per_step, steps=steps, shape=shape,
-                memory=memory, cpu_offloaded=offloaded, available=available, available_source=source, notes=notes,
-                target_steps=target_steps, target_basis=target_basis)
+                memory=memory, cpu_offloaded=offloaded, checkpoint=checkpoint_bytes(p, shape), available=available,
+                available_source=source, notes=notes, target_steps=target_steps, target_basis=target_basis)
 
 
 def fix_for(plan: Plan, p: Params) -> str:
@@ -297,12 +168,7 @@ def run_probe(p: Params, project: Path, steps: int, echo: Echo = silent) -> Prob
     with SigtermUnwinds() as sigterm, tempfile.TemporaryDirectory(prefix="gptpipe-probe-") as scratch:
         root = Path(scratch)
         dumped = p.model_dump(mode="json")
-        dumped["train"].update(
-            max_steps=steps, epochs=None, warmup_steps=min(p.train.warmup_steps, steps), decay_steps=None, log_interval=1,
-            eval_interval=steps, save_interval=steps, eval_at_start=False, hellaswag_interval=None, sample_interval=None,
-            early_stopping_patience=None, target_loss=None, stop_at_target=False, resume="never", run_name=None,
-            out_dir=str(root / "checkpoints"), export_dir=str(root / "export"), metrics_dir=str(root / "metrics"), keep_last=1,
-            loggers=["dvclive"])
+        dumped["train"].update(probe_overrides(p.train, steps, root))
         (root / "params.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
         echo(f"plan: probing {steps} steps (python -m pipeline.train, outputs in {root})")
         start = time.perf_counter()
@@ -318,17 +184,69 @@ def run_probe(p: Params, project: Path, steps: int, echo: Echo = silent) -> Prob
                  seconds=metrics["time"], peak_memory=float(metrics["peak_memory_bytes"]))
 
 
+def switched_off(t: type[TrainConfig], name: str) -> object:
+    """The value that turns a cadence field off: null, false or 0, the first its schema accepts."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    f = t.model_fields[name]
+    adapter = TypeAdapter(Annotated[f.annotation, f])
+    for value in (None, False, 0):
+        try:
+            adapter.validate_python(value, strict=True)  # strict: False is no 0 for an int, nor 0 for a bool
+            return value
+        except ValidationError:
+            continue
+    raise AssertionError(f"train.{name} is marked as a cadence field but takes none of null, false and 0: plan's probe "
+                         "cannot switch it off (set it in probe_overrides)")
+
+
+def probe_overrides(t: TrainConfig, steps: int, root: Path) -> dict:
+    """The train.* keys a probe of `steps` steps runs with: every cadence field the schema marks switched off, so a new
+    interval cannot run inside the probe, but for the cadence the probe times: a log line each step (its step times),
+    one evaluation and one save at its end, none at its start (what the ETA multiplies); and a short fresh run in
+    the scratch folder `root`, with no early stop or target."""
+    timed = {"log_interval": 1, "eval_interval": steps, "save_interval": steps, "eval_at_start": False}
+    off = {name: switched_off(type(t), name) for name in type(t).cadence_keys() if name not in timed}
+    return {**off, **timed, "max_steps": steps, "epochs": None, "warmup_steps": min(t.warmup_steps, steps), "decay_steps": None,
+            "early_stopping_patience": None, "target_loss": None, "stop_at_target": False, "resume": "never",
+            "run_name": None, "out_dir": str(root / "checkpoints"), "export_dir": str(root / "export"),
+            "metrics_dir": str(root / "metrics"), "keep_last": 1, "loggers": ["dvclive"]}
+
+
+@dataclass
+class Events:
+    """What a run does after its steps, as training's cadence decides it."""
+
+    evals: int = 0
+    hellaswag: int = 0
+    samples: int = 0
+    saves: int = 0
+
+
+def events(t: TrainConfig, steps: int) -> Events:
+    """Training's own Cadence stepped through a run of `steps` steps, counted as the loop acts on it: an evaluation
+    before the first step with eval_at_start, and with export: best every evaluation taken as an improvement, which
+    saves (the upper end: early on nearly every evaluation improves). Early stopping is not foreseen."""
+    cadence = Cadence(t, steps)
+    counted = Events(evals=1 if t.eval_at_start else 0)
+    for step in range(1, steps + 1):
+        due = cadence.after(step)
+        counted.evals += due.eval
+        counted.hellaswag += due.hellaswag
+        counted.samples += due.sample
+        counted.saves += due.save or (due.eval and t.export == "best")
+    return counted
+
+
 def eta(p: Params, steps: int, probe: Probe) -> float:
     """Seconds a run of `steps` will take, from the probe: its whole process, then the steps, evaluations and saves
-    the probe did not do (each as long as the probe's; an improving evaluation saves too when train.export=best)."""
-    t = p.train
-    evals = set(range(t.eval_interval, steps + 1, t.eval_interval)) | {steps}
-    saves = (set(range(t.save_interval, steps + 1, t.save_interval)) if t.save_interval else set()) | {steps}
-    if t.export == "best":
-        saves |= evals  # the upper end: early on nearly every evaluation improves
-    n_evals = len(evals) + (1 if t.eval_at_start else 0)
+    the probe did not do, each as long as the probe's (HellaSwag and samples, which the probe does not run, are left
+    out: plan_rows says how many)."""
+    counted = events(p.train, steps)
     return (probe.wall_s + (steps - probe.steps) * probe.seconds_per_step
-            + (n_evals - 1) * probe.seconds.get("eval", 0.0) + (len(saves) - 1) * probe.seconds.get("save", 0.0))
+            + (counted.evals - 1) * probe.seconds.get("eval", 0.0) + (counted.saves - 1) * probe.seconds.get("save", 0.0))
 
 
 def steps_to_target(p: Params) -> tuple[int | None, str]:
@@ -387,6 +305,7 @@ def plan_rows(p: Params, plan: Plan, probe: Probe | None) -> tuple[dict[str, str
     rows["memory per process"] = f"{size(plan.total_memory)} estimated, of {size(plan.available)}: {plan.available_source}" if plan.available else size(plan.total_memory)
     if plan.cpu_offloaded:
         rows["offloaded to CPU"] = f"{size(plan.cpu_offloaded)} per process"
+    rows["checkpoint"] = f"{size(plan.checkpoint)} on disk (weights and optimizer state), {t.keep_last} kept plus the best"
     for note in plan.notes:
         rows.setdefault("note", note)
     warning = None
@@ -398,7 +317,10 @@ def plan_rows(p: Params, plan: Plan, probe: Probe | None) -> tuple[dict[str, str
         rows["step time"] = f"{probe.seconds_per_step * 1000:,.1f} ms = {tokens_per_s:,.0f} tokens/s"
         rows["peak memory (probe)"] = f"{size(probe.peak_memory)} measured; the estimate {plan.total_memory / probe.peak_memory:.2f}x of it"
         if plan.steps is not None:
-            rows["ETA"] = f"{duration(eta(p, plan.steps, probe))} for {plan.steps:,} steps, evaluations and saves included"
+            counted = events(t, plan.steps)
+            untimed = [f"{n:,} {what}" for n, what in ((counted.hellaswag, "HellaSwag scorings"), (counted.samples, "sample rounds")) if n]
+            rows["ETA"] = (f"{duration(eta(p, plan.steps, probe))} for {plan.steps:,} steps, {counted.evals:,} evaluations and"
+                           f" {counted.saves:,} saves included" + (f"; {' and '.join(untimed)} not (the probe runs none)" if untimed else ""))
         if t.target_loss is not None:
             steps, basis = plan.target_steps, plan.target_basis
             rows["ETA to the target"] = (f"{duration(eta(p, steps, probe))} ({basis})" if steps else basis)

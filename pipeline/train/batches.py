@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.config import Batch
+from pipeline.config.train import Batch
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:

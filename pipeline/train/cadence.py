@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.checkpoints.state import TrainState
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 from pipeline.layout import step_tag
 
 

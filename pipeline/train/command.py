@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
-from pipeline.console import ParamsOption, SetOption, count_progress, echo, print_summary, stage_command
+from pipeline.console import ParamsOption, SetOption, echo, print_summary, stage_command
 from pipeline.infra.distributed import init_distributed, is_launched, leave_process_group
 from pipeline.infra.launcher import relaunch
 from pipeline.params import load_params
+from pipeline.progress import count_progress
 
 
 @stage_command("model", "train")

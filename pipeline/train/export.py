@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from pipeline.config import Params
+from pipeline.checkpoints.state import write_export_info
+from pipeline.config.all import Params
 from pipeline.errors import UserError
-from pipeline.files import building_dir, seal, write_failure, write_json_atomic
+from pipeline.files import building_dir, seal, write_failure
 from pipeline.infra.deepspeed import full_state_dict
 from pipeline.infra.distributed import Dist, any_rank
 from pipeline.layout import ExportDir
@@ -47,5 +48,5 @@ def write_hf_folder(model, weights: dict, p: Params, info: dict, tokenizer: Toke
         GenerationConfig(bos_token_id=bos, eos_token_id=tokenizer.eot_id, pad_token_id=tokenizer.eot_id).save_pretrained(out.root)
         tokenizer.save_for_transformers(out.root)  # bpe and hf: AutoTokenizer reads the folder
         tokenizer.save(out.tokenizer)  # every kind, char and tiktoken too: what `gptpipe sample` decodes with
-        write_json_atomic(out.info, {**info, "dtype": str(dtype).removeprefix("torch."), "params": p.model_dump()})
+        write_export_info(out.info, {**info, "dtype": str(dtype).removeprefix("torch.")}, p.model_dump())
         seal(out.root, out.checksums)  # last, as a step folder's: gptpipe verifies the export wherever it reads it

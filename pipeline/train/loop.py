@@ -16,11 +16,21 @@ from pipeline.checkpoints.elastic import prepare_elastic_resume
 from pipeline.checkpoints.folder import copy_metrics, latest_tag, load_checkpoint, save_checkpoint, verify_checkpoint
 from pipeline.checkpoints.run import open_run, run_identity, start_run, why_fresh
 from pipeline.checkpoints.state import TrainState
-from pipeline.config import Batch, Params
+from pipeline.config.all import Params
+from pipeline.config.train import Batch
 from pipeline.errors import UserError
 from pipeline.eval.hellaswag import Item, hellaswag_scores, load_hellaswag
 from pipeline.eval.lm import attention_of, lm_forward, window_sums
-from pipeline.infra.deepspeed import build_engine, check_precision, engine_config, model_init, optimizer_step, read_user_config, set_lr
+from pipeline.infra.deepspeed import (
+    build_engine,
+    check_precision,
+    engine_config,
+    model_init,
+    optimizer_step,
+    read_user_config,
+    set_lr,
+    training_corrections,
+)
 from pipeline.infra.distributed import Dist, all_reduce_sum, broadcast, collective_failure, init_distributed, unresponsive_ranks
 from pipeline.infra.hardware import Peak, peak, peak_memory, use_tf32
 from pipeline.layout import RunDir, TokensDir, TrainMetrics, step_tag
@@ -76,7 +86,7 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
     dist = dist or init_distributed(timeout_s=p.train.collective_timeout)
     run = None
     try:
-        with ExitStack() as hold:  # train.out_dir's lock, from setup to the export
+        with ExitStack() as hold:  # train.out_dir's lock and the run's DeepSpeed corrections, from setup to the export
             run = setup(p, dist, echo if dist.is_main else silent, hold)
             run.seconds["setup"] = time.perf_counter() - start
             fit(run, progress)
@@ -118,8 +128,11 @@ def train(p: Params, progress: ProgressFactory = no_progress, echo: Echo = print
 
 def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = None) -> Run:
     """Everything the loop needs, checked before any folder is touched; hold receives train.out_dir's lock
-    (rank 0), released when the caller closes it (without one, when the process ends)."""
+    (rank 0) and the DeepSpeed corrections the whole run needs, released and undone when the caller closes it
+    (without one, when the process ends)."""
     t, tokens = p.train, TokensDir(p.tokenize.out_dir)
+    hold = hold if hold is not None else ExitStack()
+    hold.enter_context(training_corrections(t))  # DeepSpeed's corrections that hold for the whole run, left with hold
     check_precision(t)  # before any folder is made or moved
     attention = attention_kernel(t.attention, t.document_mask, t.precision)
     use_tf32(t.tf32)
@@ -141,7 +154,7 @@ def setup(p: Params, dist: Dist, echo: Echo = silent, hold: ExitStack | None = N
     ds_config = engine_config(t, batch, echo)
     identity = run_identity(p, data, batch, read_user_config(t.deepspeed_config) if t.deepspeed_config else None)
     inputs = {} if p.model.is_scratch else {"model.init": p.model.init}  # never moved aside by train.resume=never
-    run_dir, tag = open_run(t, identity, dist, echo, hold if hold is not None else ExitStack(), inputs)
+    run_dir, tag = open_run(t, identity, dist, echo, hold, inputs)
     reason = why_fresh(t.out_dir, identity) if tag is None and not t.run_name else None
     echo(f"train: resuming {run_dir.root}/{tag}" if tag else f"train: starting fresh in {run_dir.root}" + (f": {reason}" if reason else ""))
     if p.model.trust_remote_code:

@@ -10,7 +10,7 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 from pipeline.errors import UserError
 from pipeline.files import write_text_atomic
 from pipeline.layout import TrainMetrics
@@ -62,7 +62,7 @@ class MetricsLog:
 
     Curves go to DVCLive's files under train.metrics_dir (CurveFiles; dvc.yaml declares them as plots), the summary
     to its metrics.json, and each metric also to TensorBoard / W&B when train.loggers names them; samples go to
-    samples.jsonl there; log lines go to echo, and the step count to a progress bar the caller provides.
+    samples/samples.jsonl there; log lines go to echo, and the step count to a progress bar the caller provides.
     """
 
     def __init__(self, t: TrainConfig, is_main: bool, resume: bool, echo: Echo, run_name: str, config: dict,
@@ -78,6 +78,7 @@ class MetricsLog:
         # dvc.yaml declares these as outputs: they exist even when a resumed run has no step left or samples are off.
         self.files.curves.mkdir(parents=True, exist_ok=True)
         if not resume or not self.files.samples.exists():
+            self.files.samples.parent.mkdir(parents=True, exist_ok=True)
             self.files.samples.write_text("")
         if "tensorboard" in t.loggers:
             try:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 
 
 def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict]:

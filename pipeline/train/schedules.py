@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import TrainConfig
+from pipeline.config.train import TrainConfig
 
 
 def lr_at(step: int, t: TrainConfig, decay_end: int) -> float:

@@ -11,7 +11,8 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import Params, PrepareConfig
+from pipeline.config.all import Params
+from pipeline.config.prepare import PrepareConfig
 from pipeline.errors import UserError
 from pipeline.params import load_params, validate_params
 from pipeline.prepare.stage import prepare_corpus

@@ -88,7 +88,7 @@ class Interrupt(Exception):
 
 def corpus(tmp_path: Path, shared: Path, store: str) -> tuple[Path, Path]:
     """A 60 KB slice of tiny Shakespeare prepared with prepare.store (the source file, the prepared folder)."""
-    from pipeline.config import PrepareConfig
+    from pipeline.config.prepare import PrepareConfig
     from pipeline.prepare.stage import prepare_corpus
 
     source = tmp_path / "raw" / "corpus.txt"
@@ -102,7 +102,7 @@ def corpus(tmp_path: Path, shared: Path, store: str) -> tuple[Path, Path]:
 
 def tokenize(prepared: Path, out: Path, stop_after_shards: int | None = None):
     """tokenize_corpus with small shards; interrupted (its .partial folder left) once enough shards are finished."""
-    from pipeline.config import TokenizeConfig
+    from pipeline.config.tokenize import TokenizeConfig
     from pipeline.tokenize.stage import tokenize_corpus
 
     cfg = TokenizeConfig(kind="tiktoken", out_dir=str(out), shard_tokens=1024, chunk_bytes=1024, workers=1)
@@ -289,7 +289,7 @@ def test_a_symlinked_out_dir_is_written_through_its_link(tmp_path, shared_data):
 
 TOKENIZE_IN_A_PROCESS = """
 import sys
-from pipeline.config import TokenizeConfig
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.tokenize.stage import tokenize_corpus
 tokenize_corpus(TokenizeConfig(kind="tiktoken", out_dir=sys.argv[2], shard_tokens=1024, chunk_bytes=1024, workers=1), sys.argv[1])
 """

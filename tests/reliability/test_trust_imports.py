@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import run_training, tiny_params
 
-from pipeline import config, params
+from pipeline import params
+from pipeline.config.tokenize import TokenizeConfig
 from pipeline.errors import UserError
 from pipeline.tokenize.imported import import_tokens, imported_ids
 from pipeline.tokenize.stage import tokenize_corpus
@@ -39,7 +40,7 @@ def char_folder(folder: Path, text: str = TEXT) -> Path:
 
 
 def imported(tmp_path: Path, dirs: list[Path], name: str = "tokens", **kw) -> dict:
-    cfg = config.TokenizeConfig(kind="import", import_dirs=[str(d) for d in dirs], out_dir=str(tmp_path / name), **kw)
+    cfg = TokenizeConfig(kind="import", import_dirs=[str(d) for d in dirs], out_dir=str(tmp_path / name), **kw)
     return import_tokens(cfg)[0]
 
 
@@ -131,7 +132,7 @@ def crafted(itos: dict[int, str]) -> dict[str, bytes]:
         "empty": b"",
         "a list": pickle.dumps([1, 2, 3]),
         "a class": pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "x": UserError}),
-        "an object": pickle.dumps(config.TokenizeConfig(), protocol=2),
+        "an object": pickle.dumps(TokenizeConfig(), protocol=2),
     }
 
 
@@ -288,7 +289,7 @@ def test_tokenize_pretrained_verifies_a_step_folders_checksums(trained, tokens_d
     damage, message = PRETRAINED_DAMAGE[case]
     run = Path(shutil.copytree(trained, tmp_path / "run"))
     prepared = tokens_dir.parent / "prepared"
-    reused = config.TokenizeConfig(kind="char", out_dir=str(tmp_path / "reused"), pretrained=str(run / "step-000002"))
+    reused = TokenizeConfig(kind="char", out_dir=str(tmp_path / "reused"), pretrained=str(run / "step-000002"))
     tokenize_corpus(reused, prepared)  # intact: its tokenizer is reused
     assert load_tokenizer(tmp_path / "reused" / "tokenizer").decode([1, 2]) == load_tokenizer(run / "step-000002" / "tokenizer").decode([1, 2])
     damage(run / "step-000002")
